@@ -1,0 +1,48 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (see README.md).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU machines: the local CPU torch wheel, pinned for every later pip call (constraints.txt).
+TORCH_CPU := torch==2.13.0
+# Triton kernels run in the interpreter without a GPU; CPU parity is checked in fp32.
+HAS_CUDA := $(shell python3 -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo 1)
+ifneq ($(HAS_CUDA),1)
+export TRITON_INTERPRET := 1
+endif
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+ifeq ($(HAS_CUDA),1)
+	@# Keep the machine's CUDA torch: the venv sees system packages and torch is pinned to it.
+	python3 -m venv --system-site-packages $(VENV)
+	python3 -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+else
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_CPU)
+	cp constraints.txt $(VENV)/constraints.txt
+endif
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt setuptools wheel numpy
+	@# deepspeed ships as an sdist: without --no-build-isolation it records its torch as 0.0.
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -c $(VENV)/constraints.txt "deepspeed>=0.16,<0.20"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(PY) -m pip check
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m depthdif_hpc.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check depthdif_hpc kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

@@ -1,0 +1,1 @@
+"""DepthDif as an HPC training package."""

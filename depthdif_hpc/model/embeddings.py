@@ -1,0 +1,106 @@
+"""Timestep embedding and the coordinate/date encodings used for FiLM (SPEC 4)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# Non-leap cumulative month offsets; Feb 29 is mapped to Feb 28 upstream (SPEC 1).
+_MONTH_OFFSET = (0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334)
+_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+COORD_ENCODING_DIMS = {"unit_sphere": 3, "sincos": 4, "raw": 2}
+DATE_ENCODING_DIMS = {"day_of_year_sincos": 2}
+
+
+class SinusoidalTimeEmbedding(nn.Module):
+    """[sin(t w_k), cos(t w_k)], w_k = exp(-k ln(10000) / (half - 1)); t is the raw step."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if dim % 2 or dim < 4:
+            raise ValueError(f"time embedding dim must be even and >= 4, got {dim}")
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(
+            torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000.0) / (half - 1))
+        )
+        args = t.float()[:, None] * freqs[None, :]
+        return torch.cat((args.sin(), args.cos()), dim=-1)
+
+
+def encode_coords(coords: torch.Tensor, encoding: str) -> torch.Tensor:
+    """coords (B, 2) = [lat, lon] in degrees -> (B, k) features."""
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ValueError(f"coords must have shape (B, 2) = [lat, lon], got {tuple(coords.shape)}")
+    coords = coords.float()
+    lat, lon = coords[:, 0], coords[:, 1]
+    phi, lam = torch.deg2rad(lat), torch.deg2rad(lon)
+    if encoding == "unit_sphere":
+        feats = (phi.cos() * lam.cos(), phi.cos() * lam.sin(), phi.sin())
+    elif encoding == "sincos":
+        feats = (phi.sin(), phi.cos(), lam.sin(), lam.cos())
+    elif encoding == "raw":
+        feats = (lat / 90.0, lon / 180.0)
+    else:
+        raise ValueError(f"unknown coord encoding {encoding!r}; expected {sorted(COORD_ENCODING_DIMS)}")
+    return torch.stack(feats, dim=-1)
+
+
+def day_of_year(date: torch.Tensor) -> torch.Tensor:
+    """YYYYMMDD integers (B,) -> non-leap day of year 1..365; invalid dates raise.
+
+    On an accelerator the check is a device-side assert, so the training step does not wait for
+    the host; on CPU it raises with the offending date.
+    """
+    date = date.long()
+    month = (date // 100) % 100
+    day = date % 100
+    month_idx = (month - 1).clamp(0, 11)
+    month_days = torch.tensor(_MONTH_DAYS, device=date.device)[month_idx]
+    valid = (month >= 1) & (month <= 12) & (day >= 1) & (day <= month_days)
+    if date.device.type == "cpu":
+        if not bool(valid.all()):
+            bad = date[~valid][0].item()
+            raise ValueError(f"date {bad} is not a valid YYYYMMDD (non-leap calendar)")
+    else:
+        torch._assert_async(valid.all(), "date is not a valid YYYYMMDD (non-leap calendar)")
+    offsets = torch.tensor(_MONTH_OFFSET, device=date.device)[month_idx]
+    return offsets + day
+
+
+def encode_date(date: torch.Tensor, encoding: str = "day_of_year_sincos") -> torch.Tensor:
+    if encoding != "day_of_year_sincos":
+        raise ValueError(f"unknown date encoding {encoding!r}; expected {sorted(DATE_ENCODING_DIMS)}")
+    theta = 2.0 * math.pi * day_of_year(date).float() / 365.0
+    return torch.stack((theta.sin(), theta.cos()), dim=-1)
+
+
+class CoordDateEncoder(nn.Module):
+    """enc(coords[, date]) -> Linear(4E) -> GELU -> Linear(E): the per-sample FiLM embedding."""
+
+    def __init__(self, embed_dim: int, encoding: str = "unit_sphere", include_date: bool = True,
+                 date_encoding: str = "day_of_year_sincos") -> None:
+        super().__init__()
+        if encoding not in COORD_ENCODING_DIMS:
+            raise ValueError(f"unknown coord encoding {encoding!r}")
+        self.encoding = encoding
+        self.include_date = include_date
+        self.date_encoding = date_encoding
+        in_dim = COORD_ENCODING_DIMS[encoding] + (DATE_ENCODING_DIMS[date_encoding] if include_date else 0)
+        self.net = nn.Sequential(nn.Linear(in_dim, 4 * embed_dim), nn.GELU(), nn.Linear(4 * embed_dim, embed_dim))
+
+    def forward(self, coords: torch.Tensor | None, date: torch.Tensor | None) -> torch.Tensor:
+        if coords is None:
+            raise ValueError("coordinate conditioning is enabled but the batch has no 'coords'")
+        feats = [encode_coords(coords, self.encoding)]
+        if self.include_date:
+            if date is None:
+                raise ValueError("date conditioning is enabled but the batch has no 'date'")
+            feats.append(encode_date(date, self.date_encoding).to(feats[0].device))
+        enc = torch.cat(feats, dim=-1).to(self.net[0].weight.dtype)
+        return self.net(enc)

@@ -1,0 +1,174 @@
+"""Eager building blocks of the ConvNeXt U-Net (SPEC 3.1).
+
+These modules are the reference the Triton kernels are checked against. Attribute names follow
+the research code's layout (`ds_conv`, `mlp`, `net`, `res_conv`, `to_qkv`, `to_out`, `fn`, `g`,
+`b`) so that its state dicts map onto ours by prefix alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LN_EPS = 1e-5
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of an NCHW tensor, biased variance, eps 1e-5."""
+
+    def __init__(self, channels: int, eps: float = LN_EPS) -> None:
+        super().__init__()
+        self.eps = eps
+        self.g = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.b = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = torch.var(x, dim=1, unbiased=False, keepdim=True)
+        mean = torch.mean(x, dim=1, keepdim=True)
+        return (x - mean) / (var + self.eps).sqrt() * self.g + self.b
+
+
+def convnext_front_eager(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: torch.Tensor,
+    time_bias: torch.Tensor | None,
+    film_scale: torch.Tensor | None,
+    film_shift: torch.Tensor | None,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    eps: float = LN_EPS,
+) -> torch.Tensor:
+    """LN_c((dwconv7x7(x) + b + time_bias) * (1 + s) + beta): the ConvNeXt block front.
+
+    The naive reference for `depthdif_hpc.kernels.convnext_front`; per-sample vectors are (B, C).
+    """
+    h = F.conv2d(x, dw_weight, dw_bias, padding=3, groups=x.shape[1])
+    if time_bias is not None:
+        h = h + time_bias[:, :, None, None]
+    if film_scale is not None:
+        h = h * (1 + film_scale[:, :, None, None]) + film_shift[:, :, None, None]
+    if ln_weight is not None:
+        var = torch.var(h, dim=1, unbiased=False, keepdim=True)
+        mean = torch.mean(h, dim=1, keepdim=True)
+        h = (h - mean) / (var + eps).sqrt() * ln_weight.view(1, -1, 1, 1) + ln_bias.view(1, -1, 1, 1)
+    return h
+
+
+class ConvNextBlock(nn.Module):
+    """Depthwise 7x7 -> (+time bias) -> (FiLM) -> LN -> 3x3 -> GELU -> 3x3, plus a residual."""
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim_out: int,
+        *,
+        time_emb_dim: int | None = None,
+        coord_emb_dim: int | None = None,
+        mult: int = 2,
+        norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(time_emb_dim, dim_in)) if time_emb_dim else None
+        # FiLM: one Linear gives [scale | shift], scale first.
+        self.coord_mlp = (
+            nn.Sequential(nn.GELU(), nn.Linear(coord_emb_dim, 2 * dim_in)) if coord_emb_dim else None
+        )
+        self.ds_conv = nn.Conv2d(dim_in, dim_in, 7, padding=3, groups=dim_in)
+        self.net = nn.Sequential(
+            ChannelLayerNorm(dim_in) if norm else nn.Identity(),
+            nn.Conv2d(dim_in, dim_out * mult, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(dim_out * mult, dim_out, 3, padding=1),
+        )
+        self.res_conv = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
+        self.use_kernels = False  # set by UNet.set_kernels
+
+    def forward(
+        self, x: torch.Tensor, t_emb: torch.Tensor | None = None, c_emb: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        time_bias = self.mlp(t_emb) if self.mlp is not None and t_emb is not None else None
+        scale = shift = None
+        if self.coord_mlp is not None:
+            if c_emb is None:
+                raise ValueError("this ConvNextBlock has FiLM conditioning but got no coord embedding")
+            scale, shift = self.coord_mlp(c_emb).chunk(2, dim=1)
+        norm = self.net[0]
+        ln_w = norm.g.view(-1) if isinstance(norm, ChannelLayerNorm) else None
+        ln_b = norm.b.view(-1) if isinstance(norm, ChannelLayerNorm) else None
+        if self.use_kernels:
+            from depthdif_hpc.kernels import convnext_front
+
+            front = convnext_front
+        else:
+            front = convnext_front_eager
+        h = front(x, self.ds_conv.weight, self.ds_conv.bias, time_bias, scale, shift, ln_w, ln_b)
+        h = self.net[1:](h)
+        return h + self.res_conv(x)
+
+
+def linear_attention_eager(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """out[e,n] = sum_d ctx[d,e] * scale * q[d,n], ctx = softmax_n(k) v^T; q, k, v (B, h, d, N).
+
+    The naive reference for `depthdif_hpc.kernels.linear_attention`.
+    """
+    k = k.softmax(dim=-1)
+    context = torch.einsum("bhdn,bhen->bhde", k, v)
+    return torch.einsum("bhde,bhdn->bhen", context, q * scale)
+
+
+class LinearAttention(nn.Module):
+    """Linear attention: softmax of k over space, none on q; 4 heads of 32 by default."""
+
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head**-0.5
+        hidden = heads * dim_head
+        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
+        self.to_out = nn.Conv2d(hidden, dim, 1)
+        self.use_kernels = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = (
+            t.reshape(b, self.heads, self.dim_head, h * w) for t in self.to_qkv(x).chunk(3, dim=1)
+        )
+        if self.use_kernels:
+            from depthdif_hpc.kernels import linear_attention
+
+            out = linear_attention(q, k, v, self.scale)
+        else:
+            out = linear_attention_eager(q, k, v, self.scale)
+        return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
+
+
+class PreNorm(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+        self.norm = ChannelLayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x))
+
+
+class Residual(nn.Module):
+    def __init__(self, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) + x
+
+
+def Downsample(dim: int) -> nn.Conv2d:  # noqa: N802 - reads as a layer
+    return nn.Conv2d(dim, dim, 4, 2, 1)
+
+
+def Upsample(dim: int) -> nn.ConvTranspose2d:  # noqa: N802
+    return nn.ConvTranspose2d(dim, dim, 4, 2, 1)

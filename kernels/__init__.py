@@ -1,0 +1,1 @@
+"""Triton kernels (fused forward and backward) for the DepthDif U-Net."""
