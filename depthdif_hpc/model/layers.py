@@ -48,12 +48,20 @@ def convnext_front_eager(
     if time_bias is not None:
         h = h + time_bias[:, :, None, None]
     if film_scale is not None:
-        h = h * (1 + film_scale[:, :, None, None]) + film_shift[:, :, None, None]
+        h = film_eager(h, film_scale, film_shift)
     if ln_weight is not None:
         var = torch.var(h, dim=1, unbiased=False, keepdim=True)
         mean = torch.mean(h, dim=1, keepdim=True)
         h = (h - mean) / (var + eps).sqrt() * ln_weight.view(1, -1, 1, 1) + ln_bias.view(1, -1, 1, 1)
     return h
+
+
+def film_eager(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x * (1 + scale) + shift with per-sample, per-channel (B, C) scale and shift.
+
+    The naive reference for `depthdif_hpc.kernels.film`.
+    """
+    return x * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
 
 
 class ConvNextBlock(nn.Module):
