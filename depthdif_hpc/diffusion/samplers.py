@@ -1,0 +1,153 @@
+"""Reverse-process samplers (SPEC 5.4-5.7): DDPM (sigma^2 = beta) and DDIM with the tau map.
+
+A sampler owns the model-step schedule of the chain (`timesteps`, descending) and the update
+rule; `reverse_diffusion` runs the shared loop with optional known-pixel clamping and
+intermediates. All arithmetic is fp32 whatever the denoiser's precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from depthdif_hpc.diffusion.schedules import make_betas
+
+
+class DDPMSampler:
+    """Ancestral DDPM with sigma_t = sqrt(beta_t); S = T steps; no clipping of x0."""
+
+    name = "ddpm"
+
+    def __init__(self, betas: torch.Tensor, parameterization: str) -> None:
+        self.betas = betas.double()
+        self.alphas = 1 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        self.parameterization = parameterization
+        self.num_steps = len(betas)
+        self.temperature = 1.0
+        self.timesteps = torch.arange(self.num_steps - 1, -1, -1)  # model step per loop index, descending
+
+    def model_step(self, i: int) -> int:
+        return i
+
+    def eps_and_x0(self, x: torch.Tensor, i: int, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.model_step(i)
+        ab = float(self.alphas_cumprod[t])
+        if self.parameterization == "x0":
+            x0 = pred
+            eps = (x - ab**0.5 * x0) / (1 - ab) ** 0.5
+        else:
+            eps = pred
+            x0 = (x - (1 - ab) ** 0.5 * eps) / ab**0.5
+        return eps, x0
+
+    def step(self, x: torch.Tensor, i: int, pred: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        eps, _ = self.eps_and_x0(x, i, pred)
+        beta = float(self.betas[i])
+        alpha = float(self.alphas[i])
+        ab = float(self.alphas_cumprod[i])
+        mean = (x - beta / (1 - ab) ** 0.5 * eps) / alpha**0.5
+        if i == 0:
+            return mean
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return mean + beta**0.5 * z
+
+
+class DDIMSampler(DDPMSampler):
+    """DDIM over S = min(S_req, T) steps, tau_i = round(linspace(0, T-1, S)).
+
+    The U-Net receives tau_i (project decision; the reference passed the loop index i).
+    """
+
+    name = "ddim"
+
+    def __init__(self, betas: torch.Tensor, parameterization: str, num_steps: int,
+                 eta: float = 0.0, temperature: float = 1.0, clip_sample: bool = False) -> None:
+        super().__init__(betas, parameterization)
+        t = len(betas)
+        self.num_steps = min(num_steps, t)
+        self.tau = torch.linspace(0, t - 1, self.num_steps, dtype=torch.float64).round().long()
+        self.timesteps = self.tau.flip(0)
+        self.eta = eta
+        self.temperature = temperature
+        self.clip_sample = clip_sample
+
+    def model_step(self, i: int) -> int:
+        return int(self.tau[i])
+
+    def step(self, x: torch.Tensor, i: int, pred: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        eps, x0 = self.eps_and_x0(x, i, pred)
+        ab = float(self.alphas_cumprod[self.tau[i]])
+        ab_prev = float(self.alphas_cumprod[self.tau[i - 1]]) if i > 0 else 1.0
+        if self.clip_sample:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - ab**0.5 * x0) / (1 - ab) ** 0.5
+        sigma = self.eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)) ** 0.5
+        direction = max(0.0, 1 - ab_prev - sigma**2) ** 0.5
+        out = ab_prev**0.5 * x0 + direction * eps
+        if self.eta > 0:
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            out = out + sigma * self.temperature * z
+        return out
+
+
+def make_sampler(name: str, *, schedule: str, num_timesteps: int, beta_start: float, beta_end: float,
+                 parameterization: str, ddim_num_timesteps: int = 200, ddim_eta: float = 0.0,
+                 ddim_temperature: float = 1.0) -> DDPMSampler:
+    betas = make_betas(schedule, num_timesteps, beta_start, beta_end)
+    if name == "ddpm":
+        return DDPMSampler(betas, parameterization)
+    if name == "ddim":
+        return DDIMSampler(betas, parameterization, ddim_num_timesteps, ddim_eta, ddim_temperature)
+    raise ValueError(f"unknown sampler {name!r}; expected 'ddpm' or 'ddim'")
+
+
+@dataclass
+class ReverseResult:
+    sample: torch.Tensor
+    denoise_samples: list[torch.Tensor] | None
+    x0_denoise_samples: list[torch.Tensor] | None
+
+
+def reverse_diffusion(
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sampler: DDPMSampler,
+    shape: Sequence[int],
+    *,
+    device: torch.device,
+    known: torch.Tensor | None = None,
+    known_mask: torch.Tensor | None = None,
+    return_intermediates: bool = False,
+    intermediate_step_indices: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> ReverseResult:
+    """Run the chain from x_T ~ N(0, I) * temperature down to x_0.
+
+    `denoise(x_i, t)` returns the U-Net prediction for the noisy state at model step t (B,).
+    With `known`/`known_mask`, x <- x (1 - M) + known M after init and after every step (clean
+    values at every noise level, as in the reference).
+    """
+    x = torch.randn(tuple(shape), generator=generator, device=device) * sampler.temperature
+
+    def clamp(v: torch.Tensor) -> torch.Tensor:
+        if known is None or known_mask is None:
+            return v
+        return v * (1 - known_mask) + known.to(v.dtype) * known_mask
+
+    x = clamp(x)
+    keep = None if intermediate_step_indices is None else set(int(k) for k in intermediate_step_indices)
+    samples: list[torch.Tensor] | None = [] if return_intermediates else None
+    x0s: list[torch.Tensor] | None = [] if return_intermediates else None
+    b = shape[0]
+    for i in range(sampler.num_steps - 1, -1, -1):
+        t = torch.full((b,), sampler.model_step(i), device=device, dtype=torch.long)
+        pred = denoise(x, t).float()
+        if return_intermediates and (keep is None or i in keep):
+            samples.append(x.detach().cpu())
+            x0s.append(sampler.eps_and_x0(x, i, pred)[1].detach().cpu())
+        x = clamp(sampler.step(x, i, pred, generator))
+    return ReverseResult(x, samples, x0s)

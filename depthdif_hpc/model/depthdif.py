@@ -1,0 +1,240 @@
+"""The DepthDif conditional diffusion model: U-Net + coord/date encoder + objective + sampling.
+
+This is the eager reference path of SPEC 2, 5, 6 and 8.3. State-dict layout: `model.*` is the
+U-Net and `coord_mlp.*` the outer coordinate/date MLP (the reference nests both one level
+deeper, under `model.`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from depthdif_hpc.conditioning import build_condition
+from depthdif_hpc.config import (
+    Config,
+    ModelConfig,
+    NoiseConfig,
+    SamplingConfig,
+    canonical_parameterization,
+)
+from depthdif_hpc.diffusion.ambient import ambient_stats, further_keep_mask
+from depthdif_hpc.diffusion.masks import align_mask, binarize, masked_mse
+from depthdif_hpc.diffusion.samplers import DDPMSampler, make_sampler, reverse_diffusion
+from depthdif_hpc.diffusion.schedules import NoiseSchedule
+from depthdif_hpc.inference.postprocess import gaussian_blur_depthwise, mask_invalid
+from depthdif_hpc.model.embeddings import CoordDateEncoder
+from depthdif_hpc.model.unet import UNet
+from depthdif_hpc.normalization import denormalize_temperature
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Prepared:
+    """One batch turned into what the objective and the sampler need."""
+
+    target: torch.Tensor  # y (standard) or x (ambient), (B, G, H, W)
+    data: torch.Tensor  # condition data: x or x * A~
+    cond: torch.Tensor  # assembled condition, (B, condition_channels, H, W)
+    cond_mask: torch.Tensor | None  # A or A~ aligned to G channels
+    loss_mask: torch.Tensor | None  # Y or A n Y (times the land mask), G channels
+    noisy_mask: torch.Tensor | None  # A~ when the noisy branch is masked
+    stats: dict[str, torch.Tensor]
+
+
+class DepthDif(nn.Module):
+    def __init__(self, model: ModelConfig, noise: NoiseConfig, sampling: SamplingConfig) -> None:
+        super().__init__()
+        self.cfg = model
+        self.noise_cfg = noise
+        self.sampling_cfg = sampling
+        self.parameterization = canonical_parameterization(model.parameterization)
+        amb = model.ambient_occlusion
+        if amb.enabled and amb.require_x0_parameterization and self.parameterization != "x0":
+            raise ValueError("ambient occlusion requires the x0 parameterization")
+        cc = model.coord_conditioning
+        embed_dim = (cc.embed_dim or model.unet.dim) if cc.enabled else None
+        self.model = UNet(
+            dim=model.unet.dim,
+            out_dim=model.generated_channels,
+            dim_mults=tuple(model.unet.dim_mults),
+            channels=model.generated_channels + model.condition_channels,
+            with_time_emb=model.unet.with_time_emb,
+            coord_emb_dim=embed_dim,
+            output_mean_scale=model.unet.output_mean_scale,
+            residual=model.unet.residual,
+        )
+        self.coord_mlp = (
+            CoordDateEncoder(embed_dim, cc.encoding, cc.include_date, cc.date_encoding) if cc.enabled else None
+        )
+        self.schedule = NoiseSchedule(noise.schedule, noise.num_timesteps, noise.beta_start, noise.beta_end)
+
+    # ------------------------------------------------------------------ pieces
+
+    def coord_embedding(self, batch: Batch) -> torch.Tensor | None:
+        if self.coord_mlp is None:
+            return None
+        return self.coord_mlp(batch.get("coords"), batch.get("date"))
+
+    def denoise(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
+                c_emb: torch.Tensor | None) -> torch.Tensor:
+        return self.model(torch.cat((x_t, cond.to(x_t.dtype)), dim=1), t, c_emb)
+
+    def prepare(self, batch: Batch, *, further_drop: bool,
+                generator: torch.Generator | None = None) -> Prepared:
+        """Masks, target and condition for one batch (SPEC 2, 6 and 7)."""
+        cfg = self.cfg
+        g = cfg.generated_channels
+        x = _require(batch, "x")
+        if x.ndim != 4:
+            raise ValueError(f"batch['x'] must be (B, C, H, W), got {tuple(x.shape)}")
+        x = x.float()
+        x_valid = batch.get("x_valid_mask")
+        y_valid = batch.get("y_valid_mask")
+        land = batch.get("land_mask")
+        amb = cfg.ambient_occlusion
+        stats: dict[str, torch.Tensor] = {}
+        observed = align_mask(x_valid, x.shape[1]) if x_valid is not None else None
+        if observed is not None:
+            stats["masked_fraction"] = 1.0 - observed.mean()
+
+        if amb.enabled:
+            if observed is None:
+                raise ValueError("ambient occlusion needs batch['x_valid_mask']")
+            if x.shape[1] != g:
+                raise ValueError(f"ambient mode diffuses x, so x must have generated_channels = {g} "
+                                 f"channels, got {x.shape[1]}")
+            kept = (further_keep_mask(observed, amb.further_drop_prob,
+                                      shared_spatial=amb.shared_spatial_mask,
+                                      min_kept=amb.min_kept_observed_pixels, generator=generator)
+                    if further_drop else observed)
+            stats.update(ambient_stats(observed, kept))
+            data, cond_valid, target = x * kept, kept, x
+            support = observed if y_valid is None else observed * align_mask(y_valid, g)
+        else:
+            y = batch.get("y")
+            data, cond_valid, target = x, observed, (y.float() if y is not None else None)
+            support = align_mask(y_valid, g) if y_valid is not None else None
+        if support is not None and land is not None:
+            support = support * binarize(land).reshape(land.shape[0], 1, *land.shape[-2:])
+
+        cond = build_condition(
+            data, cond_valid, batch.get("eo"),
+            include_eo=cfg.condition_include_eo,
+            use_valid_mask=cfg.condition_use_valid_mask,
+            mask_channels=cfg.condition_mask_channels,
+            expected_channels=cfg.condition_channels,
+        )
+        cond_mask = align_mask(cond_valid, data.shape[1]) if cond_valid is not None else None
+        noisy_mask = cond_mask if amb.enabled else None
+        loss_mask = support if cfg.mask_loss_with_valid_pixels else None
+        if target is not None and target.shape[1] != g:
+            raise ValueError(f"target has {target.shape[1]} channels but model.generated_channels = {g}")
+        return Prepared(target, data, cond, cond_mask, loss_mask, noisy_mask, stats)
+
+    # ------------------------------------------------------------------ objective
+
+    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """p_loss (SPEC 5.3) on a batch; returns the scalar loss and device-side log values."""
+        p = self.prepare(batch, further_drop=True, generator=generator)
+        if p.target is None:
+            raise ValueError("standard mode needs batch['y'] as the diffusion target")
+        x0 = p.target
+        b = x0.shape[0]
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        with torch.no_grad():
+            x_t = self.schedule.q_sample(x0, t, noise)
+            if p.noisy_mask is not None and self.cfg.ambient_occlusion.apply_to_noisy_branch:
+                x_t = x_t * p.noisy_mask
+        pred = self.denoise(x_t, p.cond, t, self.coord_embedding(batch))
+        goal = x0 if self.parameterization == "x0" else noise
+        loss = masked_mse(pred, goal, p.loss_mask)
+        return loss, {"loss": loss.detach(), **p.stats}
+
+    # ------------------------------------------------------------------ sampling
+
+    def make_sampler(self, name: str | None = None, **overrides: float) -> DDPMSampler:
+        s = self.sampling_cfg
+        n = self.noise_cfg
+        kwargs = dict(ddim_num_timesteps=s.ddim_num_timesteps, ddim_eta=s.ddim_eta,
+                      ddim_temperature=s.ddim_temperature)
+        kwargs.update(overrides)
+        return make_sampler(name or s.sampler, schedule=n.schedule, num_timesteps=n.num_timesteps,
+                            beta_start=n.beta_start, beta_end=n.beta_end,
+                            parameterization=self.parameterization, **kwargs)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        batch: Batch,
+        *,
+        sampler: DDPMSampler | str | None = None,
+        clamp_known_pixels: bool | None = None,
+        return_intermediates: bool = False,
+        intermediate_step_indices: list[int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict:
+        """SPEC 8.3: condition, sample, denormalise, optional blur, NaN outside y_valid_mask."""
+        for key in ("x", "x_valid_mask", "y_valid_mask"):
+            _require(batch, key)
+        amb = self.cfg.ambient_occlusion
+        p = self.prepare(batch, further_drop=amb.enabled and amb.drop_at_inference, generator=generator)
+        if not isinstance(sampler, DDPMSampler):
+            sampler = self.make_sampler(sampler)
+        clamp = self.cfg.clamp_known_pixels if clamp_known_pixels is None else clamp_known_pixels
+        known = known_mask = None
+        if clamp:
+            if p.data.shape[1] != self.cfg.generated_channels:
+                warnings.warn(f"clamp_known_pixels skipped: condition data has {p.data.shape[1]} "
+                              f"channels, generated_channels is {self.cfg.generated_channels}",
+                              stacklevel=2)
+            else:
+                known, known_mask = p.data, p.cond_mask
+        c_emb = self.coord_embedding(batch)
+        branch_mask = p.cond_mask if amb.enabled and amb.mask_noisy_branch_at_inference else None
+
+        def denoise(x_i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if branch_mask is not None:
+                x_i = x_i * branch_mask
+            return self.denoise(x_i, p.cond, t, c_emb)
+
+        b, _, h, w = p.data.shape
+        res = reverse_diffusion(
+            denoise, sampler, (b, self.cfg.generated_channels, h, w), device=p.data.device,
+            known=known, known_mask=known_mask, return_intermediates=return_intermediates,
+            intermediate_step_indices=intermediate_step_indices, generator=generator,
+        )
+        y_hat = res.sample
+        y_hat_denorm = denormalize_temperature(y_hat)
+        blur = self.cfg.post_process.gaussian_blur
+        if blur.enabled:
+            y_hat_denorm = gaussian_blur_depthwise(y_hat_denorm, blur.kernel_size, blur.sigma)
+        y_hat_denorm = mask_invalid(y_hat_denorm, batch["y_valid_mask"])
+        return {
+            "y_hat": y_hat,
+            "y_hat_denorm": y_hat_denorm,
+            "y_hat_denorm_for_plot": y_hat_denorm,
+            "denoise_samples": res.denoise_samples,
+            "x0_denoise_samples": res.x0_denoise_samples,
+            "sampler": sampler,
+            "further_valid_mask": p.cond_mask,
+        }
+
+
+def _require(batch: Batch, key: str) -> torch.Tensor:
+    if key not in batch or batch[key] is None:
+        raise KeyError(f"batch is missing required key {key!r} (has {sorted(batch)})")
+    return batch[key]
+
+
+def build_model(cfg: Config) -> DepthDif:
+    """The DepthDif module for a validated config, with kernels routed per `model.kernels`."""
+    model = DepthDif(cfg.model, cfg.training.noise, cfg.training.validation_sampling)
+    use_triton = cfg.model.kernels == "triton" or (cfg.model.kernels == "auto" and torch.cuda.is_available())
+    model.model.set_kernels(use_triton)
+    return model

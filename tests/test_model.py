@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+
+from depthdif_hpc import build_model, load_config
+from depthdif_hpc.model.embeddings import (
+    CoordDateEncoder,
+    SinusoidalTimeEmbedding,
+    day_of_year,
+    encode_coords,
+    encode_date,
+)
+from depthdif_hpc.model.layers import ChannelLayerNorm, LinearAttention
+from depthdif_hpc.model.unet import UNet
+from tests.helpers import PRESET_AMBIENT, PRESET_STANDARD, TRAINING
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"), [(PRESET_AMBIENT, 128_078_480), (PRESET_STANDARD, 57_397_456)]
+)
+def test_preset_parameter_counts(preset, expected):
+    model = build_model(load_config(preset, TRAINING))
+    assert n_params(model) == expected
+
+
+def test_unet_variant_counts():
+    assert n_params(UNet(96, 50, channels=102, coord_emb_dim=None)) == 126_641_252
+    unet32 = UNet(32, 50, channels=102, coord_emb_dim=32)
+    assert n_params(unet32) + n_params(CoordDateEncoder(32)) == 14_706_448
+    # per-part counts of SPEC 3.3
+    u = UNet(96, 50, channels=102, coord_emb_dim=96)
+    assert n_params(u.time_mlp) == 74_208
+    assert [n_params(d) for d in u.downs] == [949_086, 3_129_888, 12_121_152, 38_249_856]
+    assert n_params(u.mid_block1) + n_params(u.mid_attn) + n_params(u.mid_block2) == 43_394_304
+    assert [n_params(m) for m in u.ups] == [22_387_968, 5_811_840, 1_560_384]
+    assert n_params(u.final_conv[0]) == 355_680
+
+
+def test_reference_quirks():
+    u = UNet(16, 50, channels=102, coord_emb_dim=16)
+    first, final = u.downs[0][0], u.final_conv[0]
+    assert isinstance(first.net[0], torch.nn.Identity)  # first block has no LayerNorm
+    assert final.mlp is None and final.coord_mlp is not None  # final block: FiLM but no time MLP
+    assert u.downs[0][2].fn.fn.to_qkv.bias is None  # bias-free qkv
+    assert isinstance(u.downs[-1][3], torch.nn.Identity)  # last down stage does not downsample
+    assert len(u.ups) == 3 and all(isinstance(m[3], torch.nn.ConvTranspose2d) for m in u.ups)
+
+
+@pytest.mark.parametrize("preset", [PRESET_AMBIENT, PRESET_STANDARD])
+def test_preset_output_shape_at_128(preset):
+    model = build_model(load_config(preset, TRAINING)).eval()
+    x = torch.randn(1, 102, 128, 128)
+    with torch.no_grad():
+        c = model.coord_mlp(torch.tensor([[10.0, 20.0]]), torch.tensor([20200101]))
+        out = model.model(x, torch.tensor([5]), c)
+    assert out.shape == (1, 50, 128, 128)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (24, 40), (48, 16)])
+def test_unet_other_sizes(hw):
+    u = UNet(8, 3, dim_mults=(1, 2, 4, 8), channels=5, coord_emb_dim=8)
+    out = u(torch.randn(3, 5, *hw), torch.tensor([0, 7, 999]), torch.randn(3, 8))
+    assert out.shape == (3, 3, *hw)
+
+
+@pytest.mark.parametrize("hw", [(20, 16), (16, 12), (130, 128)])
+def test_unet_rejects_sizes_not_divisible_by_8(hw):
+    u = UNet(8, 3, channels=5)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        u(torch.randn(1, 5, *hw), torch.tensor([0]))
+
+
+def test_unet_rejects_wrong_channels():
+    u = UNet(8, 3, channels=5)
+    with pytest.raises(ValueError, match=r"\(B, 5, H, W\)"):
+        u(torch.randn(1, 6, 16, 16), torch.tensor([0]))
+
+
+def test_film_and_time_reach_the_output():
+    torch.manual_seed(0)
+    u = UNet(8, 2, channels=3, coord_emb_dim=8).eval()
+    x, t, c = torch.randn(2, 3, 16, 16), torch.tensor([3, 3]), torch.randn(2, 8)
+    out = u(x, t, c)
+    assert not torch.allclose(out, u(x, t, c * 2))
+    assert not torch.allclose(out, u(x, torch.tensor([500, 500]), c))
+
+
+def test_channel_layernorm_matches_formula():
+    ln = ChannelLayerNorm(6)
+    with torch.no_grad():
+        ln.g.uniform_(0.5, 2)
+        ln.b.uniform_(-1, 1)
+    x = torch.randn(2, 6, 5, 7)
+    mu = x.mean(1, keepdim=True)
+    var = ((x - mu) ** 2).mean(1, keepdim=True)
+    ref = (x - mu) / torch.sqrt(var + 1e-5) * ln.g + ln.b
+    torch.testing.assert_close(ln(x), ref)
+
+
+def test_linear_attention_against_loops():
+    torch.manual_seed(1)
+    la = LinearAttention(8, heads=2, dim_head=4)
+    x = torch.randn(1, 8, 3, 5)
+    qkv = la.to_qkv(x).reshape(1, 3, 2, 4, 15)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    out = torch.zeros(1, 2, 4, 15)
+    for h in range(2):
+        ks = torch.softmax(k[0, h], dim=-1)
+        for e in range(4):
+            for n in range(15):
+                out[0, h, e, n] = sum(
+                    sum(ks[d, m] * v[0, h, e, m] for m in range(15)) * q[0, h, d, n] * 4**-0.5
+                    for d in range(4)
+                )
+    ref = la.to_out(out.reshape(1, 8, 3, 5))
+    torch.testing.assert_close(la(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sinusoidal_time_embedding_values():
+    emb = SinusoidalTimeEmbedding(8)(torch.tensor([0, 3]))
+    half = 4
+    w = [math.exp(-k * math.log(10000) / (half - 1)) for k in range(half)]
+    ref = [math.sin(3 * wk) for wk in w] + [math.cos(3 * wk) for wk in w]
+    torch.testing.assert_close(emb[1], torch.tensor(ref))
+    torch.testing.assert_close(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+
+
+def test_coord_encodings():
+    c = torch.tensor([[90.0, 0.0], [0.0, 90.0], [45.0, -180.0]])
+    us = encode_coords(c, "unit_sphere")
+    torch.testing.assert_close(us[0], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(us[1], torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(us.norm(dim=1), torch.ones(3))
+    sc = encode_coords(c, "sincos")
+    assert sc.shape == (3, 4)
+    torch.testing.assert_close(sc[2], torch.tensor([math.sin(math.pi / 4), math.cos(math.pi / 4), 0.0, -1.0]),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(encode_coords(c, "raw")[2], torch.tensor([0.5, -1.0]))
+    with pytest.raises(ValueError, match="unknown coord encoding"):
+        encode_coords(c, "mercator")
+
+
+def test_day_of_year_and_date_encoding():
+    doy = day_of_year(torch.tensor([20180101, 20180301, 20181231, 20200228]))
+    assert doy.tolist() == [1, 60, 365, 59]
+    enc = encode_date(torch.tensor([20181231]))
+    torch.testing.assert_close(enc[0], torch.tensor([0.0, 1.0]), atol=1e-6, rtol=0)
+    for bad in (20181301, 20180230, 20180100, 2018):
+        with pytest.raises(ValueError, match=str(bad)):
+            day_of_year(torch.tensor([20180101, bad]))
+
+
+def test_coord_encoder_requires_inputs():
+    enc = CoordDateEncoder(8)
+    assert enc(torch.zeros(2, 2), torch.tensor([20180101, 20180102])).shape == (2, 8)
+    with pytest.raises(ValueError, match="no 'coords'"):
+        enc(None, torch.tensor([20180101]))
+    with pytest.raises(ValueError, match="no 'date'"):
+        enc(torch.zeros(1, 2), None)
