@@ -138,6 +138,10 @@ class DepthDif(nn.Module):
 
     # ------------------------------------------------------------------ objective
 
+    def forward(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training objective; DDP and DeepSpeed wrappers call this."""
+        return self.loss(batch, generator)
+
     def loss(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """p_loss (SPEC 5.3) on a batch; returns the scalar loss and device-side log values."""
         p = self.prepare(batch, further_drop=True, generator=generator)
