@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,9 @@ class DataloaderConfig:
     shuffle: bool = True
     val_shuffle: bool = False
     shuffle_buffer: int = 64
+    # Every rank gets the same number of samples per epoch (the few left over are dropped,
+    # different ones each epoch); DDP needs equal batch counts on all ranks.
+    even_ranks: bool = True
 
 
 @dataclass
@@ -214,6 +218,9 @@ class GridConfig:
     patch_stride: int = 64
     max_land_fraction: float = 0.30
     force_include_regions: list[ForceIncludeRegion] = field(default_factory=list)
+    # Optional [lon_min, lon_max, lat_min, lat_max]: keep only tiles inside it (empty = all
+    # tiles the sources cover).
+    bbox: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -236,6 +243,23 @@ class SamplingWindowConfig:
 class SelectionConfig:
     require_argo_for_train: bool = True
     require_argo_for_val: bool = True
+    # Optional inclusive date range "YYYY-MM-DD" of the samples to build.
+    start_date: str | None = None
+    end_date: str | None = None
+
+
+@dataclass
+class StoreLayoutConfig:
+    """How depthdif_hpc.data.build writes the Zarr store (see docs/data_store.md)."""
+
+    shard_samples: int = 16  # samples per shard file (and per build work unit)
+    quant_step_c: float = 0.001  # uint16 temperature step, degC; error bound = step / 2
+    quant_min_c: float = -5.0  # code 1 = this temperature; code 0 = invalid
+    max_obs_pixels: int = 256  # observed pixels kept per sample (x is stored as columns)
+    compressor: str = "lz4"  # Blosc cname: lz4 | lz4hc | zstd | zlib | blosclz
+    clevel: int = 5
+    shuffle: str = "bitshuffle"  # bitshuffle | shuffle | noshuffle
+    checksum: bool = False  # crc32c on every inner chunk (catches silent corruption)
 
 
 @dataclass
@@ -245,6 +269,7 @@ class DatasetConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     sampling: SamplingWindowConfig = field(default_factory=SamplingWindowConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    layout: StoreLayoutConfig = field(default_factory=StoreLayoutConfig)
     return_coords: bool = True
     random_seed: int = 7
     skip_corrupt_samples: bool = False
@@ -493,6 +518,38 @@ def validate_config(cfg: Config, origins: dict[str, str]) -> None:
     if not 0.0 <= g.max_land_fraction <= 1.0:
         fail("dataset.grid.max_land_fraction", g.max_land_fraction, "must be in [0, 1]")
     positive("dataset.sampling.temporal_window_days", cfg.dataset.sampling.temporal_window_days)
+    if g.patch_stride > g.tile_size:
+        fail("dataset.grid.patch_stride", g.patch_stride, "must be <= tile_size (gaps between tiles)")
+    if round(180 / g.resolution_deg) < g.tile_size:
+        fail("dataset.grid.tile_size", g.tile_size, "larger than the global grid")
+    if g.bbox and (len(g.bbox) != 4 or not g.bbox[2] < g.bbox[3]):
+        fail("dataset.grid.bbox", g.bbox, "must be [lon_min, lon_max, lat_min, lat_max] with lat_min < lat_max")
+    for i, r in enumerate(g.force_include_regions):
+        if not r.lat_min < r.lat_max:
+            fail(f"dataset.grid.force_include_regions.{i}", r.name, "needs lat_min < lat_max")
+        if not 0.0 <= r.max_land_fraction <= 1.0:
+            fail(f"dataset.grid.force_include_regions.{i}.max_land_fraction", r.max_land_fraction,
+                 "must be in [0, 1]")
+    sel = cfg.dataset.selection
+    for key in ("start_date", "end_date"):
+        v = getattr(sel, key)
+        if v is not None:
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+                fail(f"dataset.selection.{key}", v, "must be YYYY-MM-DD")
+    if sel.start_date and sel.end_date and sel.start_date > sel.end_date:
+        fail("dataset.selection.end_date", sel.end_date, f"is before start_date {sel.start_date}")
+    lay = cfg.dataset.layout
+    positive("dataset.layout.shard_samples", lay.shard_samples)
+    positive("dataset.layout.quant_step_c", lay.quant_step_c)
+    positive("dataset.layout.max_obs_pixels", lay.max_obs_pixels)
+    choice("dataset.layout.compressor", lay.compressor, ("lz4", "lz4hc", "zstd", "zlib", "blosclz"))
+    choice("dataset.layout.shuffle", lay.shuffle, ("bitshuffle", "shuffle", "noshuffle"))
+    if not 0 <= lay.clevel <= 9:
+        fail("dataset.layout.clevel", lay.clevel, "must be in [0, 9]")
+    if lay.quant_min_c + 65534 * lay.quant_step_c < 40.0:
+        fail("dataset.layout.quant_step_c", lay.quant_step_c,
+             f"uint16 codes from {lay.quant_min_c} degC must reach at least 40 degC")
+    positive("dataloader.shuffle_buffer", d.shuffle_buffer, strict=False)
 
 
 def _nearest_origin(key: str, origins: dict[str, str]) -> str | None:

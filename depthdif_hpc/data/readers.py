@@ -1,0 +1,339 @@
+"""Readers for the three source formats as the providers ship them (SPEC 11.1).
+
+* `GridSource`: a set of gridded NetCDF files, GLORYS-like `thetao(time, depth, lat, lon)` or
+  OSTIA-like `analysed_sst(time, lat, lon)`, CF-packed or not; lat/latitude, lon/longitude,
+  lon in 0..360 or -180..180, ascending or descending latitude. It interpolates a variable
+  onto patch pixel centres for a day (linear in time between bracketing steps, bilinear in
+  space) reading only the hyperslab it needs.
+* `read_en4`: EN4-like profile files (N_PROF x N_LEVELS).
+
+Anything unusable raises `SourceError` naming the file and the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import xarray as xr
+
+from .grid import bilinear, bracket_axis, is_periodic_lon, wrap_lon
+from .profiles import GLORYS_DEPTHS
+
+LAT_NAMES = ("latitude", "lat", "LATITUDE", "nav_lat")
+LON_NAMES = ("longitude", "lon", "LONGITUDE", "nav_lon")
+DEPTH_NAMES = ("depth", "deptht", "lev", "DEPTH", "z")
+TIME_NAMES = ("time", "TIME", "t")
+EN4_FILL = 99999.0
+REF_DAY = np.datetime64("1950-01-01T00:00:00", "s")
+
+
+class SourceError(ValueError):
+    """A source file or variable that cannot be used; the message names both."""
+
+
+_UNIT_DAYS = {"day": 1.0, "days": 1.0, "hour": 1 / 24, "hours": 1 / 24, "minute": 1 / 1440,
+              "minutes": 1 / 1440, "second": 1 / 86400, "seconds": 1 / 86400}
+
+
+def to_days(values: np.ndarray, units: str | None, where: str) -> np.ndarray:
+    """Times -> float days since 1950-01-01, from datetime64 (decoded) or CF `X since DATE`."""
+    values = np.asarray(values)
+    if np.issubdtype(values.dtype, np.datetime64):
+        return (values.astype("datetime64[s]") - REF_DAY).astype(np.float64) / 86400.0
+    m = re.match(r"\s*(\w+)\s+since\s+(\d{4}-\d{1,2}-\d{1,2})(?:[ T](\d{1,2}:\d{2}(?::\d{2})?))?",
+                 units or "")
+    if not m or m.group(1).lower() not in _UNIT_DAYS:
+        raise SourceError(f"{where}: time units {units!r} are not 'days|hours|seconds since DATE'")
+    y, mo, d = (int(v) for v in m.group(2).split("-"))
+    hms = [int(v) for v in (m.group(3) or "0:0:0").split(":")] + [0]
+    origin = np.datetime64(f"{y:04d}-{mo:02d}-{d:02d}T{hms[0]:02d}:{hms[1]:02d}:{hms[2]:02d}", "s")
+    offset = (origin - REF_DAY).astype(np.float64) / 86400.0
+    return offset + values.astype(np.float64) * _UNIT_DAYS[m.group(1).lower()]
+
+
+def day_to_yyyymmdd(day: int) -> int:
+    """Days since 1950-01-01 -> YYYYMMDD (true calendar)."""
+    d = (np.datetime64("1950-01-01") + np.timedelta64(int(day), "D")).astype(str)
+    return int(d.replace("-", ""))
+
+
+def yyyymmdd_to_day(value: int | str) -> int:
+    s = str(value).replace("-", "")
+    d = np.datetime64(f"{s[:4]}-{s[4:6]}-{s[6:8]}")
+    return int((d - np.datetime64("1950-01-01")).astype(int))
+
+
+def contract_date(day: int) -> int:
+    """YYYYMMDD for the batch contract: Feb 29 maps to Feb 28 (non-leap calendar, SPEC 1)."""
+    v = day_to_yyyymmdd(day)
+    return v - 1 if v % 10000 == 229 else v
+
+
+def _find(names: tuple[str, ...], ds: xr.Dataset, where: str, what: str) -> str:
+    for n in names:
+        if n in ds.variables or n in ds.dims:
+            return n
+    raise SourceError(f"{where}: no {what} coordinate (looked for {list(names)}); "
+                      f"has {sorted(map(str, ds.variables))}")
+
+
+def _open(path: str) -> xr.Dataset:
+    try:
+        return xr.open_dataset(path, engine="netcdf4", decode_times=False, mask_and_scale=True)
+    except Exception as exc:  # netCDF4 raises OSError/RuntimeError/ValueError variously
+        raise SourceError(f"{path}: cannot open as NetCDF: {exc}") from exc
+
+
+@dataclass
+class _Grid:
+    lats: np.ndarray  # ascending
+    lat_flip: bool  # file latitude is descending
+    lons: np.ndarray  # ascending in [-180, 180)
+    lon_order: np.ndarray  # file index of each sorted lon
+    periodic: bool
+    depths: np.ndarray | None
+
+
+@dataclass
+class GridSource:
+    """A variable on a regular lat/lon grid spread over many NetCDF files (one grid for all).
+
+    `entries` holds (day, file index, time index) sorted by day; day = floor of the time in
+    days since 1950-01-01, so 00:00 and 12:00 stamps of the same date are the same day.
+    """
+
+    files: list[str]
+    var: str
+    kind: str  # "glorys" (4-D, depth) | "ostia" (3-D)
+    entries: list[tuple[int, int, int]] = field(default_factory=list)
+    grid: _Grid | None = None
+    _handles: dict = field(default_factory=dict, repr=False)
+    _pid: int = -1
+
+    @classmethod
+    def scan(cls, files: list[str], var: str, kind: str) -> GridSource:
+        if not files:
+            raise SourceError(f"no {kind} files given")
+        src = cls(sorted(files), var, kind)
+        seen: dict[int, str] = {}
+        for fi, path in enumerate(src.files):
+            with _open(path) as ds:
+                grid, tname = src._check(ds, path)
+                if src.grid is None:
+                    src.grid = grid
+                elif (grid.lats.shape != src.grid.lats.shape or grid.lons.shape != src.grid.lons.shape
+                      or not np.allclose(grid.lats, src.grid.lats) or not np.allclose(grid.lons, src.grid.lons)):
+                    raise SourceError(f"{path}: variable '{var}' is on a different lat/lon grid than "
+                                      f"{src.files[0]}")
+                days = to_days(ds[tname].values, ds[tname].attrs.get("units"), f"{path}:{tname}")
+                for ti, d in enumerate(np.atleast_1d(days)):
+                    day = int(np.floor(d + 1e-6))
+                    if day in seen:
+                        raise SourceError(f"{path}: variable '{var}' repeats day {day_to_yyyymmdd(day)} "
+                                          f"already in {seen[day]}")
+                    seen[day] = path
+                    src.entries.append((day, fi, ti))
+        src.entries.sort()
+        return src
+
+    def _check(self, ds: xr.Dataset, path: str) -> tuple[_Grid, str]:
+        if self.var not in ds.variables:
+            raise SourceError(f"{path}: variable '{self.var}' not found; has "
+                              f"{sorted(map(str, ds.data_vars))}")
+        da = ds[self.var]
+        lat, lon = _find(LAT_NAMES, ds, path, "latitude"), _find(LON_NAMES, ds, path, "longitude")
+        tname = _find(TIME_NAMES, ds, path, "time")
+        want = [tname, lat, lon]
+        depths = None
+        if self.kind == "glorys":
+            dname = _find(DEPTH_NAMES, ds, path, "depth")
+            want = [tname, dname, lat, lon]
+            depths = np.asarray(ds[dname].values, np.float64)
+            if depths.shape != GLORYS_DEPTHS.shape or not np.allclose(depths, GLORYS_DEPTHS, rtol=0.01):
+                raise SourceError(f"{path}: variable '{self.var}' has {depths.size} depth levels "
+                                  f"({depths[:3]}...), expected the 50 GLORYS levels 0.494..5727.917 m")
+        if sorted(da.dims) != sorted(want):
+            raise SourceError(f"{path}: variable '{self.var}' has dims {da.dims}, expected {tuple(want)}")
+        lats = np.asarray(ds[lat].values, np.float64)
+        lons = np.asarray(ds[lon].values, np.float64)
+        if lats.ndim != 1 or lons.ndim != 1:
+            raise SourceError(f"{path}: variable '{self.var}': 2-D lat/lon (curvilinear) grids "
+                              "are not supported")
+        flip = lats.size > 1 and lats[0] > lats[-1]
+        lats_s = lats[::-1] if flip else lats
+        if lats_s.size > 1 and np.any(np.diff(lats_s) <= 0):
+            raise SourceError(f"{path}: variable '{self.var}': latitude is not monotonic")
+        wl = wrap_lon(lons)
+        order = np.argsort(wl, kind="stable")
+        lons_s = wl[order]
+        if lons_s.size > 1 and np.any(np.diff(lons_s) <= 0):
+            raise SourceError(f"{path}: variable '{self.var}': longitude has duplicates after "
+                              "wrapping to [-180, 180)")
+        return _Grid(lats_s, bool(flip), lons_s, order, is_periodic_lon(lons_s), depths), tname
+
+    # ---- coverage ---------------------------------------------------------------------------
+    @property
+    def days(self) -> np.ndarray:
+        return np.array([e[0] for e in self.entries], dtype=np.int64)
+
+    def covers(self, lats: np.ndarray, lons: np.ndarray) -> bool:
+        """True when all target points lie inside the grid (no extrapolation)."""
+        g = self.grid
+        if lats.min() < g.lats[0] or lats.max() > g.lats[-1]:
+            return False
+        if g.periodic:
+            return True
+        lw = wrap_lon(lons)
+        return bool(lw.min() >= g.lons[0] and lw.max() <= g.lons[-1])
+
+    def bracket(self, day: int) -> list[tuple[tuple[int, int, int], float]]:
+        """Entries and weights for a day: the exact step, or the two bracketing steps."""
+        days = self.days
+        k = int(np.searchsorted(days, day))
+        if k < days.size and days[k] == day:
+            return [(self.entries[k], 1.0)]
+        if k == 0 or k == days.size:
+            raise SourceError(f"{self.kind} '{self.var}': day {day_to_yyyymmdd(day)} is outside "
+                              f"the files' time range {day_to_yyyymmdd(days[0])}..{day_to_yyyymmdd(days[-1])}")
+        d0, d1 = days[k - 1], days[k]
+        w1 = (day - d0) / (d1 - d0)
+        return [(self.entries[k - 1], 1.0 - w1), (self.entries[k], w1)]
+
+    # ---- reading ----------------------------------------------------------------------------
+    def _dataset(self, fi: int) -> xr.Dataset:
+        # Handles opened before a fork are not safe in the child (HDF5): reopen per process.
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        ds = self._handles.get(fi)
+        if ds is None:
+            if len(self._handles) >= 4:
+                old = next(iter(self._handles))
+                self._handles.pop(old).close()
+            ds = self._handles[fi] = _open(self.files[fi])
+        return ds
+
+    def close(self) -> None:
+        for ds in self._handles.values():
+            ds.close()
+        self._handles = {}
+
+    def interp(self, day: int, lats: np.ndarray, lons: np.ndarray, levels: slice | None = None
+               ) -> np.ndarray:
+        """Field at `day` on the outer product of target lats x lons: ([D,] H, W) float32, NaN invalid.
+
+        Values that look like Kelvin (median > 100) are converted to degC.
+        """
+        out = None
+        for (d, fi, ti), w in self.bracket(day):
+            f = self._interp_step(fi, ti, lats, lons, levels)
+            out = f * np.float32(w) if out is None else out + f * np.float32(w)
+        finite = out[np.isfinite(out)]
+        if finite.size and np.median(finite) > 100.0:
+            out = out - np.float32(273.15)
+        return out
+
+    def _interp_step(self, fi: int, ti: int, lats: np.ndarray, lons: np.ndarray,
+                     levels: slice | None) -> np.ndarray:
+        g = self.grid
+        ny, nx = g.lats.size, g.lons.size
+        i0, wy, oky = bracket_axis(g.lats, np.asarray(lats, np.float64))
+        j0, wx, okx = bracket_axis(g.lons, wrap_lon(lons), periodic=g.periodic)
+        rows = np.unique(np.concatenate([i0, np.minimum(i0 + 1, ny - 1)]))
+        r0, r1 = int(rows.min()), int(rows.max()) + 1
+        cols = np.unique(np.concatenate([j0, (j0 + 1) % nx]))
+        block = self._read(fi, ti, r0, r1, g.lon_order[cols], levels)  # (..., r1-r0, len(cols))
+        # Sorted-axis indices -> positions inside the block.
+        lut = np.full(nx, -1, np.int64)
+        lut[cols] = np.arange(cols.size)
+        return bilinear(block, i0 - r0, np.minimum(i0 + 1, ny - 1) - r0, wy, oky,
+                        lut[j0], lut[(j0 + 1) % nx], wx, okx)
+
+    def _read(self, fi: int, ti: int, r0: int, r1: int, file_cols: np.ndarray,
+              levels: slice | None) -> np.ndarray:
+        """Rows r0:r1 (sorted lat order) and the given file columns, as float32 (NaN fill)."""
+        g = self.grid
+        ds = self._dataset(fi)
+        da = ds[self.var]
+        lat, lon = _find(LAT_NAMES, ds, self.files[fi], "lat"), _find(LON_NAMES, ds, self.files[fi], "lon")
+        tname = _find(TIME_NAMES, ds, self.files[fi], "time")
+        ny = g.lats.size
+        fr = slice(ny - r1, ny - r0) if g.lat_flip else slice(r0, r1)
+        order = np.argsort(file_cols, kind="stable")
+        fc = file_cols[order]
+        # Contiguous runs of file columns: one hyperslab read each (two at most across a wrap).
+        breaks = np.flatnonzero(np.diff(fc) != 1) + 1
+        parts = []
+        sel: dict = {tname: ti, lat: fr}
+        if self.kind == "glorys":
+            sel[_find(DEPTH_NAMES, ds, self.files[fi], "depth")] = levels if levels is not None else slice(None)
+        try:
+            for run in np.split(fc, breaks):
+                sub = da.isel({**sel, lon: slice(int(run[0]), int(run[-1]) + 1)})
+                dims = [d for d in (sub.dims) if d not in (lat, lon)] + [lat, lon]
+                parts.append(np.asarray(sub.transpose(*dims).values, dtype=np.float32))
+        except Exception as exc:
+            raise SourceError(f"{self.files[fi]}: cannot read variable '{self.var}': {exc}") from exc
+        block = np.concatenate(parts, axis=-1)
+        if g.lat_flip:
+            block = block[..., ::-1, :]
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.size)
+        return np.ascontiguousarray(block[..., inv])
+
+
+@dataclass
+class Profiles:
+    """EN4-like profiles: juld (days since 1950-01-01), positions, (P, L) temp/depth with NaN."""
+
+    juld: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+    temp: np.ndarray
+    depth: np.ndarray
+
+
+def _en4_values(ds: xr.Dataset, name: str, path: str) -> np.ndarray:
+    if name not in ds.variables:
+        raise SourceError(f"{path}: variable '{name}' not found; has {sorted(map(str, ds.data_vars))}")
+    v = np.asarray(ds[name].values)
+    if np.issubdtype(v.dtype, np.datetime64):
+        return v
+    v = v.astype(np.float64)
+    v[(v == EN4_FILL) | (np.abs(v) > 1e6)] = np.nan
+    return v
+
+
+def read_en4(path: str, temp_var: str = "TEMP", depth_var: str = "DEPH_CORRECTED",
+             positions_only: bool = False) -> Profiles:
+    """Read one EN4-like profile file. Fill 99999 or |v| > 1e6 -> NaN; no QC flags applied.
+
+    Profiles without a finite time or position are dropped (they cannot be placed).
+    """
+    with _open(path) as ds:
+        juld_raw = _en4_values(ds, "JULD", path)
+        juld = to_days(juld_raw, ds["JULD"].attrs.get("units", "days since 1950-01-01"),
+                       f"{path}:JULD")
+        lat = _en4_values(ds, "LATITUDE", path)
+        lon = _en4_values(ds, "LONGITUDE", path)
+        if not (juld.ndim == lat.ndim == lon.ndim == 1 and juld.shape == lat.shape == lon.shape):
+            raise SourceError(f"{path}: JULD/LATITUDE/LONGITUDE must be 1-D of length N_PROF, got "
+                              f"{juld.shape}/{lat.shape}/{lon.shape}")
+        n = juld.shape[0]
+        if positions_only:
+            temp = depth = np.zeros((n, 0), np.float32)
+        else:
+            temp = _en4_values(ds, temp_var, path)
+            depth = _en4_values(ds, depth_var, path)
+            for name, v in ((temp_var, temp), (depth_var, depth)):
+                if v.ndim != 2 or v.shape[0] != n:
+                    raise SourceError(f"{path}: variable '{name}' has shape {v.shape}, expected "
+                                      f"(N_PROF={n}, N_LEVELS)")
+            if temp.shape != depth.shape:
+                raise SourceError(f"{path}: variables '{temp_var}' {temp.shape} and '{depth_var}' "
+                                  f"{depth.shape} differ in shape")
+    ok = np.isfinite(juld) & np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= 90)
+    return Profiles(juld[ok], lat[ok], wrap_lon(lon[ok]), temp[ok].astype(np.float32),
+                    depth[ok].astype(np.float32))
