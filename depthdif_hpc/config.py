@@ -8,7 +8,6 @@ dataclass tree that the rest of the package receives.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import re
 from dataclasses import dataclass, field

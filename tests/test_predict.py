@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from depthdif_hpc import build_model
-from depthdif_hpc.inference.postprocess import gaussian_blur_depthwise, gaussian_kernel1d, mask_invalid
+from depthdif_hpc.inference.postprocess import (
+    gaussian_blur_depthwise,
+    gaussian_kernel1d,
+    mask_invalid,
+)
 from depthdif_hpc.normalization import denormalize_temperature, normalize_temperature
 from tests.helpers import random_batch, tiny_config
 
