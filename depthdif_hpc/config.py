@@ -142,10 +142,17 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 1000
     keep_last_checkpoints: int = 3
     resume: str = "auto"  # auto | none | <checkpoint dir>
-    run_dir: str = "runs"  # each run gets a timestamped folder below it
+    # The run folder itself (checkpoints/, tb/, config.yaml, steps.jsonl); stable across requeues.
+    run_dir: str = "runs/depthdif"
     distributed: str = "ddp"  # ddp | deepspeed
     deepspeed_config: str | None = None
+    # Optional cross-checks, refused at start-up when they disagree with the run:
+    zero_stage: int | None = None  # must equal zero_optimization.stage of deepspeed_config
+    global_batch_size: int | None = None  # must equal batch_size * accumulation * world size
     matmul_precision: str = "high"
+    val_at_epoch_end: bool = True
+    full_reconstruction: bool = True  # rank-0 reverse diffusion of the cached val batch
+    progress_bar: bool = True  # rank 0, only when stderr is a terminal
     ema: EMAConfig = field(default_factory=EMAConfig)
 
 
@@ -492,6 +499,14 @@ def validate_config(cfg: Config, origins: dict[str, str]) -> None:
                 "val_every_n_steps", "checkpoint_every_n_steps", "keep_last_checkpoints"):
         positive(f"trainer.{key}", getattr(tr, key))
     positive("trainer.gradient_clip_val", tr.gradient_clip_val, strict=False)
+    if tr.distributed == "deepspeed" and not tr.deepspeed_config:
+        fail("trainer.deepspeed_config", tr.deepspeed_config,
+             "trainer.distributed=deepspeed needs a DeepSpeed config file (configs/deepspeed/zero2.json, ...)")
+    if tr.zero_stage is not None and tr.zero_stage not in (0, 1, 2, 3):
+        fail("trainer.zero_stage", tr.zero_stage, "must be 0, 1, 2 or 3")
+    if tr.global_batch_size is not None:
+        positive("trainer.global_batch_size", tr.global_batch_size)
+    positive("trainer.ema.start_step", tr.ema.start_step, strict=False)
     if not 0.0 < tr.ema.decay < 1.0:
         fail("trainer.ema.decay", tr.ema.decay, "must be in (0, 1)")
     positive("trainer.ema.update_every", tr.ema.update_every)
