@@ -72,8 +72,20 @@ class UNetConfig:
 
 
 @dataclass
+class LatentConfig:
+    """Latent workflow (SPEC 9.4): diffusion in the depth-band autoencoder's latent space."""
+
+    ae_config_path: str | None = None  # YAML with the `ae` section the checkpoint was trained with
+    ae_checkpoint: str | None = None  # trained autoencoder weights (required for latent_cond_dif)
+    freeze_autoencoder: bool = True
+    latent_channels: int = 12
+    spatial_downsample: int = 1
+    eo_in_pixel_space: bool = True
+
+
+@dataclass
 class ModelConfig:
-    model_type: str = "cond_px_dif"
+    model_type: str = "cond_px_dif"  # cond_px_dif | latent_cond_dif
     # Warm start: weights only (SPEC load_checkpoint); resuming a run is trainer.resume.
     load_checkpoint: str | None = None
     generated_channels: int = 1
@@ -91,6 +103,7 @@ class ModelConfig:
     post_process: PostProcessConfig = field(default_factory=PostProcessConfig)
     coord_conditioning: CoordConditioningConfig = field(default_factory=CoordConditioningConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
 
 @dataclass
@@ -296,8 +309,29 @@ class LoggingConfig:
 
 
 @dataclass
+class AELossConfig:
+    recon_l1_weight: float = 1.0
+    recon_l2_weight: float = 0.5
+    masked_only: bool = False
+
+
+@dataclass
+class AEConfig:
+    """The depth-band autoencoder of the latent workflow (configs/lat_space/ae_config.yaml)."""
+
+    model_type: str = "depth_band_ae"
+    in_channels: int = 50
+    latent_channels: int = 12
+    spatial_downsample: int = 1
+    encoder_hidden_channels: list[int] = field(default_factory=lambda: [64, 96, 128])
+    decoder_hidden_channels: list[int] = field(default_factory=lambda: [128, 96, 64])
+    loss: AELossConfig = field(default_factory=AELossConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    ae: AEConfig = field(default_factory=AEConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -440,7 +474,8 @@ def validate_config(cfg: Config, origins: dict[str, str]) -> None:
             fail(key, value, "must be > 0" if strict else "must be >= 0")
 
     m, t, tr = cfg.model, cfg.training, cfg.trainer
-    choice("model.model_type", m.model_type, ("cond_px_dif",))
+    choice("model.model_type", m.model_type, ("cond_px_dif", "latent_cond_dif"))
+    _validate_latent(cfg, fail, choice, positive)
     choice("model.kernels", m.kernels, ("eager", "triton", "auto"))
     try:
         param = canonical_parameterization(m.parameterization)
@@ -564,6 +599,28 @@ def validate_config(cfg: Config, origins: dict[str, str]) -> None:
         fail("dataset.layout.quant_step_c", lay.quant_step_c,
              f"uint16 codes from {lay.quant_min_c} degC must reach at least 40 degC")
     positive("dataloader.shuffle_buffer", d.shuffle_buffer, strict=False)
+
+
+def _validate_latent(cfg: Config, fail, choice, positive) -> None:
+    a, m = cfg.ae, cfg.model
+    choice("ae.model_type", a.model_type, ("depth_band_ae",))
+    positive("ae.in_channels", a.in_channels)
+    positive("ae.latent_channels", a.latent_channels)
+    for key, value in (("ae.spatial_downsample", a.spatial_downsample),
+                       ("model.latent.spatial_downsample", m.latent.spatial_downsample)):
+        if value < 1 or value & (value - 1):
+            fail(key, value, "must be a power of two >= 1")
+    if not a.encoder_hidden_channels or not a.decoder_hidden_channels:
+        fail("ae.encoder_hidden_channels", a.encoder_hidden_channels, "encoder and decoder need >= 1 layer")
+    if m.model_type != "latent_cond_dif":
+        return
+    lat = m.latent
+    if m.generated_channels != lat.latent_channels:
+        fail("model.generated_channels", m.generated_channels,
+             f"the latent model generates model.latent.latent_channels = {lat.latent_channels} channels")
+    if lat.spatial_downsample != 1 and lat.eo_in_pixel_space and m.condition_include_eo:
+        fail("model.latent.eo_in_pixel_space", True,
+             f"EO stays at pixel resolution, so it cannot join a latent downsampled by {lat.spatial_downsample}")
 
 
 def _nearest_origin(key: str, origins: dict[str, str]) -> str | None:
