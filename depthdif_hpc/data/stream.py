@@ -1,0 +1,385 @@
+"""Stream the sharded store to every rank and data-loader worker (never loading it whole).
+
+`ShardStream` is an `IterableDataset` over one split. For each epoch it permutes the shards
+(seed, epoch), cuts the resulting sample sequence into one contiguous range per rank (equal
+lengths with `even_ranks`) and each rank's range into one per worker (whole batches), so every
+(rank, worker) reads its own shards (a range boundary may split one shard between two
+neighbours; they read disjoint samples of it). Each worker reads its shards in order, block by
+block, and emits through a bounded shuffle buffer seeded by (seed, epoch, rank, worker). The
+whole schedule is a pure function of (seed, epoch, sizes), which is what makes exact mid-epoch
+resume possible: a restarted worker replays the index schedule without reading data and starts
+at the first batch not yet consumed.
+
+`make_dataloader(cfg, split, rank, world_size)` wraps it in a `StreamLoader`: a DataLoader
+with default collate that counts consumed batches and has `state_dict()`,
+`load_state_dict()`, `set_epoch()`.
+
+Each item is the SPEC 1 dict: eo (1,H,W) f32, x (50,H,W) f32, y (50,H,W) f32,
+x_valid_mask (50,H,W) bool, y_valid_mask (50,H,W) bool, x_valid_mask_1d (1,H,W) bool,
+land_mask (1,H,W) f32 (1 = ocean), date int64 YYYYMMDD, coords f32 [lat, lon] (when
+return_coords), sample_id int64 (unique across splits: train 0..N-1, then val).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .store import (META, CorruptSampleError, StoreError, meta_coords, quantizer_from,
+                    read_manifest, shard_file)
+
+log = logging.getLogger(__name__)
+
+
+def buffered_order(n: int, buffer: int, rng: np.random.Generator | None) -> np.ndarray:
+    """Output order (positions 0..n-1) of a bounded shuffle buffer fed positions in order.
+
+    An item is emitted at most `buffer` places after it was read, which bounds memory.
+    Without rng (no shuffle) the order is the identity.
+    """
+    if rng is None or n <= 1 or buffer <= 1:
+        return np.arange(n)
+    out = np.empty(n, np.int64)
+    buf = list(range(min(buffer, n)))
+    nxt, k = len(buf), 0
+    while nxt < n:
+        j = int(rng.integers(len(buf)))
+        out[k], buf[j] = buf[j], nxt
+        k += 1
+        nxt += 1
+    tail = rng.permutation(len(buf))
+    out[k:] = np.asarray(buf)[tail]
+    return out
+
+
+def consumed_per_worker(batches: int, nb: list[int]) -> list[int]:
+    """Batches taken from each worker when `batches` were consumed from a DataLoader.
+
+    The DataLoader returns worker batches round-robin, skipping exhausted workers (in-order
+    mode), so after k batches worker w has delivered this many.
+    """
+    got = [0] * len(nb)
+    k = batches
+    rnd = 0
+    while k > 0 and rnd < max(nb, default=0):
+        for w, n in enumerate(nb):
+            if k == 0:
+                break
+            if rnd < n:
+                got[w] += 1
+                k -= 1
+        rnd += 1
+    return got
+
+
+class ShardStream(IterableDataset):
+    """One split of a store as a resumable, rank/worker-sharded, shuffled sample stream."""
+
+    def __init__(self, store: str | Path, split: str = "train", *, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True, seed: int = 7,
+                 shuffle_buffer: int = 64, batch_size: int = 1, even_ranks: bool = True,
+                 skip_corrupt: bool = False, return_coords: bool = True):
+        super().__init__()
+        self.store = Path(store)
+        man = read_manifest(self.store)
+        if split not in man["splits"]:
+            raise StoreError(f"store {self.store} has no split {split!r} ({list(man['splits'])})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        self.split = split
+        self.n = int(man["splits"][split]["n_samples"])
+        self.shard = int(man["shard_samples"])
+        self.n_shards = math.ceil(self.n / self.shard) if self.n else 0
+        self.id_offset = int(man["sample_id_offset"][split])
+        self.quant = quantizer_from(man)
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed, self.buffer = shuffle, seed, shuffle_buffer
+        self.batch_size, self.even_ranks = batch_size, even_ranks
+        self.skip_corrupt, self.return_coords = skip_corrupt, return_coords
+        self.skipped = 0
+        # [epoch, consumed batches]; shared memory so persistent DataLoader workers see updates.
+        self._pos = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._group = None
+        self._pid = -1
+
+    # ---- position ---------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return int(self._pos[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning (shard order and buffers depend on it)."""
+        self._pos[0], self._pos[1] = int(epoch), 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self._pos[0]), "consumed_batches": int(self._pos[1]),
+                "batch_size": self.batch_size, "seed": self.seed, "world_size": self.world_size,
+                "n_samples": self.n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("batch_size", "seed", "world_size", "n_samples"):
+            if key in state and state[key] != getattr(self, "n" if key == "n_samples" else key):
+                raise StoreError(f"cannot resume {self.store}:{self.split}: saved {key}={state[key]}, "
+                                 f"now {getattr(self, 'n' if key == 'n_samples' else key)}")
+        self._pos[0], self._pos[1] = int(state["epoch"]), int(state["consumed_batches"])
+
+    # ---- schedule ---------------------------------------------------------------------------
+    def _rank_range(self, epoch: int) -> np.ndarray:
+        order = np.arange(self.n_shards)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n_shards)
+        seq = np.concatenate([np.arange(s * self.shard, min((s + 1) * self.shard, self.n))
+                              for s in order]) if self.n else np.zeros(0, np.int64)
+        if self.even_ranks:
+            per = self.n // self.world_size
+            return seq[self.rank * per:(self.rank + 1) * per]
+        return np.array_split(seq, self.world_size)[self.rank]
+
+    def __len__(self) -> int:
+        """Samples this rank yields per epoch."""
+        return len(self._rank_range(0))
+
+    def _worker_ranges(self, rank_seq: np.ndarray, workers: int) -> list[np.ndarray]:
+        """Contiguous pieces of whole batches (the last piece may end in a partial batch)."""
+        nb = math.ceil(rank_seq.size / self.batch_size)
+        out, start = [], 0
+        for w in range(workers):
+            b = nb // workers + (w < nb % workers)
+            out.append(rank_seq[start:start + b * self.batch_size])
+            start += b * self.batch_size
+        return out
+
+    def schedule(self, epoch: int, worker: int, workers: int, consumed_batches: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(read sequence, remaining emit sequence) of sample indices for one worker."""
+        pieces = self._worker_ranges(self._rank_range(epoch), workers)
+        nb = [math.ceil(p.size / self.batch_size) for p in pieces]
+        skip = consumed_per_worker(consumed_batches, nb)[worker] * self.batch_size
+        piece = pieces[worker]
+        rng = (np.random.default_rng([self.seed, epoch, self.rank, worker, workers])
+               if self.shuffle else None)
+        order = buffered_order(piece.size, self.buffer, rng)
+        return piece, piece[order[skip:]]
+
+    # ---- reading ----------------------------------------------------------------------------
+    def _open(self):
+        if self._group is None or self._pid != os.getpid():
+            import zarr
+
+            self._group = zarr.open_group(str(self.store), mode="r")[self.split]
+            self._pid = os.getpid()
+        return self._group
+
+    def _name(self, i: int) -> str:
+        return (f"store {self.store}, split {self.split}, shard {i // self.shard}, "
+                f"sample {i} (sample_id {i + self.id_offset})")
+
+    def _check_files(self, shard: int, a: int, b: int) -> None:
+        # A missing shard reads back as fill values without any error in zarr: look first.
+        for name, ndim in (("fields", 4), ("obs", 3), ("meta", 2)):
+            path = shard_file(self.store, self.split, name, ndim, shard)
+            if not path.is_file():
+                raise CorruptSampleError(f"store {self.store}, split {self.split}, shard {shard}: "
+                                         f"shard file {path} is missing (samples {a}..{b - 1})")
+
+    def _read_block(self, a: int, b: int) -> dict[int, tuple]:
+        """Raw (fields, obs, meta) of samples a..b-1 (one shard), keyed by sample index."""
+        g = self._open()
+        shard = a // self.shard
+        try:
+            self._check_files(shard, a, b)
+            fields, obs, meta = g["fields"][a:b], g["obs"][a:b], g["meta"][a:b]
+            bad = np.flatnonzero(meta[:, META["date"]] == 0)
+            if bad.size:
+                raise CorruptSampleError(f"{self._name(a + int(bad[0]))}: metadata never written")
+            return {a + k: (fields[k], obs[k], meta[k]) for k in range(b - a)}
+        except CorruptSampleError as exc:
+            if not self.skip_corrupt:
+                raise
+            first_exc: Exception = exc
+        except Exception as exc:  # zarr/codec errors: find the sample that fails
+            first_exc = exc
+        out = {}
+        for i in range(a, b):
+            try:
+                self._check_files(shard, i, i + 1)
+                m = g["meta"][i]
+                if m[META["date"]] == 0:
+                    raise ValueError("metadata never written")
+                out[i] = (g["fields"][i], g["obs"][i], m)
+            except Exception as exc:
+                err = exc if isinstance(exc, CorruptSampleError) else CorruptSampleError(
+                    f"{self._name(i)}: cannot read ({type(exc).__name__}: {exc})")
+                if not self.skip_corrupt:
+                    raise err from exc
+                self.skipped += 1
+                log.warning("skipping corrupt sample (%d skipped so far in this worker): %s",
+                            self.skipped, err)
+        if not out and not self.skip_corrupt:
+            raise CorruptSampleError(f"{self._name(a)}: {first_exc}") from first_exc
+        return out
+
+    def decode(self, i: int, fields: np.ndarray, obs: np.ndarray, meta: np.ndarray) -> dict:
+        """Raw stored sample -> the SPEC 1 tensors (normalised, zero where invalid)."""
+        a, b = self.quant.norm_affine()
+        valid = fields != 0
+        vals = np.multiply(fields, a, dtype=np.float32)
+        vals += b
+        vals *= valid
+        nd, h, w = fields.shape[0] - 1, fields.shape[1], fields.shape[2]
+        x = np.zeros((nd, h, w), np.float32)
+        xv = np.zeros((nd, h, w), bool)
+        k = int(meta[META["n_obs_pixels"]])
+        if k:
+            o = obs[:k]
+            r, c, codes = o[:, 0].astype(np.intp), o[:, 1].astype(np.intp), o[:, 2:]
+            ok = codes != 0
+            xv[:, r, c] = ok.T
+            x[:, r, c] = ((codes * a + b) * ok).T
+        item = {
+            "eo": torch.from_numpy(vals[0:1]),
+            "x": torch.from_numpy(x),
+            "y": torch.from_numpy(vals[1:]),
+            "x_valid_mask": torch.from_numpy(xv),
+            "y_valid_mask": torch.from_numpy(valid[1:]),
+            "x_valid_mask_1d": torch.from_numpy(xv.any(axis=0, keepdims=True)),
+            "land_mask": torch.from_numpy(valid[1:2].astype(np.float32)),
+            "date": torch.tensor(int(meta[META["date"]]), dtype=torch.int64),
+            "sample_id": torch.tensor(i + self.id_offset, dtype=torch.int64),
+        }
+        if self.return_coords:
+            item["coords"] = torch.from_numpy(meta_coords(meta[None])[0].copy())
+        return item
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, consumed = int(self._pos[0]), int(self._pos[1])
+        read_seq, emit = self.schedule(epoch, worker, workers, consumed)
+        in_process = info is None
+        if emit.size == 0:
+            if in_process:
+                self._pos[0], self._pos[1] = epoch + 1, 0
+            return
+        want = set(emit.tolist())
+        # Blocks: runs of the read sequence inside one shard, in read order.
+        pos_of = {int(s): p for p, s in enumerate(read_seq)}
+        cuts = np.flatnonzero((np.diff(read_seq) != 1)
+                              | (read_seq[1:] // self.shard != read_seq[:-1] // self.shard)) + 1
+        blocks = np.split(np.arange(read_seq.size), cuts)
+        block_of = np.empty(read_seq.size, np.int64)
+        for bi, blk in enumerate(blocks):
+            block_of[blk] = bi
+        cache: dict[int, tuple] = {}
+        loaded = -1
+        for done, i in enumerate(emit.tolist()):
+            need = block_of[pos_of[i]]
+            while loaded < need:
+                loaded += 1
+                blk = read_seq[blocks[loaded]]
+                if not any(int(s) in want for s in blk):
+                    continue  # everything in it was consumed before the resume
+                for j, raw in self._read_block(int(blk[0]), int(blk[-1]) + 1).items():
+                    if j in want:
+                        cache[j] = raw
+            raw = cache.pop(i, None)
+            want.discard(i)
+            if raw is None:  # skipped as corrupt
+                continue
+            item = self.decode(i, *raw)
+            if in_process:  # in-process iteration tracks its own position (batch_size 1)
+                self._pos[1] += 1 if self.batch_size == 1 else 0
+            yield item
+        if in_process:
+            self._pos[0], self._pos[1] = epoch + 1, 0
+
+
+class StreamLoader:
+    """DataLoader over a ShardStream that knows its position: resumable mid-epoch.
+
+    Iterating runs the current epoch from the first unconsumed batch; finishing it advances
+    to the next epoch. `state_dict()` after k batches, loaded into a fresh loader with the
+    same store/world/batch/worker settings, yields exactly the remaining batches.
+    """
+
+    def __init__(self, dataset: ShardStream, *, num_workers: int = 0, pin_memory: bool = False,
+                 persistent_workers: bool = False, prefetch_factor: int | None = 2,
+                 multiprocessing_context: str | None = None):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        kw: dict[str, Any] = {}
+        if num_workers > 0:
+            kw = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
+                  "multiprocessing_context": multiprocessing_context}
+        self.loader = DataLoader(dataset, batch_size=dataset.batch_size, num_workers=num_workers,
+                                 pin_memory=pin_memory, **kw)
+        self._consumed = int(dataset._pos[1])
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.dataset.batch_size)
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+        self._consumed = 0
+
+    def state_dict(self) -> dict[str, int]:
+        sd = self.dataset.state_dict()
+        sd["consumed_batches"] = self._consumed
+        sd["num_workers"] = self.num_workers
+        return sd
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if "num_workers" in state and state["num_workers"] != self.num_workers:
+            raise StoreError(f"cannot resume: saved with num_workers={state['num_workers']}, "
+                             f"now {self.num_workers} (the per-worker schedules differ)")
+        self.dataset.load_state_dict(state)
+        self._consumed = int(state["consumed_batches"])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ds = self.dataset
+        ds._pos[1] = self._consumed  # workers read this when they (re)start their iterator
+        epoch = ds.epoch
+        for batch in self.loader:
+            self._consumed += 1
+            yield batch
+        ds._pos[0], ds._pos[1] = epoch + 1, 0
+        self._consumed = 0
+
+
+def make_dataloader(cfg: Any, split: str = "train", rank: int = 0, world_size: int = 1, *,
+                    store: str | Path | None = None, batch_size: int | None = None,
+                    num_workers: int | None = None, shuffle: bool | None = None,
+                    epoch: int = 0) -> StreamLoader:
+    """A StreamLoader for `split` ("train" | "val") of `store` (default cfg.dataset.store).
+
+    Batch size, workers and shuffle come from cfg.dataloader (val_* for the val split) unless
+    given; the seed is cfg.dataset.random_seed, the buffer cfg.dataloader.shuffle_buffer.
+    """
+    store = store or cfg.dataset.store
+    if not store:
+        raise StoreError("no store given: set dataset.store (build one with "
+                         "python -m depthdif_hpc.data.build)")
+    d = cfg.dataloader
+    train = split == "train"
+    bs = batch_size or (d.batch_size if train else d.val_batch_size)
+    nw = num_workers if num_workers is not None else (d.num_workers if train else d.val_num_workers)
+    sh = shuffle if shuffle is not None else (d.shuffle if train else d.val_shuffle)
+    ds = ShardStream(store, split, rank=rank, world_size=world_size, shuffle=sh,
+                     seed=cfg.dataset.random_seed, shuffle_buffer=d.shuffle_buffer, batch_size=bs,
+                     even_ranks=d.even_ranks, skip_corrupt=cfg.dataset.skip_corrupt_samples,
+                     return_coords=cfg.dataset.return_coords)
+    ds.set_epoch(epoch)
+    return StreamLoader(ds, num_workers=nw, pin_memory=d.pin_memory and torch.cuda.is_available(),
+                        persistent_workers=d.persistent_workers if train else False,
+                        prefetch_factor=d.prefetch_factor)
