@@ -1,0 +1,82 @@
+"""Shared helpers for the Triton kernels: launch heuristics, dtype checks, a test override.
+
+Block sizes are chosen by plain heuristics (no `@triton.autotune`): autotuning with more than one
+config fails under the CPU interpreter, and a fixed, documented choice keeps the partial-sum
+buffers (whose shapes depend on the grid) predictable. On the interpreter every program instance
+costs about 0.5 ms of Python, so `interpreting()` switches to few, large programs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import triton
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Test hook: block-size overrides, keyed by "<op>.<name>" (see `override_blocks`).
+_OVERRIDES: dict[str, int] = {}
+
+
+def interpreting() -> bool:
+    """True when Triton runs in the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def block(name: str, default: int) -> int:
+    """A block size, unless a test has overridden it with `override_blocks`."""
+    return int(_OVERRIDES.get(name, default))
+
+
+@contextlib.contextmanager
+def override_blocks(**sizes: int) -> Iterator[None]:
+    """Force block sizes (keys such as ``convnext_block_c``) so tests reach every code path.
+
+    Values must be powers of two (they become `tl.arange` extents).
+    """
+    for key, value in sizes.items():
+        if value & (value - 1):
+            raise ValueError(f"{key}={value} is not a power of two")
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update(sizes)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def check_same_device(**tensors: Any) -> None:
+    devices = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: IEEE fp32 for fp32 tensors unless torch allows TF32 matmuls.
+
+    Half-precision inputs are upcast to fp32 in registers and multiplied with TF32 tensor cores
+    (10-bit mantissa, finer than bf16's 7), accumulating in fp32.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
