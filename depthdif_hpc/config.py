@@ -85,7 +85,8 @@ class LatentConfig:
 
 @dataclass
 class ModelConfig:
-    model_type: str = "cond_px_dif"  # cond_px_dif | latent_cond_dif
+    # cond_px_dif | latent_cond_dif | depth_band_ae (train the latent workflow's autoencoder)
+    model_type: str = "cond_px_dif"
     # Warm start: weights only (SPEC load_checkpoint); resuming a run is trainer.resume.
     load_checkpoint: str | None = None
     generated_channels: int = 1
@@ -474,7 +475,7 @@ def validate_config(cfg: Config, origins: dict[str, str]) -> None:
             fail(key, value, "must be > 0" if strict else "must be >= 0")
 
     m, t, tr = cfg.model, cfg.training, cfg.trainer
-    choice("model.model_type", m.model_type, ("cond_px_dif", "latent_cond_dif"))
+    choice("model.model_type", m.model_type, ("cond_px_dif", "latent_cond_dif", "depth_band_ae"))
     _validate_latent(cfg, fail, choice, positive)
     choice("model.kernels", m.kernels, ("eager", "triton", "auto"))
     try:

@@ -193,7 +193,10 @@ class DepthDif(nn.Module):
         clamp = self.cfg.clamp_known_pixels if clamp_known_pixels is None else clamp_known_pixels
         known = known_mask = None
         if clamp:
-            if p.data.shape[1] != self.cfg.generated_channels:
+            if p.cond_mask is None:
+                warnings.warn("clamp_known_pixels skipped: no pixel-space validity mask for the "
+                              "generated channels", stacklevel=2)
+            elif p.data.shape[1] != self.cfg.generated_channels:
                 warnings.warn(f"clamp_known_pixels skipped: condition data has {p.data.shape[1]} "
                               f"channels, generated_channels is {self.cfg.generated_channels}",
                               stacklevel=2)
@@ -207,13 +210,13 @@ class DepthDif(nn.Module):
                 x_i = x_i * branch_mask
             return self.denoise(x_i, p.cond, t, c_emb)
 
-        b, _, h, w = p.data.shape
+        b, _, h, w = p.cond.shape
         res = reverse_diffusion(
-            denoise, sampler, (b, self.cfg.generated_channels, h, w), device=p.data.device,
+            denoise, sampler, (b, self.cfg.generated_channels, h, w), device=p.cond.device,
             known=known, known_mask=known_mask, return_intermediates=return_intermediates,
             intermediate_step_indices=intermediate_step_indices, generator=generator,
         )
-        y_hat = res.sample
+        y_hat = self.to_pixels(res.sample)
         y_hat_denorm = denormalize_temperature(y_hat)
         blur = self.cfg.post_process.gaussian_blur
         if blur.enabled:
@@ -230,15 +233,35 @@ class DepthDif(nn.Module):
         }
 
 
+    def to_pixels(self, sample: torch.Tensor) -> torch.Tensor:
+        """Generated tensor -> normalised temperature bands (identity in pixel space)."""
+        return sample
+
+
 def _require(batch: Batch, key: str) -> torch.Tensor:
     if key not in batch or batch[key] is None:
         raise KeyError(f"batch is missing required key {key!r} (has {sorted(batch)})")
     return batch[key]
 
 
-def build_model(cfg: Config) -> DepthDif:
-    """The DepthDif module for a validated config, with kernels routed per `model.kernels`."""
-    model = DepthDif(cfg.model, cfg.training.noise, cfg.training.validation_sampling)
+def build_model(cfg: Config) -> nn.Module:
+    """The model for a validated config, with kernels routed per `model.kernels`.
+
+    `model.model_type`: cond_px_dif -> DepthDif; latent_cond_dif -> LatentDepthDif (loads the
+    frozen autoencoder); depth_band_ae -> AutoencoderModel. Every one is called as
+    `model(batch) -> (loss, logs)` and has `predict(batch, ...)`.
+    """
+    if cfg.model.model_type == "depth_band_ae":
+        from depthdif_hpc.model.latent import AutoencoderModel
+
+        return AutoencoderModel(cfg.ae)
+    if cfg.model.model_type == "latent_cond_dif":
+        from depthdif_hpc.model.latent import LatentDepthDif, load_autoencoder
+
+        model = LatentDepthDif(cfg.model, cfg.training.noise, cfg.training.validation_sampling,
+                               load_autoencoder(cfg))
+    else:
+        model = DepthDif(cfg.model, cfg.training.noise, cfg.training.validation_sampling)
     use_triton = cfg.model.kernels == "triton" or (cfg.model.kernels == "auto" and torch.cuda.is_available())
     model.model.set_kernels(use_triton)
     return model
