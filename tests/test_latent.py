@@ -27,8 +27,8 @@ def _trained_ae(tmp_path, latent_channels=4, steps=5):
     torch.save({"model": model.state_dict()}, path)
     ae_yaml = tmp_path / "ae.yaml"
     ae_yaml.write_text(
-        "ae:\n  latent_channels: %d\n  encoder_hidden_channels: [16, 16]\n"
-        "  decoder_hidden_channels: [16, 16]\n" % latent_channels)
+        f"ae:\n  latent_channels: {latent_channels}\n  encoder_hidden_channels: [16, 16]\n"
+        "  decoder_hidden_channels: [16, 16]\n")
     return path, ae_yaml
 
 
