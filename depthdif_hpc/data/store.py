@@ -94,7 +94,9 @@ def create_split_arrays(root: Any, split: str, n: int, tile: int, layout: Any) -
     comp, check = codecs_for(layout)
     specs = {
         "fields": ((n, 1 + N_LEVELS, tile, tile), "uint16", (1, 1 + N_LEVELS, tile, tile)),
-        "obs": ((n, layout.max_obs_pixels, 2 + N_LEVELS), "uint16", (1, layout.max_obs_pixels, 2 + N_LEVELS)),
+        # obs is small and mostly zeros: one chunk per shard (per-chunk overhead dominates).
+        "obs": ((n, layout.max_obs_pixels, 2 + N_LEVELS), "uint16",
+                (min(s, max(n, 1)), layout.max_obs_pixels, 2 + N_LEVELS)),
         # meta is tiny: one chunk per shard keeps its per-chunk overhead off the read path.
         "meta": ((n, len(META_COLUMNS)), "int32", (min(s, max(n, 1)), len(META_COLUMNS))),
     }

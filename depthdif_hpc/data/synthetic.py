@@ -388,8 +388,9 @@ def build_tiny_store(out_dir: str | Path, *, seed: int = 0, tile_size: int = 128
     store = out_dir / "store.zarr"
     if (store / "manifest.json").is_file():
         return store
+    # Same number of floats per tile whatever its size, so small tiles still see profiles.
     src = generate(out_dir / "sources", tiny_region(tile_size), start, end, seed=seed,
-                   glorys_every=glorys_every)
+                   glorys_every=glorys_every, floats_per_100sqdeg=8.0 * (128 / tile_size) ** 2)
     cfg = load_config(overrides=[
         f"dataset.grid.tile_size={tile_size}", f"dataset.grid.patch_stride={tile_size // 2}",
         f"split.val_year={val_year}", f"dataset.layout.shard_samples={shard_samples}",
