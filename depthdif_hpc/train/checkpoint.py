@@ -1,0 +1,139 @@
+"""Checkpoint folders: atomic publication, completeness check, discovery and pruning.
+
+Layout of `<run_dir>/checkpoints/step_XXXXXXXX/`:
+  trainer_state.json      step, epoch, LR controller, world size, mode (global rank 0)
+  model.safetensors       full fp32 weights          (ddp; deepspeed: inside deepspeed/)
+  optimizer.pt            optimizer state            (ddp, global rank 0)
+  ema.safetensors         full EMA                   (replicated parameters, rank 0)
+  ema_rank_RRRRR.safetensors   EMA partitions        (ZeRO-3, every rank)
+  deepspeed/              engine.save_checkpoint(tag="deepspeed") (model + ZeRO optimizer shards)
+  rank_RRRRR.pt           RNG states, data-stream position, loss generator (every rank)
+  MANIFEST.json           written last: every file with its size
+
+All ranks write into `.tmp-step_XXXXXXXX`; after a barrier global rank 0 lists the files into
+MANIFEST.json, fsyncs, and renames the folder. A crash at any point leaves either a `.tmp-*`
+folder (ignored, later removed) or a complete checkpoint. A folder whose files do not match its
+manifest (truncated, deleted) is skipped by `latest_complete` with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger("depthdif_hpc.train")
+
+MANIFEST = "MANIFEST.json"
+_NAME = re.compile(r"^step_(\d{8,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def tmp_dir_for(root: Path, step: int) -> Path:
+    return root / f".tmp-{step_dir_name(step)}"
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def write_manifest_and_publish(tmp: Path, final: Path, meta: dict) -> Path:
+    """Global rank 0, after every rank wrote into `tmp`: manifest last, then atomic rename."""
+    files = {}
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            _fsync_path(f)
+            files[str(f.relative_to(tmp))] = f.stat().st_size
+    manifest = {"format": 1, "written_at": time.time(), **meta, "files": files}
+    part = tmp / (MANIFEST + ".part")
+    with open(part, "w") as fh:
+        json.dump(manifest, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(part, tmp / MANIFEST)
+    _fsync_path(tmp)
+    if final.exists():
+        # Same step saved again (e.g. a signal right after a periodic save): keep the new one.
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_path(final.parent)
+    return final
+
+
+def check_complete(ckpt: Path) -> str | None:
+    """None when `ckpt` matches its manifest, else the reason it cannot be used."""
+    mpath = ckpt / MANIFEST
+    if not mpath.is_file():
+        return "no MANIFEST.json (interrupted while writing)"
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as exc:
+        return f"unreadable MANIFEST.json ({exc})"
+    for rel, size in manifest.get("files", {}).items():
+        f = ckpt / rel
+        if not f.is_file():
+            return f"file {rel} is missing"
+        actual = f.stat().st_size
+        if actual != size:
+            return f"file {rel} has {actual} bytes, manifest says {size} (truncated?)"
+    if not manifest.get("files"):
+        return "manifest lists no files"
+    return None
+
+
+def read_manifest(ckpt: Path) -> dict:
+    return json.loads((ckpt / MANIFEST).read_text())
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        m = _NAME.match(d.name)
+        if m and d.is_dir():
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def latest_complete(root: Path, warn=log.warning) -> Path | None:
+    """Newest checkpoint that passes `check_complete`; broken newer ones are reported."""
+    for step, d in reversed(list_checkpoints(root)):
+        why = check_complete(d)
+        if why is None:
+            return d
+        warn(f"ignoring checkpoint {d} (step {step}): {why}; trying an older one")
+    return None
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (and stale temporaries)."""
+    removed = []
+    complete = [(s, d) for s, d in list_checkpoints(root) if check_complete(d) is None]
+    for _, d in complete[:-keep] if keep > 0 else []:
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    if root.is_dir():
+        for d in root.glob(".tmp-step_*"):
+            log.warning(f"removing interrupted checkpoint write {d}")
+            shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,56 @@
+"""Command line and function entry point shared by every launcher."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from depthdif_hpc.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m depthdif_hpc.train",
+        description="Train DepthDif (Accelerate; DDP or DeepSpeed ZeRO). Later --config files and "
+                    "key=value overrides win. Exit 0 done, 75 preempted (checkpoint written), "
+                    "2 bad config, 3 non-finite loss, 1 other failure.")
+    ap.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, *, data_factory=None, hooks=None) -> int:
+    """Train with these arguments; returns the exit code (submitit calls this directly)."""
+    from depthdif_hpc.train.trainer import EXIT_CONFIG, EXIT_NONFINITE, NonFiniteLossError, Trainer
+
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        cfg = load_config(*args.config, overrides=args.overrides)
+        code = Trainer(cfg, data_factory=data_factory, hooks=hooks).fit()
+    except ConfigError as exc:
+        print(f"depthdif_hpc.train: configuration refused: {exc}", file=sys.stderr, flush=True)
+        code = EXIT_CONFIG
+    except NonFiniteLossError as exc:
+        print(f"depthdif_hpc.train: {exc}", file=sys.stderr, flush=True)
+        code = EXIT_NONFINITE
+    finally:
+        _shutdown()
+    return code
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+    try:
+        from accelerate.state import AcceleratorState, PartialState
+
+        # Lets a second in-process run (tests, notebooks) build a fresh Accelerator.
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+    except Exception:  # noqa: BLE001
+        pass

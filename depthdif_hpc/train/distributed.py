@@ -1,0 +1,85 @@
+"""Rank and world-size resolution for every launcher (torchrun, accelerate launch, srun, submitit).
+
+torch.distributed reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from the
+environment. torchrun and accelerate set them; a bare `srun python -m depthdif_hpc.train` only
+sets SLURM_* variables, so we translate those before Accelerate initialises the process group.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torch" | "slurm" | "single"
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as 'gpu[003-005,007],login1'."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                                 text=True, timeout=10, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass  # fall back to parsing the common bracket form ourselves
+    first = re.split(r",(?![^\[]*\])", nodelist)[0]
+    m = re.match(r"^(.*?)\[([^\]]+)\](.*)$", first)
+    if not m:
+        return first
+    prefix, ranges, suffix = m.groups()
+    lo = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{lo}{suffix}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def resolve_dist_env(environ: dict[str, str] | None = None, *, export: bool = True) -> DistEnv:
+    """Work out rank/world size; with `export`, write the torch variables into os.environ.
+
+    Order: torch variables (torchrun, accelerate launch, submitit's TorchDistributedEnvironment)
+    win; otherwise SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (srun); otherwise one process.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", rank)))
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+        port = int(env.get("MASTER_PORT", "29500"))
+        source = "torch"
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", "0"))
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(nodelist)
+        # Same port on every task of a job without talking to each other: derive it from the job id.
+        port = int(env.get("MASTER_PORT") or 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        source = "slurm"
+    else:
+        rank, world, local = 0, 1, 0
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+        port = int(env.get("MASTER_PORT") or _free_port())
+        source = "single"
+    if not 0 <= rank < world:
+        raise RuntimeError(f"inconsistent launcher environment: rank {rank} with world size {world} ({source})")
+    if export and environ is None:
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
+                           "MASTER_ADDR": addr, "MASTER_PORT": str(port)})
+        os.environ.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", str(world)).split("(")[0])
+    return DistEnv(rank, world, local, addr, port, source)

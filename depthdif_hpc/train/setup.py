@@ -1,0 +1,156 @@
+"""Start-up: the Accelerator (DDP or DeepSpeed ZeRO through Accelerate) and the cross-checks that
+refuse a config whose batch sizes, ZeRO stage, precision or world size disagree."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from depthdif_hpc.config import Config, ConfigError
+
+
+def resolve_precision(cfg: Config) -> str:
+    """'bf16' or 'fp32' (SPEC project decision: bf16 on GPUs, fp32 on CPU)."""
+    p = cfg.trainer.precision
+    if p == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return p
+
+
+def _load_ds_file(path: str) -> dict:
+    f = Path(path)
+    if not f.is_file():
+        raise ConfigError(f"trainer.deepspeed_config = {path!r}: file not found")
+    text = f.read_text()
+    try:
+        if f.suffix in (".yaml", ".yml"):
+            from omegaconf import OmegaConf
+
+            return OmegaConf.to_container(OmegaConf.create(text), resolve=True)  # type: ignore[return-value]
+        return json.loads(text)
+    except Exception as exc:  # json and yaml raise different types
+        raise ConfigError(f"trainer.deepspeed_config = {path!r}: cannot parse: {exc}") from exc
+
+
+def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
+    """The DeepSpeed config file with the trainer's numbers filled in; disagreements refused.
+
+    A value of "auto" (or a missing key) takes the trainer's number; an explicit value must agree.
+    """
+    path = cfg.trainer.deepspeed_config
+    assert path is not None
+    ds = copy.deepcopy(_load_ds_file(path))
+    tr, dl = cfg.trainer, cfg.dataloader
+    want = {
+        "train_micro_batch_size_per_gpu": (dl.batch_size, "dataloader.batch_size"),
+        "gradient_accumulation_steps": (tr.gradient_accumulation_steps, "trainer.gradient_accumulation_steps"),
+        "train_batch_size": (dl.batch_size * tr.gradient_accumulation_steps * world_size,
+                             f"dataloader.batch_size ({dl.batch_size}) x trainer.gradient_accumulation_steps "
+                             f"({tr.gradient_accumulation_steps}) x world size ({world_size})"),
+        "gradient_clipping": (float(tr.gradient_clip_val), "trainer.gradient_clip_val"),
+    }
+    for key, (value, source) in want.items():
+        have = ds.get(key, "auto")
+        if have == "auto":
+            ds[key] = value
+        elif float(have) != float(value):
+            raise ConfigError(f"{path}: {key} = {have} disagrees with {source} = {value}")
+    zero = ds.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage == "auto":
+        stage = zero["stage"] = tr.zero_stage if tr.zero_stage is not None else 0
+    if tr.zero_stage is not None and int(stage) != tr.zero_stage:
+        raise ConfigError(f"{path}: zero_optimization.stage = {stage} disagrees with trainer.zero_stage = {tr.zero_stage}")
+    if ds.get("fp16", {}).get("enabled") in (True, "true"):
+        raise ConfigError(f"{path}: fp16.enabled is true; this project trains in bf16 (GPU) or fp32 (CPU)")
+    bf16 = ds.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") not in ("auto", precision == "bf16"):
+        raise ConfigError(f"{path}: bf16.enabled = {bf16['enabled']} disagrees with trainer.precision "
+                          f"(resolved to {precision})")
+    bf16["enabled"] = precision == "bf16"
+    ds.setdefault("fp16", {})["enabled"] = False
+    if precision == "bf16":
+        # Gradients are accumulated in fp32 across micro-batches (issue 5, item 1).
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError(f"{path}: remove the 'optimizer'/'scheduler' sections: the trainer builds AdamW "
+                          "and controls the learning rate itself (SPEC 9.2)")
+    # Torch AdamW with CPU offload must not be swapped for DeepSpeed's compiled CPU Adam.
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    tr, dl = cfg.trainer, cfg.dataloader
+    if tr.global_batch_size is not None:
+        got = dl.batch_size * tr.gradient_accumulation_steps * world_size
+        if got != tr.global_batch_size:
+            raise ConfigError(
+                f"trainer.global_batch_size = {tr.global_batch_size} but dataloader.batch_size "
+                f"({dl.batch_size}) x trainer.gradient_accumulation_steps ({tr.gradient_accumulation_steps}) "
+                f"x world size ({world_size}) = {got}")
+    if tr.distributed == "ddp" and tr.zero_stage not in (None, 0):
+        raise ConfigError(f"trainer.zero_stage = {tr.zero_stage} needs trainer.distributed=deepspeed "
+                          "(it is 'ddp')")
+    n = cfg.training.validation_sampling.max_full_reconstruction_samples
+    if n > dl.val_batch_size:
+        raise ConfigError(f"training.validation_sampling.max_full_reconstruction_samples = {n} exceeds "
+                          f"dataloader.val_batch_size = {dl.val_batch_size} (the samples come from the "
+                          "first validation batch)")
+
+
+def make_accelerator(cfg: Config, world_size: int) -> tuple[Any, str, dict | None]:
+    """The Accelerator for trainer.distributed; returns (accelerator, precision, ds_config)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    precision = resolve_precision(cfg)
+    if precision == "bf16" and not torch.cuda.is_available() and cfg.trainer.distributed == "ddp":
+        # CPU autocast to bf16 works but is not what anyone should train with; allow it explicitly.
+        pass
+    check_world(cfg, world_size)
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    # Rank 0 alone runs the full reverse diffusion while the others wait: allow a long barrier.
+    pg = InitProcessGroupKwargs(backend=backend, timeout=timedelta(hours=2))
+    kwargs: dict[str, Any] = dict(
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
+        kwargs_handlers=[pg],
+        log_with=None,
+    )
+    ds_cfg = None
+    if cfg.trainer.distributed == "deepspeed":
+        from accelerate.utils import DeepSpeedPlugin
+
+        class _Plugin(DeepSpeedPlugin):
+            """Accelerate 1.x imports transformers here only to register a config weak reference
+            that transformers' from_pretrained uses for zero.Init; we build the model ourselves
+            (whole, then partitioned by the engine), so the reference is skipped."""
+
+            def set_deepspeed_weakref(self) -> None:
+                if self.zero3_init_flag:
+                    super().set_deepspeed_weakref()
+
+        ds_cfg = deepspeed_config(cfg, world_size, precision)
+        # What `accelerate launch --use_deepspeed` sets; without it torchrun/srun runs fall back
+        # to DDP silently (STACK_NOTES). cpu=True must not be passed: it drops the plugin.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        kwargs["deepspeed_plugin"] = _Plugin(hf_ds_config=ds_cfg, zero3_init_flag=False)
+    else:
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        kwargs["cpu"] = not cuda
+    accelerator = Accelerator(**kwargs)
+    if accelerator.num_processes != world_size:
+        raise ConfigError(f"launcher says world size {world_size} but Accelerate started "
+                          f"{accelerator.num_processes} processes (for CPU runs use torchrun: "
+                          "`accelerate launch --cpu --num_processes N` starts one)")
+    return accelerator, precision, ds_cfg

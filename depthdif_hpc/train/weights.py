@@ -1,0 +1,111 @@
+"""Full fp32 weights from any checkpoint form: trainer checkpoints (DDP or any ZeRO stage),
+exported safetensors, or a plain/Lightning torch state dict. Used for the warm start
+(`model.load_checkpoint`: weights only) and by the export command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from depthdif_hpc.train import checkpoint as ckpt
+from depthdif_hpc.train.ema import merge_zero3_shards
+
+
+def _deepspeed_weights(ds_dir: Path) -> dict[str, torch.Tensor]:
+    """Consolidate `<ckpt>/deepspeed/` (written with tag 'deepspeed') into fp32 tensors."""
+    model_states = ds_dir / "mp_rank_00_model_states.pt"
+    optim = sorted(ds_dir.glob("*optim_states.pt"))
+    if model_states.is_file() and not optim:
+        # ZeRO stage 0 (plain data parallel): the module is whole in the model states file.
+        sd = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in sd.items()}
+    if model_states.is_file():
+        head = torch.load(model_states, map_location="cpu", weights_only=False)
+        if head.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 0 and not optim:
+            return {k: v.float() for k, v in head["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # The fp32 master copy lives in the (sharded) optimizer states: exact for any stage.
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir.parent), tag=ds_dir.name)
+    return {k: v.float().contiguous() for k, v in sd.items()}
+
+
+def checkpoint_weights(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Full fp32 model (or EMA) weights from a trainer checkpoint folder."""
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    why = ckpt.check_complete(d)
+    if why is not None:
+        raise ValueError(f"checkpoint {d} is not usable: {why}")
+    if ema:
+        if (d / "ema.safetensors").is_file():
+            return load_file(str(d / "ema.safetensors"))
+        shards = sorted(d.glob("ema_rank_*.safetensors"))
+        if not shards:
+            raise FileNotFoundError(f"checkpoint {d} holds no EMA weights (trainer.ema.enabled was false)")
+        from safetensors import safe_open
+
+        with safe_open(str(shards[0]), "pt") as fh:
+            shapes = dict(fh.metadata() or {})
+        return merge_zero3_shards([load_file(str(s)) for s in shards], shapes)
+    if (d / "model.safetensors").is_file():
+        return load_file(str(d / "model.safetensors"))
+    if (d / "deepspeed").is_dir():
+        return _deepspeed_weights(d / "deepspeed")
+    raise FileNotFoundError(f"checkpoint {d} has neither model.safetensors nor deepspeed/")
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from: a trainer checkpoint folder, an export folder or .safetensors file, or a
+    torch file (.pt/.pth/.ckpt, a state dict or a Lightning checkpoint)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model.load_checkpoint: {p} does not exist")
+    if p.is_dir():
+        if (p / ckpt.MANIFEST).is_file():
+            return checkpoint_weights(p)
+        if (p / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(p / "model.safetensors"))
+        newest = ckpt.latest_complete(p / "checkpoints") if (p / "checkpoints").is_dir() else None
+        if newest is not None:
+            return checkpoint_weights(newest)
+        raise FileNotFoundError(f"{p}: no MANIFEST.json, model.safetensors or checkpoints/ inside")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    obj = torch.load(p, map_location="cpu", weights_only=False)
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    if not isinstance(sd, dict):
+        raise ValueError(f"{p}: expected a state dict, got {type(sd).__name__}")
+    # Reference Lightning checkpoints nest the process one level deeper (SPEC 13): model.model.*
+    if any(k.startswith("model.model.") for k in sd):
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    return sd
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> str:
+    """Load weights into `model` (strict on shapes); returns a note about unexpected keys."""
+    sd = read_weights(path)
+    own = model.state_dict()
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+           if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ValueError(f"model.load_checkpoint {path}: shape mismatch for {len(bad)} tensors, e.g. {bad[:3]} "
+                         "(different model.unet settings?)")
+    result = model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items() if k in own}, strict=False)
+    missing = list(result.missing_keys)
+    extra = [k for k in sd if k not in own]
+    if missing:
+        raise ValueError(f"model.load_checkpoint {path}: {len(missing)} model tensors missing from the file, "
+                         f"e.g. {missing[:3]}")
+    return f"ignored {len(extra)} extra tensors, e.g. {extra[:3]}" if extra else ""
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1))
