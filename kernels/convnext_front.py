@@ -437,7 +437,7 @@ def _convnext_front_bwd(
     _dw_bwd_kernel[(npb2, triton.cdiv(C, dbc), B)](
         dh0, x, dw_weight, dx, dw_p, C, H, W, npb2, BLOCK_C=dbc, BLOCK_P=dbp, num_warps=4
     )
-    dw = dw_p.sum(0).t().reshape(C, 1, KS, KS).to(dw_weight.dtype)
+    dw = dw_p.sum(0).t().contiguous().view(C, 1, KS, KS).to(dw_weight.dtype)
     dsum = dsum_p.view(B, npb, C).sum(1)  # sum_p dh1, per (b, c)
     dshift = dsum if has_film else None
     dt = dsum * (1.0 + film_scale.float()) if has_film else dsum  # sum_p dh0

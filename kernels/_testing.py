@@ -1,0 +1,122 @@
+"""Parity helpers shared by tests/kernels and benchmarks/ (inputs, reference runs, tolerances).
+
+Parity is measured as max|kernel - reference| / max|reference| per tensor (output and every
+gradient), the reference being the eager op evaluated in fp32 (fp64 where stated) on the *same*
+(already rounded) inputs and the same upstream gradient, so the tolerance only has to absorb the
+kernel's own rounding of results stored in bf16/fp16, not the eager op's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+# Tolerance on max-abs error relative to the reference's max magnitude, per input dtype.
+TOL: dict[torch.dtype, float] = {
+    torch.float32: 5e-5,  # fp32 everywhere; IEEE (non-TF32) dots
+    torch.float16: 5e-3,  # 11-bit mantissa: results rounded once or twice to fp16
+    torch.bfloat16: 3e-2,  # 8-bit mantissa: results rounded once or twice to bf16
+}
+
+# The four U-Net levels of the ambient preset (dim 96, dim_mults 1,2,4,8, 128 px input).
+AMBIENT_LEVELS: tuple[tuple[int, int], ...] = ((96, 128), (192, 64), (384, 32), (768, 16))
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|a - e| / max|e|; the absolute error when the reference is exactly zero (e.g. dk at N=1)."""
+    if expected.numel() == 0:
+        return 0.0
+    a, e = actual.double(), expected.double()
+    scale = e.abs().max().item()
+    err = (a - e).abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def run_with_grads(
+    fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None], dy: torch.Tensor,
+    *extra: object,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """fn(*inputs, *extra) and the gradients of <out, dy> for every tensor input (None stays None)."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    out = fn(*leaves, *extra)
+    out.backward(dy)
+    return out.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def check_parity(
+    kernel: Callable[..., torch.Tensor],
+    reference: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor | None],
+    names: Sequence[str],
+    *extra: object,
+    tol: float | None = None,
+    ref_dtype: torch.dtype = torch.float32,
+    seed: int = 1,
+) -> dict[str, float]:
+    """Assert kernel == reference (output and all gradients) within `tol`; returns the errors."""
+    first = next(t for t in inputs if t is not None)
+    dtype = first.dtype
+    tol = TOL[dtype] if tol is None else tol
+    # All three ops return a tensor shaped like their first input.
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dy = torch.randn(first.shape, generator=g).to(device=first.device, dtype=dtype)
+    out, grads = run_with_grads(kernel, inputs, dy, *extra)
+    up = [t.to(ref_dtype) if t is not None else None for t in inputs]
+    ref_out, ref_grads = run_with_grads(reference, up, dy.to(ref_dtype), *extra)
+    if out.dtype != dtype:
+        raise AssertionError(f"kernel output dtype {out.dtype}, expected {dtype}")
+    errs = {"out": rel_err(out, ref_out)}
+    for name, g, rg, t in zip(names, grads, ref_grads, inputs, strict=True):
+        if t is None:
+            continue
+        if g is None:
+            raise AssertionError(f"kernel produced no gradient for {name}")
+        if g.shape != t.shape or g.dtype != t.dtype:
+            raise AssertionError(f"grad {name}: {g.shape}/{g.dtype}, expected {t.shape}/{t.dtype}")
+        errs[f"d{name}"] = rel_err(g, rg)
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    if bad:
+        raise AssertionError(f"parity failed (tol {tol:g}, relative to max |ref|): {bad}")
+    return errs
+
+
+def convnext_inputs(
+    B: int, C: int, H: int, W: int, *, time_bias: bool = True, film: bool = True, ln: bool = True,
+    bias: bool = True, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> list[torch.Tensor | None]:
+    """[x, dw_weight, dw_bias, time_bias, film_scale, film_shift, ln_weight, ln_bias] like the model's."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r = lambda *s, std=1.0, mean=0.0: (torch.randn(*s, generator=g) * std + mean).to(device, dtype)  # noqa: E731
+    return [
+        r(B, C, H, W),
+        r(C, 1, 7, 7, std=1 / 7),
+        r(C, std=0.5) if bias else None,
+        r(B, C, std=0.5) if time_bias else None,
+        r(B, C, std=0.3) if film else None,
+        r(B, C, std=0.3) if film else None,
+        r(C, std=0.2, mean=1.0) if ln else None,
+        r(C, std=0.2) if ln else None,
+    ]
+
+
+CONVNEXT_NAMES = ("x", "dw_weight", "dw_bias", "time_bias", "film_scale", "film_shift",
+                  "ln_weight", "ln_bias")
+
+
+def film_inputs(B: int, C: int, H: int, W: int, *, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu", seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [(torch.randn(*s, generator=g) * sd).to(device, dtype)
+            for s, sd in (((B, C, H, W), 1.0), ((B, C), 0.3), ((B, C), 0.3))]
+
+
+def linear_attention_inputs(B: int, heads: int, d: int, N: int, *, dtype: torch.dtype = torch.float32,
+                            device: str | torch.device = "cpu", k_scale: float = 1.0,
+                            seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (torch.randn(B, heads, d, N, generator=g) for _ in range(3))
+    return [t.to(device, dtype) for t in (q, k * k_scale, v)]
