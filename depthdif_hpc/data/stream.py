@@ -59,24 +59,25 @@ def buffered_order(n: int, buffer: int, rng: np.random.Generator | None) -> np.n
     return out
 
 
-def consumed_per_worker(batches: int, nb: list[int]) -> list[int]:
-    """Batches taken from each worker when `batches` were consumed from a DataLoader.
+def consumed_per_worker(batches: int, nb: list[int]) -> tuple[list[int], int]:
+    """Batches taken from each worker after `batches` were consumed, and the worker next in turn.
 
     The DataLoader returns worker batches round-robin, skipping exhausted workers (in-order
-    mode), so after k batches worker w has delivered this many.
+    mode). A fresh DataLoader starts its cycle at worker 0, so on resume the workers are
+    renumbered to start the cycle at the worker that was next in turn.
     """
     got = [0] * len(nb)
-    k = batches
-    rnd = 0
-    while k > 0 and rnd < max(nb, default=0):
-        for w, n in enumerate(nb):
-            if k == 0:
-                break
-            if rnd < n:
-                got[w] += 1
-                k -= 1
-        rnd += 1
-    return got
+    k, w = batches, 0
+    while k > 0 and any(g < n for g, n in zip(got, nb)):
+        if got[w] < nb[w]:
+            got[w] += 1
+            k -= 1
+        w = (w + 1) % len(nb)
+    for _ in range(len(nb)):  # point at a worker that still has batches
+        if got[w] < nb[w]:
+            break
+        w = (w + 1) % len(nb)
+    return got, w
 
 
 class ShardStream(IterableDataset):
@@ -158,10 +159,12 @@ class ShardStream(IterableDataset):
 
     def schedule(self, epoch: int, worker: int, workers: int, consumed_batches: int = 0
                  ) -> tuple[np.ndarray, np.ndarray]:
-        """(read sequence, remaining emit sequence) of sample indices for one worker."""
+        """(read sequence, remaining emit sequence) of sample indices for DataLoader worker `worker`."""
         pieces = self._worker_ranges(self._rank_range(epoch), workers)
         nb = [math.ceil(p.size / self.batch_size) for p in pieces]
-        skip = consumed_per_worker(consumed_batches, nb)[worker] * self.batch_size
+        got, first = consumed_per_worker(consumed_batches, nb)
+        worker = (worker + first) % workers  # DataLoader worker id -> schedule slot
+        skip = got[worker] * self.batch_size
         piece = pieces[worker]
         rng = (np.random.default_rng([self.seed, epoch, self.rank, worker, workers])
                if self.shuffle else None)

@@ -1,0 +1,140 @@
+"""Streaming: batch contract, rank/worker sharding, epochs, exact resume, corrupt shards."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from depthdif_hpc.data.grid import Tile
+from depthdif_hpc.data.store import CorruptSampleError, StoreError, read_manifest
+from depthdif_hpc.data.stream import (ShardStream, buffered_order, consumed_per_worker,
+                                      make_dataloader)
+
+from .conftest import TILE, tiny_config
+
+
+def _ids(loader) -> list[list[int]]:
+    return [b["sample_id"].tolist() for b in loader]
+
+
+def test_items_follow_the_batch_contract(tiny_store):
+    ds = ShardStream(tiny_store, "val", shuffle=False)
+    items = list(ds)
+    assert len(items) == read_manifest(tiny_store)["splits"]["val"]["n_samples"] == len(ds)
+    b = default_collate(items[:3])
+    shapes = {"eo": (1, TILE, TILE), "x": (50, TILE, TILE), "y": (50, TILE, TILE),
+              "x_valid_mask": (50, TILE, TILE), "y_valid_mask": (50, TILE, TILE),
+              "x_valid_mask_1d": (1, TILE, TILE), "land_mask": (1, TILE, TILE), "date": (),
+              "coords": (2,), "sample_id": ()}
+    dtypes = {"eo": torch.float32, "x": torch.float32, "y": torch.float32, "land_mask": torch.float32,
+              "x_valid_mask": torch.bool, "y_valid_mask": torch.bool, "x_valid_mask_1d": torch.bool,
+              "date": torch.int64, "coords": torch.float32, "sample_id": torch.int64}
+    assert set(b) == set(shapes)
+    for k, s in shapes.items():
+        assert tuple(b[k].shape) == (3, *s), k
+        assert b[k].dtype == dtypes[k], k
+    assert torch.equal(b["land_mask"], b["y_valid_mask"][:, :1].float())
+    assert torch.equal(b["x_valid_mask_1d"], b["x_valid_mask"].any(1, keepdim=True))
+    assert (b["y"][~b["y_valid_mask"]] == 0).all() and (b["x"][~b["x_valid_mask"]] == 0).all()
+    assert b["x_valid_mask"].sum() > 0 and (~b["y_valid_mask"]).sum() > 0  # sparse x, sea floor
+    assert all(20180101 <= d <= 20180131 for d in b["date"].tolist())  # val year 2018
+    man = read_manifest(tiny_store)
+    ids = sorted(i["sample_id"].item() for i in items)
+    off = man["sample_id_offset"]["val"]
+    assert ids == list(range(off, off + len(items)))
+    # coords: the tile centre of the stored tile
+    lat, lon = b["coords"][0].tolist()
+    tiles = [Tile(int(k), r, c, TILE, 0.1) for k, (r, c) in man["tiles"].items()]
+    assert any(abs(t.centre()[0] - lat) < 1e-4 and abs(t.centre()[1] - lon) < 1e-4 for t in tiles)
+
+
+def test_two_ranks_two_workers_cover_every_sample_once_per_epoch(tiny_store):
+    cfg = tiny_config("dataloader.even_ranks=false")
+    n = read_manifest(tiny_store)["splits"]["val"]["n_samples"]
+    orders = []
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            ld = make_dataloader(cfg, "val", rank, 2, store=tiny_store, batch_size=2,
+                                 num_workers=2, shuffle=True, epoch=epoch)
+            seen.append([i for b in _ids(ld) for i in b])
+        flat = seen[0] + seen[1]
+        assert sorted(flat) == sorted(set(flat)) and len(flat) == n  # exactly once
+        assert not set(seen[0]) & set(seen[1])
+        orders.append(flat)
+    assert orders[0] != orders[1]  # reshuffled per epoch
+    # even_ranks: equal counts on both ranks, still no sample twice.
+    cfg = tiny_config()
+    per = [[i for b in _ids(make_dataloader(cfg, "val", r, 2, store=tiny_store, batch_size=2,
+                                            num_workers=2, shuffle=True)) for i in b] for r in (0, 1)]
+    assert len(per[0]) == len(per[1]) == n // 2 and not set(per[0]) & set(per[1])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_reproduces_the_rest(tiny_store, workers):
+    cfg = tiny_config()
+    ref = make_dataloader(cfg, "val", store=tiny_store, batch_size=2, num_workers=workers,
+                          shuffle=True, epoch=3)
+    full = _ids(ref)
+    assert len(full) >= 5 and ref.epoch == 4
+    part = make_dataloader(cfg, "val", store=tiny_store, batch_size=2, num_workers=workers,
+                           shuffle=True, epoch=3)
+    it, got = iter(part), []
+    for _ in range(3):
+        got.append(next(it)["sample_id"].tolist())
+    state = part.state_dict()
+    del it
+    assert state["epoch"] == 3 and state["consumed_batches"] == 3
+    fresh = make_dataloader(cfg, "val", store=tiny_store, batch_size=2, num_workers=workers,
+                            shuffle=True)
+    fresh.load_state_dict(state)
+    rest = _ids(fresh)
+    assert got + rest == full
+    assert fresh.epoch == 4 and _ids(fresh) != full  # then the next epoch, a new order
+
+
+def test_schedule_helpers():
+    rng = np.random.default_rng(0)
+    order = buffered_order(100, 8, rng)
+    assert sorted(order.tolist()) == list(range(100))
+    assert np.all(order[:92] < np.arange(92) + 8)  # emitted at most `buffer` after being read
+    assert buffered_order(5, 8, None).tolist() == [0, 1, 2, 3, 4]
+    # 3 workers with 1, 3, 2 batches: round robin skipping exhausted workers.
+    assert consumed_per_worker(4, [1, 3, 2]) == ([1, 2, 1], 2)
+    assert consumed_per_worker(5, [1, 3, 2]) == ([1, 2, 2], 1)
+    assert consumed_per_worker(6, [1, 3, 2])[0] == [1, 3, 2]
+
+
+def _damaged_copy(tiny_store: Path, tmp_path: Path) -> Path:
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, store)
+    return store
+
+
+def test_truncated_chunk_gives_a_named_error(tiny_store, tmp_path):
+    store = _damaged_copy(tiny_store, tmp_path)
+    shard = store / "val" / "fields" / "c" / "1" / "0" / "0" / "0"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    ds = ShardStream(store, "val", shuffle=False)
+    with pytest.raises(CorruptSampleError, match=r"split val, shard 1, sample 3 \(sample_id \d+\)"):
+        list(ds)
+    # Skip mode: the three samples of that shard are skipped and counted, the rest stream.
+    ds = ShardStream(store, "val", shuffle=False, skip_corrupt=True)
+    got = [i["sample_id"].item() for i in ds]
+    assert ds.skipped == 3 and len(got) == len(ds) - 3
+
+
+def test_missing_shard_and_incomplete_store_are_named(tiny_store, tmp_path):
+    store = _damaged_copy(tiny_store, tmp_path)
+    shutil.rmtree(store / "val" / "obs" / "c" / "2")
+    with pytest.raises(CorruptSampleError, match=r"shard 2: shard file .*obs.* is missing"):
+        list(ShardStream(store, "val", shuffle=False))
+    (store / "manifest.json").unlink()
+    with pytest.raises(StoreError, match="build is incomplete"):
+        make_dataloader(tiny_config(), "val", store=store)
