@@ -448,11 +448,20 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def config_from_dict(data: dict) -> Config:
-    """Inverse of `to_dict` (checkpoints carry their config this way)."""
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    """Inverse of `to_dict` (checkpoints carry their config this way), plus `key=value` overrides."""
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    origins = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, f"override '{item}'") from exc
+        origins[item.split("=", 1)[0].strip()] = f"override '{item}'"
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate_config(cfg, {})
+    validate_config(cfg, origins)
     return cfg
 
 

@@ -57,12 +57,19 @@ class Climatology:
     @classmethod
     def fit(cls, temps: torch.Tensor, valid: torch.Tensor, dates: torch.Tensor,
             window_days: int = 15) -> Climatology:
-        """temps/valid (N, D, H, W), dates (N,) YYYYMMDD. Days with no sample in +-window fall
-        back to the all-year mean of that depth."""
-        doy = day_of_year(dates) - 1
+        """temps/valid (N, D, H, W), dates (N,) YYYYMMDD."""
         v = valid.double()
-        sums = (temps.double() * v).sum(dim=(2, 3))  # (N, D)
-        counts = v.sum(dim=(2, 3))
+        return cls.from_sums((temps.double() * v).sum(dim=(2, 3)), v.sum(dim=(2, 3)), dates, window_days)
+
+    @classmethod
+    def from_sums(cls, sums: torch.Tensor, counts: torch.Tensor, dates: torch.Tensor,
+                  window_days: int = 15) -> Climatology:
+        """Per-sample spatial sums and counts (N, D), so a large split can be streamed.
+
+        Days with no sample within +-window fall back to the all-year mean of that depth.
+        """
+        sums, counts = sums.double(), counts.double()
+        doy = day_of_year(dates) - 1
         days = torch.arange(365)
         circ = (days[:, None] - doy[None, :]).abs()
         near = (torch.minimum(circ, 365 - circ) <= window_days).double()  # (365, N)

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from depthdif_hpc.data.stream import ShardStream
+from depthdif_hpc.predict import pixel_axes, predict_split, to_netcdf, withhold_columns
+
+
+def _truth_valid(store, split="val"):
+    s = ShardStream(store, split, shuffle=False, even_ranks=False)
+    return {int(item["sample_id"]) - s.id_offset: item for item in s}
+
+
+def test_layout_and_nan_masking(tiny_store, tiny_model, tmp_path):
+    out = tmp_path / "pred.zarr"
+    counts = predict_split(tiny_model, tiny_store, out, ensemble=2, keep_members=True, progress=False)
+    assert counts == {"written": 12, "skipped": 0, "n": 12}
+    g = zarr.open_group(str(out), mode="r")
+    assert g["mean"].shape == (12, 50, 32, 32) and g["members"].shape == (12, 2, 50, 32, 32)
+    assert g["done"][:].all()
+    assert g["mean"].attrs["units"] == "degC"
+    truth = _truth_valid(tiny_store)
+    for i, item in truth.items():
+        valid = item["y_valid_mask"].numpy()
+        mean = g["mean"][i]
+        assert np.isnan(mean[~valid]).all() and np.isfinite(mean[valid]).all()
+        assert g["sample_id"][i] == int(item["sample_id"]) and g["date"][i] == int(item["date"])
+        lat, lon = g["lat"][i], g["lon"][i]
+        # pixel centres step 0.1 degree and surround the stored patch centre
+        assert np.allclose(np.diff(lat), -0.1, atol=1e-4) and np.allclose(np.diff(lon), 0.1, atol=1e-4)
+        c = item["coords"].numpy()
+        assert abs(lat.mean() - c[0]) < 0.06 and abs(lon.mean() - c[1]) < 0.06
+    # the ensemble spread is the std of the members
+    np.testing.assert_allclose(g["std"][3], np.std(g["members"][3], axis=0, ddof=1), rtol=1e-5, atol=1e-6)
+    nc = to_netcdf(out, tmp_path / "pred.nc")
+    import xarray as xr
+
+    ds = xr.open_dataset(nc)
+    assert ds["mean"].dims == ("sample", "depth", "y", "x") and float(ds["depth"][0]) == pytest.approx(0.494)
+
+
+def test_two_ranks_split_without_gap_or_overlap(tiny_store, tiny_model, tmp_path):
+    out = tmp_path / "pred.zarr"
+    c0 = predict_split(tiny_model, tiny_store, out, rank=0, world_size=2, progress=False)
+    g = zarr.open_group(str(out), mode="r")
+    first = g["done"][:].astype(bool)
+    c1 = predict_split(tiny_model, tiny_store, out, rank=1, world_size=2, progress=False)
+    both = g["done"][:].astype(bool)
+    assert c0["written"] + c1["written"] == 12 and c0["written"] > 0 and c1["written"] > 0
+    assert c0["skipped"] == c1["skipped"] == 0  # rank 1 never saw a sample rank 0 wrote
+    assert first.sum() == c0["written"] and both.all()
+
+
+def test_resume_skips_done_samples(tiny_store, tiny_model, tmp_path):
+    out = tmp_path / "pred.zarr"
+    predict_split(tiny_model, tiny_store, out, limit=5, progress=False)
+    g = zarr.open_group(str(out), mode="r+")
+    before = g["mean"][2].copy()
+    g["done"][1] = 0  # as if the run had died while writing sample 1
+    g["mean"][1] = np.nan
+    counts = predict_split(tiny_model, tiny_store, out, limit=5, progress=False)
+    assert counts["written"] == 1 and counts["skipped"] == 4
+    assert g["done"][:].all() and np.isfinite(g["mean"][1]).any()
+    np.testing.assert_array_equal(g["mean"][2], before)  # done samples untouched
+
+
+def test_existing_store_with_other_shape_is_refused(tiny_store, tiny_model, tmp_path):
+    out = tmp_path / "pred.zarr"
+    predict_split(tiny_model, tiny_store, out, limit=2, progress=False)
+    with pytest.raises(ValueError, match="exists with shape"):
+        predict_split(tiny_model, tiny_store, out, limit=3, progress=False)
+
+
+def test_withhold_columns_deterministic():
+    x_valid = torch.zeros(2, 3, 4, 4, dtype=torch.bool)
+    x_valid[:, :, [0, 1, 2, 3], [0, 1, 2, 3]] = True
+    batch = {"x": torch.ones(2, 3, 4, 4) * x_valid, "x_valid_mask": x_valid.clone(),
+             "sample_id": torch.tensor([5, 9])}
+    hidden = withhold_columns(batch, 0.5, seed=1)
+    assert hidden.sum(dim=(1, 2)).tolist() == [2, 2]
+    assert not (batch["x_valid_mask"] & hidden[:, None]).any()
+    assert (batch["x"][hidden[:, None].expand_as(batch["x"])] == 0).all()
+    again = withhold_columns({"x": torch.ones(2, 3, 4, 4) * x_valid, "x_valid_mask": x_valid.clone(),
+                              "sample_id": torch.tensor([5, 9])}, 0.5, seed=1)
+    assert torch.equal(hidden, again)
+
+
+def test_pixel_axes():
+    lat, lon = pixel_axes(0, 0, 2, 3, 0.1)
+    np.testing.assert_allclose(lat, [89.95, 89.85], atol=1e-5)
+    np.testing.assert_allclose(lon, [-179.95, -179.85, -179.75], atol=1e-5)
