@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .store import (META, CorruptSampleError, StoreError, meta_coords, quantizer_from,
-                    read_manifest, shard_file)
+from .store import (META, CorruptSampleError, ShardReader, StoreError, meta_coords,
+                    quantizer_from, read_manifest, shard_file)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class ShardStream(IterableDataset):
         # [epoch, consumed batches]; shared memory so persistent DataLoader workers see updates.
         self._pos = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._group = None
+        self._fast: dict | None = None
         self._pid = -1
 
     # ---- position ---------------------------------------------------------------------------
@@ -178,6 +179,12 @@ class ShardStream(IterableDataset):
 
             self._group = zarr.open_group(str(self.store), mode="r")[self.split]
             self._pid = os.getpid()
+            self._fast = {}
+            for name in ("fields", "obs", "meta"):
+                try:
+                    self._fast[name] = ShardReader(self.store / self.split / name)
+                except (OSError, ValueError, KeyError) as exc:  # other layouts: zarr reads them
+                    log.debug("zarr path for %s/%s: %s", self.split, name, exc)
         return self._group
 
     def _name(self, i: int) -> str:
@@ -192,13 +199,19 @@ class ShardStream(IterableDataset):
                 raise CorruptSampleError(f"store {self.store}, split {self.split}, shard {shard}: "
                                          f"shard file {path} is missing (samples {a}..{b - 1})")
 
+    def _get(self, name: str, a: int, b: int) -> np.ndarray:
+        fast = self._fast.get(name) if self._fast is not None else None
+        if fast is not None:
+            return fast.read(a, b)
+        return self._open()[name][a:b]
+
     def _read_block(self, a: int, b: int) -> dict[int, tuple]:
         """Raw (fields, obs, meta) of samples a..b-1 (one shard), keyed by sample index."""
         g = self._open()
         shard = a // self.shard
         try:
             self._check_files(shard, a, b)
-            fields, obs, meta = g["fields"][a:b], g["obs"][a:b], g["meta"][a:b]
+            fields, obs, meta = (self._get(n, a, b) for n in ("fields", "obs", "meta"))
             bad = np.flatnonzero(meta[:, META["date"]] == 0)
             if bad.size:
                 raise CorruptSampleError(f"{self._name(a + int(bad[0]))}: metadata never written")
@@ -213,10 +226,10 @@ class ShardStream(IterableDataset):
         for i in range(a, b):
             try:
                 self._check_files(shard, i, i + 1)
-                m = g["meta"][i]
+                m = self._get("meta", i, i + 1)[0]
                 if m[META["date"]] == 0:
                     raise ValueError("metadata never written")
-                out[i] = (g["fields"][i], g["obs"][i], m)
+                out[i] = (self._get("fields", i, i + 1)[0], self._get("obs", i, i + 1)[0], m)
             except Exception as exc:
                 err = exc if isinstance(exc, CorruptSampleError) else CorruptSampleError(
                     f"{self._name(i)}: cannot read ({type(exc).__name__}: {exc})")

@@ -138,3 +138,39 @@ def test_missing_shard_and_incomplete_store_are_named(tiny_store, tmp_path):
     (store / "manifest.json").unlink()
     with pytest.raises(StoreError, match="build is incomplete"):
         make_dataloader(tiny_config(), "val", store=store)
+
+
+def test_direct_shard_reader_equals_zarr(tiny_store):
+    import zarr
+
+    ds = ShardStream(tiny_store, "val", shuffle=False)
+    ds._open()
+    assert set(ds._fast) == {"fields", "obs", "meta"}  # the hot path is in use
+    g = zarr.open_group(str(tiny_store), mode="r")["val"]
+    n = ds.n
+    for name, reader in ds._fast.items():
+        for a in range(0, n, ds.shard):
+            b = min(a + ds.shard, n)
+            np.testing.assert_array_equal(reader.read(a, b), g[name][a:b], err_msg=name)
+            np.testing.assert_array_equal(reader.read(b - 1, b), g[name][b - 1:b], err_msg=name)
+    # Without it (any other layout) zarr's own reader gives the same items.
+    fast = list(ds)
+    ds._fast = {}
+    slow = list(ds)
+    for x, y in zip(fast, slow):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+def test_checksummed_store_names_a_flipped_byte(tiny_sources, tmp_path):
+    from depthdif_hpc.data.build import build_store
+
+    cfg = tiny_config("dataset.layout.checksum=true", "dataset.selection.end_date=2017-12-31")
+    store = build_store(cfg, tiny_sources["glorys"], tiny_sources["ostia"], tiny_sources["en4"],
+                        tmp_path / "crc.zarr", workers=1, progress=False)
+    shard = store / "train" / "fields" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[200] ^= 0xFF  # inside the first sample's chunk
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptSampleError, match=r"shard 0, sample 0 .*checksum mismatch"):
+        list(ShardStream(store, "train", shuffle=False))
