@@ -89,7 +89,10 @@ class Trainer:
 
         cfg = self.cfg
         env = resolve_dist_env()
-        torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
+        if torch.cuda.is_available():
+            # TF32 on GPUs; on CPU "high" may route fp32 through reduced-precision oneDNN paths,
+            # which would break the fp32 exactness the CPU tests rely on.
+            torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
         self.accelerator, self.precision, self.ds_config = make_accelerator(cfg, env.world_size)
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
@@ -245,8 +248,8 @@ class Trainer:
         else:
             from safetensors.torch import load_file
 
-            self.module.load_state_dict(load_file(str(path / "model.safetensors"), device=str(self.device)))
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
+            self.module.load_state_dict(load_file(str(path / "model.safetensors")))
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu",
                                                       weights_only=False))
         if self.ema is not None:
             from safetensors.torch import load_file

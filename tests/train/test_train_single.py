@@ -1,0 +1,237 @@
+"""Single-process trainer tests (CPU, fp32, in-process through the real entry point)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from common import args, steps
+from memdata import factory
+from safetensors.torch import load_file
+
+from depthdif_hpc.train import checkpoint as ckpt
+from depthdif_hpc.train.cli import main
+from depthdif_hpc.train.export import export
+from depthdif_hpc.train.weights import load_weights
+
+
+def _run(run_dir, *extra, hooks=None, ambient=False, data=None) -> int:
+    return main(args(run_dir, *extra, ambient=ambient), data_factory=data or factory(), hooks=hooks)
+
+
+@pytest.mark.parametrize("ambient", [False, True], ids=["standard", "ambient"])
+def test_steps_of_each_objective(tmp_path, ambient):
+    """A few optimizer steps with validation and the full reconstruction; layout of run_dir."""
+    run = tmp_path / "run"
+    code = _run(run, "trainer.max_steps=4", "trainer.val_every_n_steps=4", "trainer.full_reconstruction=true",
+                "trainer.gradient_accumulation_steps=2", ambient=ambient)
+    assert code == 0
+    recs = steps(run)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    assert "samples_per_s" in recs[-1] and "data_wait_s_per_step" in recs[-1] and "peak_mem_gib" in recs[-1]
+    assert (run / "config.yaml").is_file() and list((run / "tb").iterdir())
+    assert sorted(p.name for p in (run / "val").iterdir()) == ["step_00000004_depth_error.png",
+                                                               "step_00000004_recon.png"]
+    final = run / "checkpoints" / "step_00000004"
+    assert ckpt.check_complete(final) is None
+    assert {"model.safetensors", "optimizer.pt", "ema.safetensors", "rank_00000.pt", "trainer_state.json",
+            "MANIFEST.json"} <= {p.name for p in final.iterdir()}
+    tb_text = b"".join(p.read_bytes() for p in (run / "tb").iterdir())
+    for tag in (b"val/recon_mse_full_recon", b"val/recon_psnr_full_recon", b"val/recon_ssim_full_recon",
+                b"val/loss_ckpt", b"train/loss", b"perf/samples_per_s"):
+        assert tag in tb_text
+
+
+def test_resume_exact_and_ema_by_hand(tmp_path):
+    """2N steps straight == N steps, SIGUSR1 (exit 75, checkpoint), resume, N steps: identical
+    weights, optimizer state and EMA; steps.jsonl holds every step once. The straight run's EMA
+    equals an average computed by hand from the weights recorded after every step."""
+    n = 3
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def record(tr):
+        seen.append({k: v.detach().clone() for k, v in tr.module.state_dict().items()})
+
+    straight = tmp_path / "straight"
+    assert _run(straight, f"trainer.max_steps={2 * n}", hooks={"after_step": record}) == 0
+
+    def stop_at_n(tr):
+        if tr.step == n:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    split = tmp_path / "split"
+    assert _run(split, f"trainer.max_steps={2 * n}", hooks={"after_step": stop_at_n}) == 75
+    assert [p.name for _, p in ckpt.list_checkpoints(split / "checkpoints")] == [f"step_{n:08d}"]
+    assert _run(split, f"trainer.max_steps={2 * n}") == 0
+
+    a = straight / "checkpoints" / f"step_{2 * n:08d}"
+    b = split / "checkpoints" / f"step_{2 * n:08d}"
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    oa = torch.load(a / "optimizer.pt", weights_only=False)
+    ob = torch.load(b / "optimizer.pt", weights_only=False)
+    assert oa["param_groups"] == ob["param_groups"]
+    for i, st in oa["state"].items():
+        for key, val in st.items():
+            assert torch.equal(val, ob["state"][i][key]), (i, key)
+    ea, eb = load_file(str(a / "ema.safetensors")), load_file(str(b / "ema.safetensors"))
+    for k in ea:
+        assert torch.equal(ea[k], eb[k]), k
+    assert [r["step"] for r in steps(split)] == list(range(1, 2 * n + 1))
+    assert [r["loss"] for r in steps(split)] == [r["loss"] for r in steps(straight)]
+
+    # EMA by hand: start_step=1, decay 0.8, every step.
+    decay = 0.8
+    ema = {k: v.clone() for k, v in seen[0].items()}
+    for w in seen[1:]:
+        ema = {k: decay * ema[k] + (1 - decay) * w[k] for k in ema}
+    for k in ema:
+        torch.testing.assert_close(ea[k], ema[k], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ea[k], wa[k])
+
+
+def test_truncated_checkpoint_is_ignored(tmp_path):
+    run = tmp_path / "run"
+    assert _run(run, "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2") == 0
+    newest = run / "checkpoints" / "step_00000004"
+    f = newest / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    warnings: list[str] = []
+    assert ckpt.latest_complete(run / "checkpoints", warn=warnings.append) == run / "checkpoints" / "step_00000002"
+    assert len(warnings) == 1 and "step_00000004" in warnings[0] and "truncated" in warnings[0]
+    # An interrupted write (no manifest) is never picked up either.
+    (run / "checkpoints" / "step_00000006").mkdir()
+    (run / "checkpoints" / "step_00000006" / "model.safetensors").write_bytes(b"x")
+    assert ckpt.latest_complete(run / "checkpoints") == run / "checkpoints" / "step_00000002"
+    # resume: auto continues from step 2; steps 3 and 4 are logged again only once.
+    assert _run(run, "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2") == 0
+    log_text = (run / "logs" / "rank_00000.log").read_text()
+    assert "ignoring checkpoint" in log_text and "truncated" in log_text
+    assert "resumed from" in log_text and "step_00000002: step 2" in log_text
+    assert [r["step"] for r in steps(run)] == [1, 2, 3, 4]
+
+
+def test_nonfinite_loss_stops_with_step_and_sample_ids(tmp_path, capsys):
+    run = tmp_path / "run"
+    from memdata import MemoryStream
+
+    # Poison the first sample of step 3 (batch 2, epoch 0 order of the seeded stream).
+    victim = MemoryStream(24, 2, 0, 1, seed=0)._order()[4]
+    code = _run(run, "trainer.max_steps=12", "trainer.checkpoint_every_n_steps=1",
+                "trainer.log_every_n_steps=4", data=factory(nan_sample=victim))
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "non-finite training loss" in err
+    assert f"{{0: [{victim}, " in err.split("sample ids")[1]
+    bad_step = int(err.split("optimizer step ")[1].split(";")[0])
+    assert bad_step == 3
+    saved = [s for s, _ in ckpt.list_checkpoints(run / "checkpoints")]
+    assert saved and max(saved) == bad_step - 1  # nothing written at or after the bad step
+    for _, d in ckpt.list_checkpoints(run / "checkpoints"):
+        w = load_file(str(d / "model.safetensors"))
+        assert all(torch.isfinite(v).all() for v in w.values())
+
+
+def test_config_disagreements_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _run(run, "trainer.global_batch_size=64") == 2
+    assert "trainer.global_batch_size = 64" in capsys.readouterr().err
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}')
+    assert _run(run, "trainer.distributed=deepspeed", f"trainer.deepspeed_config={ds}") == 2
+    err = capsys.readouterr().err
+    assert "train_micro_batch_size_per_gpu = 8" in err and "dataloader.batch_size = 2" in err
+    ds.write_text('{"zero_optimization": {"stage": 2}}')
+    assert _run(run, "trainer.distributed=deepspeed", f"trainer.deepspeed_config={ds}",
+                "trainer.zero_stage=3") == 2
+    assert "stage = 2 disagrees with trainer.zero_stage = 3" in capsys.readouterr().err
+
+
+def test_warm_start_and_export(tmp_path):
+    run = tmp_path / "run"
+    assert _run(run, "trainer.max_steps=2") == 0
+    out = tmp_path / "export"
+    written = export(run, out)
+    assert set(written) == {"model", "ema"}
+    w = load_file(str(written["model"]))
+    ref = load_file(str(run / "checkpoints" / "step_00000002" / "model.safetensors"))
+    assert all(torch.equal(w[k], ref[k]) for k in ref)
+    # Warm start from the export and from the checkpoint folder: weights only, fresh run at step 0.
+    from helpers import tiny_config
+
+    from depthdif_hpc.model.depthdif import build_model
+
+    for src in (written["model"], run / "checkpoints" / "step_00000002", out):
+        m = build_model(tiny_config())
+        load_weights(m, src)
+        assert all(torch.equal(m.state_dict()[k], ref[k]) for k in ref)
+    run2 = tmp_path / "warm"
+    assert _run(run2, "trainer.max_steps=1", f"model.load_checkpoint={written['model']}") == 0
+    assert [r["step"] for r in steps(run2)] == [1]
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    wrong = {k: v.clone() for k, v in ref.items()}
+    first = next(iter(wrong))
+    wrong[first] = torch.zeros(3)
+    save_file(wrong, str(bad))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_weights(build_model(tiny_config()), bad)
+
+
+def test_unit_pieces():
+    from helpers import tiny_config
+
+    from depthdif_hpc.train.distributed import resolve_dist_env
+    from depthdif_hpc.train.optim import LRController
+
+    env = resolve_dist_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                            "SLURM_JOB_NODELIST": "gpu[012-015]", "SLURM_JOB_ID": "4242"}, export=False)
+    assert (env.rank, env.world_size, env.local_rank, env.source) == (3, 8, 1, "slurm")
+    assert env.master_port == 15000 + 4242 and env.master_addr in ("gpu012",)
+    env = resolve_dist_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0",
+                            "SLURM_NTASKS": "1"}, export=False)
+    assert (env.rank, env.world_size, env.source) == (1, 2, "torch")
+
+    cfg = tiny_config(overrides=["training.lr=1e-3", "scheduler.warmup.steps=4", "scheduler.warmup.start_ratio=0.2",
+                                 "scheduler.reduce_on_plateau.patience=1", "scheduler.reduce_on_plateau.factor=0.5"])
+    lr = LRController(cfg)
+    assert [round(lr.lr_at(s), 8) for s in range(5)] == [0.0004, 0.0006, 0.0008, 0.001, 0.001]
+    assert not lr.plateau_step(1.0) and not lr.plateau_step(1.0)
+    assert lr.plateau_step(1.0) and lr.lr_at(10) == 5e-4  # 2 bad epochs > patience 1
+    state = lr.state_dict()
+    lr2 = LRController(cfg)
+    lr2.load_state_dict(state)
+    assert lr2.lr_at(10) == 5e-4
+    cos = LRController(tiny_config(overrides=["training.lr=1e-3", "scheduler.warmup.steps=0",
+                                              "scheduler.reduce_on_plateau.enabled=false",
+                                              "scheduler.cosine.enabled=true", "trainer.max_steps=10"]))
+    assert cos.lr_at(0) == pytest.approx(1e-3) and cos.lr_at(5) == pytest.approx(5e-4) and cos.lr_at(10) == pytest.approx(0)
+
+
+def test_metrics_select_valid_pixels():
+    from depthdif_hpc.metrics import per_depth_error, recon_metrics
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 16, 16, generator=g) * 10
+    pred = target + 0.1
+    mask = torch.ones_like(target, dtype=torch.bool)
+    mask[0, 1, :4] = False
+    target_nan = target.clone()
+    target_nan[~mask] = float("nan")
+    pred[0, 2, 0, 0] = float("nan")  # an invalid prediction pixel is skipped, not propagated
+    mask[0, 2, 0, 0] = True
+    m = recon_metrics(pred, target_nan, mask)
+    assert m["recon_mse_full_recon"] == pytest.approx(0.01, rel=1e-4)
+    assert m["recon_psnr_bands"] == 6
+    # SSIM only on bands fully inside the mask and finite: 4 of 6 qualify... band (0,1) is
+    # partially masked and band (0,2) holds a NaN prediction pixel that is still "selected".
+    assert m["recon_ssim_bands"] >= 4 and 0.9 < m["recon_ssim_full_recon"] <= 1.0
+    prof = per_depth_error(pred, target_nan, mask)
+    assert prof["mae"] == pytest.approx([0.1, 0.1, 0.1], rel=1e-4) and (prof["count"] > 0).all()
