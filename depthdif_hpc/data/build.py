@@ -33,10 +33,27 @@ import numpy as np
 from ..config import Config, load_config, to_dict
 from .grid import Tile, candidate_tiles, in_box
 from .profiles import GLORYS_DEPTHS, align_profiles, pixel_of, rasterize
-from .readers import (GridSource, SourceError, contract_date, day_to_yyyymmdd, read_en4,
-                      yyyymmdd_to_day)
-from .store import (FORMAT, MANIFEST, META, META_COLUMNS, N_LEVELS, SPLITS, Quantizer,
-                    StoreError, create_split_arrays, read_manifest, write_json_atomic)
+from .readers import (
+    GridSource,
+    SourceError,
+    contract_date,
+    day_to_yyyymmdd,
+    read_en4,
+    yyyymmdd_to_day,
+)
+from .store import (
+    FORMAT,
+    MANIFEST,
+    META,
+    META_COLUMNS,
+    N_LEVELS,
+    SPLITS,
+    Quantizer,
+    StoreError,
+    create_split_arrays,
+    read_manifest,
+    write_json_atomic,
+)
 
 
 def expand(pattern: str | list[str], what: str) -> list[str]:

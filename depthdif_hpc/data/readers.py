@@ -227,7 +227,7 @@ class GridSource:
         Values that look like Kelvin (median > 100) are converted to degC.
         """
         out = None
-        for (d, fi, ti), w in self.bracket(day):
+        for (_d, fi, ti), w in self.bracket(day):
             f = self._interp_step(fi, ti, lats, lons, levels)
             out = f * np.float32(w) if out is None else out + f * np.float32(w)
         finite = out[np.isfinite(out)]

@@ -25,15 +25,24 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .store import (META, CorruptSampleError, ShardReader, StoreError, meta_coords,
-                    quantizer_from, read_manifest, shard_file)
+from .store import (
+    META,
+    CorruptSampleError,
+    ShardReader,
+    StoreError,
+    meta_coords,
+    quantizer_from,
+    read_manifest,
+    shard_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +77,7 @@ def consumed_per_worker(batches: int, nb: list[int]) -> tuple[list[int], int]:
     """
     got = [0] * len(nb)
     k, w = batches, 0
-    while k > 0 and any(g < n for g, n in zip(got, nb)):
+    while k > 0 and any(g < n for g, n in zip(got, nb, strict=True)):
         if got[w] < nb[w]:
             got[w] += 1
             k -= 1
@@ -173,18 +182,23 @@ class ShardStream(IterableDataset):
         return piece, piece[order[skip:]]
 
     # ---- reading ----------------------------------------------------------------------------
-    def _open(self):
-        if self._group is None or self._pid != os.getpid():
-            import zarr
-
-            self._group = zarr.open_group(str(self.store), mode="r")[self.split]
-            self._pid = os.getpid()
-            self._fast = {}
+    def _open(self) -> dict:
+        """Per-process readers (opened in each worker, never inherited across a fork)."""
+        if self._fast is None or self._pid != os.getpid():
+            self._group, self._pid, self._fast = None, os.getpid(), {}
             for name in ("fields", "obs", "meta"):
                 try:
                     self._fast[name] = ShardReader(self.store / self.split / name)
                 except (OSError, ValueError, KeyError) as exc:  # other layouts: zarr reads them
                     log.debug("zarr path for %s/%s: %s", self.split, name, exc)
+        return self._fast
+
+    def _zarr(self):
+        # zarr starts an event-loop thread: only touched when the direct reader cannot serve.
+        if self._group is None:
+            import zarr
+
+            self._group = zarr.open_group(str(self.store), mode="r")[self.split]
         return self._group
 
     def _name(self, i: int) -> str:
@@ -200,14 +214,13 @@ class ShardStream(IterableDataset):
                                          f"shard file {path} is missing (samples {a}..{b - 1})")
 
     def _get(self, name: str, a: int, b: int) -> np.ndarray:
-        fast = self._fast.get(name) if self._fast is not None else None
+        fast = self._open().get(name)
         if fast is not None:
             return fast.read(a, b)
-        return self._open()[name][a:b]
+        return self._zarr()[name][a:b]
 
     def _read_block(self, a: int, b: int) -> dict[int, tuple]:
         """Raw (fields, obs, meta) of samples a..b-1 (one shard), keyed by sample index."""
-        g = self._open()
         shard = a // self.shard
         try:
             self._check_files(shard, a, b)
@@ -295,7 +308,7 @@ class ShardStream(IterableDataset):
             block_of[blk] = bi
         cache: dict[int, tuple] = {}
         loaded = -1
-        for done, i in enumerate(emit.tolist()):
+        for i in emit.tolist():
             need = block_of[pos_of[i]]
             while loaded < need:
                 loaded += 1

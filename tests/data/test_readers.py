@@ -8,10 +8,15 @@ import pytest
 import xarray as xr
 
 from depthdif_hpc.data.profiles import GLORYS_DEPTHS
-from depthdif_hpc.data.readers import (GridSource, SourceError, read_en4, to_days,
-                                       yyyymmdd_to_day)
-from depthdif_hpc.data.synthetic import (SyntheticOcean, generate, glorys_axes, write_en4,
-                                         write_glorys, write_ostia)
+from depthdif_hpc.data.readers import GridSource, SourceError, read_en4, to_days, yyyymmdd_to_day
+from depthdif_hpc.data.synthetic import (
+    SyntheticOcean,
+    generate,
+    glorys_axes,
+    write_en4,
+    write_glorys,
+    write_ostia,
+)
 
 # Straddles the Greenwich meridian (0..360 files wrap inside it) and has coast (Spain/France).
 REGION = (-3.0, 3.0, 40.0, 44.0)

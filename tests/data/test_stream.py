@@ -12,8 +12,12 @@ from torch.utils.data import default_collate
 
 from depthdif_hpc.data.grid import Tile
 from depthdif_hpc.data.store import CorruptSampleError, StoreError, read_manifest
-from depthdif_hpc.data.stream import (ShardStream, buffered_order, consumed_per_worker,
-                                      make_dataloader)
+from depthdif_hpc.data.stream import (
+    ShardStream,
+    buffered_order,
+    consumed_per_worker,
+    make_dataloader,
+)
 
 from .conftest import TILE, tiny_config
 
@@ -157,7 +161,7 @@ def test_direct_shard_reader_equals_zarr(tiny_store):
     fast = list(ds)
     ds._fast = {}
     slow = list(ds)
-    for x, y in zip(fast, slow):
+    for x, y in zip(fast, slow, strict=True):
         for k in x:
             assert torch.equal(x[k], y[k]), k
 
