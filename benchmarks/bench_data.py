@@ -18,8 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -53,7 +51,7 @@ def main(argv: list[str] | None = None) -> float:
 
         tmp = tempfile.TemporaryDirectory()
         t0 = time.perf_counter()
-        store = build_tiny_store(tmp.name, tile_size=128, end="2018-01-06")
+        store = build_tiny_store(tmp.name, tile_size=128, end="2018-01-08", shard_samples=16)
         print(f"built tiny store in {time.perf_counter() - t0:.1f} s: {store}")
     man = read_manifest(store)
     split = a.split or max(man["splits"], key=lambda s: man["splits"][s]["n_samples"])

@@ -125,7 +125,9 @@ def select_tiles(cfg: Config, glorys: GridSource, ostia: GridSource) -> list[Til
     g = cfg.dataset.grid
     day0 = glorys.entries[0][0]
     kept = []
-    for t in candidate_tiles(g.tile_size, g.patch_stride, g.resolution_deg):
+    lat_range = (max(glorys.grid.lats[0], ostia.grid.lats[0]),
+                 min(glorys.grid.lats[-1], ostia.grid.lats[-1]))
+    for t in candidate_tiles(g.tile_size, g.patch_stride, g.resolution_deg, lat_range):
         lats, lons = t.pixel_lats(), t.pixel_lons()
         if g.bbox:
             lo0, lo1, la0, la1 = g.bbox

@@ -67,13 +67,23 @@ def tile_starts(n: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
-def candidate_tiles(tile: int, stride: int, res: float) -> list[Tile]:
-    """All global candidate tiles, ids in row-major order of their starts."""
+def candidate_tiles(tile: int, stride: int, res: float,
+                    lat_range: tuple[float, float] | None = None) -> list[Tile]:
+    """Global candidate tiles, ids in row-major order of their starts.
+
+    With `lat_range` only tiles lying inside it are built (ids stay the global ones): small
+    tiles give ~10^5 candidates, most of them far from a regional source.
+    """
     nrows, ncols = round(180 / res), round(360 / res)
+    rows, cols = tile_starts(nrows, tile, stride), tile_starts(ncols, tile, stride)
     out = []
-    for r in tile_starts(nrows, tile, stride):
-        for c in tile_starts(ncols, tile, stride):
-            out.append(Tile(len(out), r, c, tile, res))
+    for i, r in enumerate(rows):
+        if lat_range is not None:
+            top, bottom = 90.0 - r * res, 90.0 - (r + tile) * res
+            if bottom < lat_range[0] - 1e-9 or top > lat_range[1] + 1e-9:
+                continue
+        for j, c in enumerate(cols):
+            out.append(Tile(i * len(cols) + j, r, c, tile, res))
     return out
 
 
