@@ -173,3 +173,24 @@ def test_generator_products_are_consistent(tmp_path):
     p = read_en4(sorted((tmp_path / "en4").glob("*.nc"))[0])
     assert p.juld.size > 5 and np.nanmax(p.depth) > 1000 and np.nanmax(p.depth) <= 2000
     assert len(GLORYS_DEPTHS) == 50 and glorys_axes((0, 1, 0, 1))[0].size > 12
+
+
+def test_synthetic_eddies_move_evolve_and_have_a_mesoscale_spectrum():
+    ocean = SyntheticOcean((-40.0, -20.0, 30.0, 50.0), seed=11)
+    lat = np.linspace(32, 48, 192)
+    lon = np.linspace(-38, -22, 192)
+    f0 = ocean._field_grid(ocean.eddy, lat, lon, 100.0)
+    corr = lambda a, b: float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+    day1, day30 = ocean._field_grid(ocean.eddy, lat, lon, 101.0), ocean._field_grid(ocean.eddy, lat, lon, 130.0)
+    assert 0.8 < corr(f0, day1) < 0.9999 and corr(f0, day30) < corr(f0, day1) - 0.2
+    # Westward drift: after 30 days the best-matching shift of the old field is to the west.
+    shifts = range(-12, 13)
+    best = max(shifts, key=lambda s: corr(np.roll(f0, s, axis=1)[:, 15:-15], day30[:, 15:-15]))
+    assert best < 0
+    # Energy spectrum slope between 60 and 400 km wavelengths is near -3 (between -4 and -2).
+    spec = np.abs(np.fft.rfft(f0 - f0.mean(axis=1, keepdims=True), axis=1)) ** 2
+    dx = 16 / 191 * 111.0 * np.cos(np.radians(40))  # km per column
+    k = np.fft.rfftfreq(192, dx)
+    band = (k > 1 / 400) & (k < 1 / 60)
+    slope = np.polyfit(np.log(k[band]), np.log(spec.mean(axis=0)[band]), 1)[0]
+    assert -4.0 < slope < -2.0
