@@ -116,8 +116,20 @@ def _index_en4(files: list[str], cfg: Config) -> _EN4Index:
         lat.append(p.lat)
         lon.append(p.lon)
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
-    return _EN4Index(files, cat(fi, np.int32), cat(pi, np.int32), cat(day, np.int64),
-                     cat(lat, np.float64), cat(lon, np.float64))
+    idx = _EN4Index(files, cat(fi, np.int32), cat(pi, np.int32), cat(day, np.int64),
+                    cat(lat, np.float64), cat(lon, np.float64))
+    # Sorted by day (stable: file order within a day) so a window is a searchsorted slice.
+    order = np.argsort(idx.day, kind="stable")
+    for name in ("file_idx", "prof_idx", "day", "lat", "lon"):
+        setattr(idx, name, getattr(idx, name)[order])
+    return idx
+
+
+def _window(en4: _EN4Index, day: int, radius: int) -> np.ndarray:
+    """Indices of profiles dated within day +- radius (calendar days)."""
+    a = np.searchsorted(en4.day, day - radius, side="left")
+    b = np.searchsorted(en4.day, day + radius, side="right")
+    return np.arange(a, b)
 
 
 def select_tiles(cfg: Config, glorys: GridSource, ostia: GridSource) -> list[Tile]:
@@ -155,7 +167,7 @@ def plan_samples(cfg: Config, days: np.ndarray, tiles: list[Tile], en4: _EN4Inde
     sel = cfg.dataset.selection
     rows: dict[str, list] = {s: [] for s in SPLITS}
     for d in days:
-        near = np.abs(en4.day - d) <= radius
+        near = _window(en4, int(d), radius)
         plat, plon = en4.lat[near], en4.lon[near]
         split = "val" if (cfg.split.val_year is not None
                           and day_to_yyyymmdd(int(d)) // 10000 == cfg.split.val_year) else "train"
@@ -252,7 +264,7 @@ def compute_unit(ctx: Context, split: str, unit: int) -> dict[str, Any]:
         stats["sum"] += y0.sum(axis=(1, 2))
         stats["sumsq"] += (y0 * y0).sum(axis=(1, 2))
         # Profiles within +-radius days and inside the patch (half-open, dateline-aware).
-        near = np.flatnonzero(np.abs(e.day - day) <= radius)
+        near = _window(e, day, radius)
         r, c, inside = pixel_of(e.lat[near], e.lon[near], t.top, t.left, t.res, t.size)
         near, r, c = near[inside], r[inside], c[inside]
         files = sorted(set(e.file_idx[near].tolist()))
