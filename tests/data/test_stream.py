@@ -178,3 +178,16 @@ def test_checksummed_store_names_a_flipped_byte(tiny_sources, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(CorruptSampleError, match=r"shard 0, sample 0 .*checksum mismatch"):
         list(ShardStream(store, "train", shuffle=False))
+
+
+def test_persistent_workers_follow_epochs_and_resume_position(tiny_store):
+    cfg = tiny_config("dataloader.persistent_workers=true")
+    ld = make_dataloader(cfg, "train", store=tiny_store, batch_size=2, num_workers=2, shuffle=True)
+    assert ld.loader.persistent_workers
+    n = read_manifest(tiny_store)["splits"]["train"]["n_samples"]
+    e0 = [i for b in _ids(ld) for i in b]
+    e1 = [i for b in _ids(ld) for i in b]  # same worker processes, next epoch
+    assert sorted(e0) == sorted(e1) == list(range(n)) and e0 != e1
+    ref = make_dataloader(cfg, "train", store=tiny_store, batch_size=2, num_workers=2,
+                          shuffle=True, epoch=1)
+    assert [i for b in _ids(ref) for i in b] == e1
