@@ -1,0 +1,357 @@
+#!/usr/bin/env bash
+# A real SLURM on this machine, for tests and for trying the launchers on a workstation.
+#
+#   slurm/local_cluster.sh up [--nodes N]   install (if missing) and start munge, MariaDB + slurmdbd,
+#                                           slurmctld and slurmd; wait until the node is idle
+#   slurm/local_cluster.sh down             cancel jobs, stop every daemon by its recorded PID
+#   slurm/local_cluster.sh status           daemons, sinfo, squeue
+#   slurm/local_cluster.sh env              print `export SLURM_CONF=...` for this cluster
+#
+# Debian's slurm-wlm 22.05 and munge (plus mariadb-server and slurmdbd for accounting, so that
+# sacct and submitit see real job states) are installed with apt-get when missing; that needs
+# root. Everything the cluster writes lives under $DDHPC_SLURM_DIR (default /tmp/ddhpc-slurm):
+# config, munge key and socket, database, state, spool, logs and the PID file. Daemons listen on
+# 127.0.0.1 only. Clients find the cluster through SLURM_CONF=$DDHPC_SLURM_DIR/etc/slurm.conf;
+# when /etc/slurm/slurm.conf does not exist, `up` also links it there (and `down` removes the
+# link), so plain `sbatch` works in a new shell.
+#
+# Knobs (environment):
+#   DDHPC_SLURM_DIR         state folder (default /tmp/ddhpc-slurm)
+#   DDHPC_SLURM_PORT_BASE   first of four TCP ports on 127.0.0.1: slurmctld, slurmd, slurmdbd,
+#                           MariaDB (default 16817, away from the standard 6817-6819 and 3306)
+#   DDHPC_SLURM_CPUS        CPUs the node advertises (default: nproc)
+#   DDHPC_SLURM_ACCOUNTING  1 (default): MariaDB + slurmdbd; 0: no accounting (sacct fails and
+#                           submitit reads job states as UNKNOWN)
+#   DDHPC_SLURM_CRED_EXPIRE seconds a requeued job waits before it may start again (default 5;
+#                           SLURM's default is 120)
+#
+# Single node for now: NodeName=localhost. Several nodes on one machine need network namespaces
+# (slurm/netns_hosts.sh); `up --nodes N` with N > 1 is refused until that lands. The node list is
+# produced by node_lines(), the one place to extend.
+set -euo pipefail
+
+DIR=${DDHPC_SLURM_DIR:-/tmp/ddhpc-slurm}
+PORT_BASE=${DDHPC_SLURM_PORT_BASE:-16817}
+ACCOUNTING=${DDHPC_SLURM_ACCOUNTING:-1}
+CRED_EXPIRE=${DDHPC_SLURM_CRED_EXPIRE:-5}
+CLUSTER=ddhpc
+PARTITION=debug
+
+CTLD_PORT=$PORT_BASE
+SLURMD_PORT=$((PORT_BASE + 1))
+DBD_PORT=$((PORT_BASE + 2))
+DB_PORT=$((PORT_BASE + 3))
+
+ETC=$DIR/etc
+CONF=$ETC/slurm.conf
+PIDS=$DIR/pids
+LOG=$DIR/log
+MUNGE_DIR=$DIR/munge
+MUNGE_SOCK=$MUNGE_DIR/munge.socket
+DB_DIR=$DIR/db
+DB_SOCK=$DIR/dbsock/mysqld.sock
+ETC_LINK=/etc/slurm/slurm.conf
+
+export SLURM_CONF=$CONF
+
+say() { echo "local_cluster: $*"; }
+die() { echo "local_cluster: error: $*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- install
+need_packages() {
+  local missing=()
+  command -v slurmctld >/dev/null 2>&1 || missing+=(slurmctld)
+  command -v slurmd >/dev/null 2>&1 || missing+=(slurmd)
+  command -v sbatch >/dev/null 2>&1 || missing+=(slurm-client)
+  command -v munged >/dev/null 2>&1 || missing+=(munge)
+  if [ "$ACCOUNTING" = 1 ]; then
+    command -v slurmdbd >/dev/null 2>&1 || missing+=(slurmdbd)
+    command -v mariadbd >/dev/null 2>&1 || missing+=(mariadb-server)
+  fi
+  [ ${#missing[@]} -eq 0 ] && return 0
+  [ "$(id -u)" = 0 ] || die "missing packages (${missing[*]}) and installing them needs root"
+  command -v apt-get >/dev/null 2>&1 || die "missing packages (${missing[*]}) and no apt-get to install them"
+  say "installing ${missing[*]} (apt-get)"
+  # Debian containers forbid service starts in postinst (policy-rc.d); we start daemons ourselves.
+  apt-get update -qq >"$LOG/apt.log" 2>&1 || { cat "$LOG/apt.log" >&2; die "apt-get update failed"; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+    >>"$LOG/apt.log" 2>&1 || { tail -20 "$LOG/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
+}
+
+# ---------------------------------------------------------------- pid bookkeeping
+record() { echo "$1 $2" >>"$PIDS"; }
+alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+pid_of() { [ -f "$PIDS" ] && awk -v n="$1" '$1==n {p=$2} END {if (p) print p}' "$PIDS"; }
+
+any_alive() {
+  [ -f "$PIDS" ] || return 1
+  local name pid
+  while read -r name pid; do alive "$pid" && return 0; done <"$PIDS"
+  return 1
+}
+
+# Start a daemon in the foreground of a new session, so it survives the caller and its PID is
+# the one we record (no pid-file races).
+spawn() {
+  local name=$1; shift
+  setsid "$@" >>"$LOG/$name.out" 2>&1 </dev/null &
+  record "$name" "$!"
+}
+
+wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
+  local limit=$1 what=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  local run=(timeout 10)
+  [ "$(type -t "$1")" = function ] && run=()  # functions bound their own commands
+  until "${run[@]}" "$@" >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "local_cluster: error: timed out after ${limit}s waiting for $what" >&2
+      for f in "$LOG"/*.log "$LOG"/*.out; do
+        [ -s "$f" ] && { echo "--- $f (tail)" >&2; tail -15 "$f" >&2; }
+      done
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+# ---------------------------------------------------------------- config
+node_memory_mb() {
+  # 90% of MemTotal: a RealMemory above what slurmd detects drains the node.
+  awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo
+}
+
+node_lines() {  # one NodeName line per node; single node for now
+  local cpus=${DDHPC_SLURM_CPUS:-$(nproc)}
+  echo "NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$(node_memory_mb) State=UNKNOWN"
+}
+
+node_names() { echo localhost; }
+
+write_config() {
+  mkdir -p "$ETC" "$DIR/state" "$DIR/spool" "$LOG"
+  local acct_lines
+  if [ "$ACCOUNTING" = 1 ]; then
+    acct_lines="AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$DBD_PORT
+AccountingStoragePass=$MUNGE_SOCK"
+  else
+    acct_lines="AccountingStorageType=accounting_storage/none"
+  fi
+  cat >"$CONF" <<EOF
+# Written by slurm/local_cluster.sh: a single-machine test cluster. Do not use in production.
+ClusterName=$CLUSTER
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE_SOCK,cred_expire=$CRED_EXPIRE
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool/slurmd-%n
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
+SlurmctldLogFile=$LOG/slurmctld.log
+SlurmdLogFile=$LOG/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+$acct_lines
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2
+ReturnToService=2
+SlurmdParameters=config_overrides
+KillWait=30
+MinJobAge=600
+JobRequeue=1
+$(node_lines)
+PartitionName=$PARTITION Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP
+EOF
+  if [ "$ACCOUNTING" = 1 ]; then
+    cat >"$ETC/slurmdbd.conf" <<EOF
+# Written by slurm/local_cluster.sh
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCK
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$DIR/slurmdbd.pid
+LogFile=$LOG/slurmdbd.log
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=ddhpc-local
+StorageLoc=ddhpc_acct
+EOF
+    chmod 600 "$ETC/slurmdbd.conf"
+  fi
+}
+
+# ---------------------------------------------------------------- daemons
+start_munge() {
+  mkdir -p "$MUNGE_DIR"
+  if [ ! -s "$MUNGE_DIR/munge.key" ]; then
+    dd if=/dev/urandom of="$MUNGE_DIR/munge.key" bs=1 count=1024 status=none
+  fi
+  chown -R munge:munge "$MUNGE_DIR"
+  chmod 755 "$MUNGE_DIR"  # clients need to reach the socket
+  chmod 400 "$MUNGE_DIR/munge.key"
+  # munged refuses to run as root; it runs as the munge user with its own key and socket.
+  spawn munged runuser -u munge -- /usr/sbin/munged --foreground --force \
+    --key-file="$MUNGE_DIR/munge.key" --socket="$MUNGE_SOCK" \
+    --pid-file="$MUNGE_DIR/munged.pid" --log-file="$MUNGE_DIR/munged.log" \
+    --seed-file="$MUNGE_DIR/munged.seed"
+  wait_for 10 "munged" munge_ok
+}
+munge_ok() { timeout 5 munge -S "$MUNGE_SOCK" -n </dev/null | timeout 5 unmunge -S "$MUNGE_SOCK"; }
+
+start_db() {
+  mkdir -p "$DB_DIR" "$(dirname "$DB_SOCK")"
+  chown mysql:mysql "$DB_DIR" "$(dirname "$DB_SOCK")"
+  if [ ! -d "$DB_DIR/mysql" ]; then
+    mariadb-install-db --no-defaults --user=mysql --datadir="$DB_DIR" \
+      --auth-root-authentication-method=socket --skip-test-db >"$LOG/mariadb-install.log" 2>&1 \
+      || { tail -20 "$LOG/mariadb-install.log" >&2; die "mariadb-install-db failed"; }
+  fi
+  spawn mariadbd /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$DB_DIR" \
+    --socket="$DB_SOCK" --port="$DB_PORT" --bind-address=127.0.0.1 \
+    --pid-file="$(dirname "$DB_SOCK")/mariadbd.pid" --log-error="$LOG/mariadbd.log" \
+    --innodb-buffer-pool-size=64M --skip-name-resolve
+  wait_for 30 "MariaDB" mariadb-admin --no-defaults --socket="$DB_SOCK" ping
+  mariadb --no-defaults --socket="$DB_SOCK" -u root <<'EOF'
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'ddhpc-local';
+CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'ddhpc-local';
+GRANT ALL ON ddhpc_acct.* TO 'slurm'@'127.0.0.1';
+GRANT ALL ON ddhpc_acct.* TO 'slurm'@'localhost';
+FLUSH PRIVILEGES;
+EOF
+}
+
+start_dbd() {
+  spawn slurmdbd slurmdbd -D
+  wait_for 30 "slurmdbd" sacctmgr -n list cluster
+  if ! sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER"; then
+    sacctmgr -i add cluster "$CLUSTER" >/dev/null
+  fi
+}
+
+start_slurm() {
+  # -c: start from a clean state (job ids from 1); -i: ignore errors in the saved state.
+  spawn slurmctld slurmctld -D -c -i -f "$CONF"
+  wait_for 30 "slurmctld" scontrol ping
+  local n
+  for n in $(node_names); do
+    spawn "slurmd-$n" slurmd -D -N "$n" -f "$CONF"
+  done
+  wait_for 60 "the node(s) to become idle" nodes_idle
+}
+nodes_idle() {
+  local states
+  states=$(timeout 10 sinfo -h -N -o %t 2>/dev/null) || return 1
+  [ -n "$states" ] && ! echo "$states" | grep -vq '^idle$'
+}
+
+# ---------------------------------------------------------------- verbs
+up() {
+  local nodes=1
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --nodes) nodes=${2:-}; shift 2 ;;
+      --nodes=*) nodes=${1#--nodes=}; shift ;;
+      *) die "unknown argument to up: $1" ;;
+    esac
+  done
+  [[ "$nodes" =~ ^[0-9]+$ ]] || die "--nodes must be a number, got '$nodes'"
+  [ "$nodes" = 1 ] || die "--nodes $nodes: only a single-node cluster is supported so far (several nodes need network namespaces, slurm/netns_hosts.sh)"
+  if any_alive; then
+    if scontrol ping >/dev/null 2>&1 && nodes_idle_or_busy; then
+      say "already up ($DIR)"; return 0
+    fi
+    die "some daemons recorded in $PIDS are alive but the cluster does not answer; run '$0 down' first"
+  fi
+  [ "$(id -u)" = 0 ] || die "needs root (daemons run as root/munge/mysql)"
+  rm -rf "$DIR"
+  mkdir -p "$DIR" "$LOG"
+  : >"$PIDS"
+  need_packages
+  write_config
+  start_munge
+  if [ "$ACCOUNTING" = 1 ]; then start_db; start_dbd; fi
+  start_slurm
+  if [ ! -e "$ETC_LINK" ] && [ -d "$(dirname "$ETC_LINK")" ]; then
+    ln -s "$CONF" "$ETC_LINK" && echo "$ETC_LINK" >"$DIR/etc_link"
+  fi
+  say "up: partition '$PARTITION', node(s) $(node_names | paste -sd,), $(sinfo -h -o %c | head -1) CPUs, accounting=$ACCOUNTING"
+  say "clients: export SLURM_CONF=$CONF"
+}
+nodes_idle_or_busy() { sinfo -h -N -o %t 2>/dev/null | grep -Eq '^(idle|mix|alloc)$'; }
+
+stop_pid() {  # stop_pid NAME PID: TERM, wait, KILL
+  local name=$1 pid=$2 i
+  alive "$pid" || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 1 50); do alive "$pid" || return 0; sleep 0.2; done
+  echo "local_cluster: $name ($pid) ignored SIGTERM; killing it" >&2
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+down() {
+  if [ ! -f "$PIDS" ]; then say "down (nothing recorded in $DIR)"; return 0; fi
+  # Jobs first, so no slurmstepd outlives its slurmd.
+  if scontrol ping >/dev/null 2>&1; then
+    local jobs
+    jobs=$(squeue -h -o %A 2>/dev/null || true)
+    if [ -n "$jobs" ]; then
+      # shellcheck disable=SC2086
+      scancel $jobs 2>/dev/null || true
+      local i
+      for i in $(seq 1 60); do
+        [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break
+        sleep 0.5
+      done
+    fi
+  fi
+  local order=() name pid
+  while read -r name pid; do order=("$name:$pid" "${order[@]}"); done <"$PIDS"
+  for entry in "${order[@]}"; do stop_pid "${entry%%:*}" "${entry##*:}"; done
+  if [ -f "$DIR/etc_link" ]; then
+    local link; link=$(cat "$DIR/etc_link")
+    [ -L "$link" ] && [ "$(readlink "$link")" = "$CONF" ] && rm -f "$link"
+    rm -f "$DIR/etc_link"
+  fi
+  rm -f "$PIDS"
+  say "down"
+}
+
+status() {
+  if [ ! -f "$PIDS" ]; then say "down"; return 0; fi
+  local name pid
+  while read -r name pid; do
+    if alive "$pid"; then echo "$name $pid running"; else echo "$name $pid DEAD"; fi
+  done <"$PIDS"
+  echo "SLURM_CONF=$CONF"
+  sinfo 2>&1 || true
+  squeue 2>&1 || true
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  up) up "$@" ;;
+  down) down ;;
+  status) status ;;
+  env) echo "export SLURM_CONF=$CONF" ;;
+  *) die "usage: $0 up [--nodes N] | down | status | env" ;;
+esac
