@@ -126,8 +126,11 @@ def is_periodic_lon(lons: np.ndarray) -> bool:
     """True when a sorted longitude axis covers the globe (gap to wrap ~ one step)."""
     if lons.size < 3:
         return False
-    step = float(np.median(np.diff(lons)))
-    return abs((lons[0] + 360.0) - lons[-1] - step) < 0.5 * step
+    d = np.diff(lons)
+    step = float(np.median(d))
+    # No hole inside and one step across the seam (a regional grid across the dateline
+    # also touches both ends after wrapping, but has a hole in the middle).
+    return bool(d.max() < 1.5 * step and abs((lons[0] + 360.0) - lons[-1] - step) < 0.5 * step)
 
 
 def bilinear(field: np.ndarray, i0: np.ndarray, i1: np.ndarray, wy: np.ndarray, oky: np.ndarray,

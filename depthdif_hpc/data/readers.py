@@ -172,7 +172,21 @@ class GridSource:
         if lons_s.size > 1 and np.any(np.diff(lons_s) <= 0):
             raise SourceError(f"{path}: variable '{self.var}': longitude has duplicates after "
                               "wrapping to [-180, 180)")
-        return _Grid(lats_s, bool(flip), lons_s, order, is_periodic_lon(lons_s), depths), tname
+        periodic = is_periodic_lon(lons_s)
+        if not periodic and lons_s.size > 2:
+            step = float(np.median(np.diff(lons_s)))
+            gaps = np.flatnonzero(np.diff(lons_s) > 1.5 * step)
+            wraps = lons_s[0] - step < -180.0 + 0.5 * step and lons_s[-1] + step > 180.0 - 0.5 * step
+            if gaps.size == 1 and wraps:
+                # A regional grid across the dateline: rotate it into one ascending axis
+                # that runs past 180 (targets west of its start are shifted by +360).
+                k = int(gaps[0]) + 1
+                order = np.roll(order, -k)
+                lons_s = np.concatenate([lons_s[k:], lons_s[:k] + 360.0])
+            elif gaps.size:
+                raise SourceError(f"{path}: variable '{self.var}': longitude has gaps (at "
+                                  f"{lons_s[gaps[0]]:.3f} .. {lons_s[gaps[0] + 1]:.3f})")
+        return _Grid(lats_s, bool(flip), lons_s, order, periodic, depths), tname
 
     # ---- coverage ---------------------------------------------------------------------------
     @property
@@ -186,8 +200,15 @@ class GridSource:
             return False
         if g.periodic:
             return True
-        lw = wrap_lon(lons)
+        lw = self._axis_lons(lons)
         return bool(lw.min() >= g.lons[0] and lw.max() <= g.lons[-1])
+
+    def _axis_lons(self, lons: np.ndarray) -> np.ndarray:
+        """Target longitudes in the grid's axis convention (past 180 for dateline grids)."""
+        lw = wrap_lon(lons)
+        if self.grid.periodic:
+            return lw
+        return np.where(lw < self.grid.lons[0], lw + 360.0, lw)
 
     def bracket(self, day: int) -> list[tuple[tuple[int, int, int], float]]:
         """Entries and weights for a day: the exact step, or the two bracketing steps."""
@@ -240,7 +261,7 @@ class GridSource:
         g = self.grid
         ny, nx = g.lats.size, g.lons.size
         i0, wy, oky = bracket_axis(g.lats, np.asarray(lats, np.float64))
-        j0, wx, okx = bracket_axis(g.lons, wrap_lon(lons), periodic=g.periodic)
+        j0, wx, okx = bracket_axis(g.lons, self._axis_lons(lons), periodic=g.periodic)
         rows = np.unique(np.concatenate([i0, np.minimum(i0 + 1, ny - 1)]))
         r0, r1 = int(rows.min()), int(rows.max()) + 1
         cols = np.unique(np.concatenate([j0, (j0 + 1) % nx]))

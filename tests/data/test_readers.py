@@ -194,3 +194,28 @@ def test_synthetic_eddies_move_evolve_and_have_a_mesoscale_spectrum():
     band = (k > 1 / 400) & (k < 1 / 60)
     slope = np.polyfit(np.log(k[band]), np.log(spec.mean(axis=0)[band]), 1)[0]
     assert -4.0 < slope < -2.0
+
+
+def test_regional_grid_across_the_dateline(tmp_path):
+    # Fiji: a regional file whose longitudes run 176..184 (written as-is, i.e. past 180).
+    region = (176.0, 184.0, -20.0, -14.0)
+    ocean = SyntheticOcean(region, seed=2)
+    t = ocean.glorys(DAY)
+    path = tmp_path / "fiji.nc"
+    write_glorys(path, DAY, t, ocean.g_lat, ocean.g_lon)
+    src = GridSource.scan([str(path)], "thetao", "glorys")
+    lats = np.linspace(-19.0, -15.0, 9)
+    lons = np.array([178.05, 179.95, -179.95, -178.05])  # a tile crossing 180
+    assert src.covers(lats, lons) and not src.covers(lats, np.array([170.0, 171.0]))
+    got = src.interp(DAY, lats, lons)
+    with xr.open_dataset(path) as ds:
+        ref = ds.thetao.isel(time=0).interp(latitude=lats, longitude=lons % 360.0).values
+    fin = np.isfinite(ref) & np.isfinite(got)
+    assert fin.sum() > 0.9 * np.isfinite(ref).sum() > 0
+    np.testing.assert_allclose(got[fin], ref[fin], atol=1e-4)
+    # A grid with a hole in longitude cannot be interpolated across: refused by name.
+    gap = tmp_path / "gap.nc"
+    keep = np.r_[0:30, 40:ocean.g_lon.size]
+    write_glorys(gap, DAY, t[:, :, keep], ocean.g_lat, ocean.g_lon[keep])
+    with pytest.raises(SourceError, match=r"gap\.nc.*'thetao': longitude has gaps"):
+        GridSource.scan([str(gap)], "thetao", "glorys")
