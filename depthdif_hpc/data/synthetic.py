@@ -387,6 +387,10 @@ def build_tiny_store(out_dir: str | Path, *, seed: int = 0, tile_size: int = 128
     out_dir = Path(out_dir)
     store = out_dir / "store.zarr"
     if (store / "manifest.json").is_file():
+        from .store import read_manifest
+
+        if read_manifest(store)["tile_size"] != tile_size:
+            raise ValueError(f"{store} exists with another tile_size; use a fresh out_dir")
         return store
     # Same number of floats per tile whatever its size, so small tiles still see profiles.
     src = generate(out_dir / "sources", tiny_region(tile_size), start, end, seed=seed,
