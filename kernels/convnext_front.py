@@ -43,15 +43,21 @@ def _front(
     """(h0, h1, 1 + s) for a [BLOCK_C, BLOCK_P] tile in fp32; masked entries are exactly 0."""
     HW = H * W
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    chan = x_base + offs_c.to(tl.int64)[:, None] * HW
-    for ky in tl.static_range(7):
+    # Padded channels read channel C-1 (in bounds) instead of carrying a 2-D mask; they are zeroed
+    # below. One pointer tile per row of taps; the 7 column taps are constant offsets from it.
+    c_safe = tl.minimum(offs_c, C - 1)
+    ptrs = x_base + c_safe.to(tl.int64)[:, None] * HW + (hh * W + ww)[None, :]
+    # ky is a real loop (not unrolled): unrolling all 49 taps lets the compiler hoist 49 tile
+    # loads at once and spill; 7 taps in flight keep the tile in registers.
+    for ky in range(7):
         ih = hh + (ky - 3)
         row_ok = mask_p & (ih >= 0) & (ih < H)
+        row = ptrs + (ky - 3) * W
         for kx in tl.static_range(7):
             iw = ww + (kx - 3)
             ok = row_ok & (iw >= 0) & (iw < W)
-            xv = tl.load(chan + (ih * W + iw)[None, :], mask=mask_c[:, None] & ok[None, :], other=0.0)
-            wv = tl.load(w_ptr + offs_c * 49 + (ky * 7 + kx), mask=mask_c, other=0.0)
+            xv = tl.load(row + (kx - 3), mask=ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + c_safe * 49 + (ky * 7 + kx))
             acc += wv.to(tl.float32)[:, None] * xv.to(tl.float32)
     vec = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_BIAS:
@@ -106,7 +112,7 @@ def _fwd_kernel(
         else:
             mean = tl.zeros([BLOCK_P], dtype=tl.float32)
             m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
-            n_a = 0.0
+            n_a = tl.zeros([BLOCK_P], dtype=tl.float32)  # channels merged so far (a tensor: loop-carried)
             for c0 in range(0, C, BLOCK_C):
                 offs_c = c0 + ar_c
                 mask_c = offs_c < C
@@ -152,7 +158,7 @@ def _bwd_chunk(
     dg_part, dlnb_part, dsum_part, ds_part, row, b, C, H, W, offs_c, hh, ww, offs_p, mask_p,
     mean, rstd, c1, c2,
     HAS_BIAS: tl.constexpr, HAS_TB: tl.constexpr, HAS_FILM: tl.constexpr, HAS_LN: tl.constexpr,
-    STORE_DH0: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    RECOMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Finish one channel chunk: dh0 and the partial channel sums (c1, c2 already reduced)."""
     HW = H * W
@@ -160,7 +166,7 @@ def _bwd_chunk(
     pmask = mask_c[:, None] & mask_p[None, :]
     offs = offs_c.to(tl.int64)[:, None] * HW + offs_p[None, :]
     dy = tl.load(dy_base + offs, mask=pmask, other=0.0).to(tl.float32)
-    if HAS_LN or HAS_FILM:
+    if RECOMPUTE:  # == HAS_LN or HAS_FILM, decided on the host
         h0, h1, s1 = _front(x_base, w_ptr, bias_ptr, tb_ptr, s_ptr, beta_ptr, b, C, H, W, offs_c,
                             mask_c, hh, ww, mask_p, HAS_BIAS, HAS_TB, HAS_FILM, BLOCK_C, BLOCK_P)
     if HAS_LN:
@@ -178,7 +184,7 @@ def _bwd_chunk(
         dh0 = dh1 * s1[:, None]
     else:
         dh0 = dh1
-    if STORE_DH0:
+    if RECOMPUTE:  # otherwise dh0 == dy and the dw kernel reads dy directly
         tl.store(dh0_base + offs, dh0.to(dh0_base.dtype.element_ty), mask=pmask)
 
 
@@ -285,57 +291,60 @@ def _dw_bwd_kernel(
     ww = offs_p % W
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    base = b.to(tl.int64) * C * HW + offs_c.to(tl.int64)[:, None] * HW
+    c_safe = tl.minimum(offs_c, C - 1)
+    base = b.to(tl.int64) * C * HW + c_safe.to(tl.int64)[:, None] * HW
     pmask = mask_c[:, None] & mask_p[None, :]
-    g = tl.load(dh0_ptr + base + offs_p[None, :], mask=pmask, other=0.0).to(tl.float32)
+    g_ptrs = dh0_ptr + base + offs_p[None, :]
+    x_ptrs = x_ptr + base + offs_p[None, :]
+    g = tl.load(g_ptrs, mask=pmask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-    for ky in tl.static_range(7):
+    for ky in range(7):  # not unrolled, see _front; column taps are constant pointer offsets
         dyo = ky - 3
-        ih_f = hh + dyo  # x rows for dw
-        ih_b = hh - dyo  # dh0 rows for dx
-        ok_f_row = mask_p & (ih_f >= 0) & (ih_f < H)
-        ok_b_row = mask_p & (ih_b >= 0) & (ih_b < H)
+        ok_f_row = mask_p & (hh + dyo >= 0) & (hh + dyo < H)  # x rows (for dw)
+        ok_b_row = mask_p & (hh - dyo >= 0) & (hh - dyo < H)  # dh0 rows (for dx)
+        x_row = x_ptrs + dyo * W
+        g_row = g_ptrs - dyo * W
         for kx in tl.static_range(7):
-            dxo = kx - 3
-            iw_f = ww + dxo
-            iw_b = ww - dxo
-            ok_f = ok_f_row & (iw_f >= 0) & (iw_f < W)
-            ok_b = ok_b_row & (iw_b >= 0) & (iw_b < W)
-            wv = tl.load(w_ptr + offs_c * 49 + (ky * 7 + kx), mask=mask_c, other=0.0).to(tl.float32)
-            gs = tl.load(dh0_ptr + base + (ih_b * W + iw_b)[None, :],
-                         mask=mask_c[:, None] & ok_b[None, :], other=0.0).to(tl.float32)
+            ok_f = ok_f_row & (ww + (kx - 3) >= 0) & (ww + (kx - 3) < W)
+            ok_b = ok_b_row & (ww - (kx - 3) >= 0) & (ww - (kx - 3) < W)
+            wv = tl.load(w_ptr + c_safe * 49 + (ky * 7 + kx)).to(tl.float32)
+            gs = tl.load(g_row - (kx - 3), mask=ok_b[None, :], other=0.0).to(tl.float32)
             acc += wv[:, None] * gs
-            xs = tl.load(x_ptr + base + (ih_f * W + iw_f)[None, :],
-                         mask=mask_c[:, None] & ok_f[None, :], other=0.0).to(tl.float32)
+            xs = tl.load(x_row + (kx - 3), mask=ok_f[None, :], other=0.0).to(tl.float32)
             tl.store(dw_part + (row * 49 + ky * 7 + kx) * C + offs_c, tl.sum(g * xs, axis=1),
                      mask=mask_c)
     tl.store(dx_ptr + base + offs_p[None, :], acc.to(dx_ptr.dtype.element_ty), mask=pmask)
 
 
-def _front_tiles(C: int, HW: int) -> tuple[int, int, bool]:
-    """(BLOCK_C, BLOCK_P, ONE_CHUNK) for the forward / main backward kernels.
+def _front_tiles(C: int, HW: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_C, BLOCK_P, ONE_CHUNK, num_warps) for the forward / main backward kernels.
 
-    GPU: a 4096-element fp32 register tile (num_warps 8 -> 16 values a thread per live tensor).
-    Up to C = 256 all channels fit (single pass, nothing recomputed); beyond that, 128-channel
-    chunks over 32 pixels and a recompute pass. Interpreter: ~8K-element tiles, few programs.
+    GPU: 4096-element fp32 tiles over 16 warps (8 values a thread per live tensor). Checked by
+    compiling for sm_90 without a GPU (cuobjdump -res-usage): <= 128 registers and no spills for
+    128x32 and 256x16 tiles, forward and backward, one chunk or several, whereas 8 warps reach
+    255 registers and spill, and a fully unrolled 7x7 loop spilled kilobytes. Up to C = 256 all
+    channels fit one tile (single pass, nothing recomputed); beyond that, 128-channel chunks and a
+    recompute pass. Interpreter: ~8K-element tiles, few programs.
     """
     if interpreting():
         bc = block("convnext_block_c", min(next_pow2(C), 128))
         bp = block("convnext_block_p", min(next_pow2(HW), max(8192 // bc, 16)))
-    else:
-        bc = block("convnext_block_c", min(next_pow2(C), 256) if C <= 256 else 128)
-        bp = block("convnext_block_p", min(max(4096 // bc, 16), next_pow2(HW)))
-    return bc, bp, bc >= C
+        return bc, bp, bc >= C, 4
+    bc = block("convnext_block_c", next_pow2(C) if C <= 256 else 128)
+    bp = block("convnext_block_p", min(max(4096 // bc, 16), next_pow2(HW)))
+    return bc, bp, bc >= C, 16 if bc * bp >= 4096 else 8
 
 
-def _dw_tiles(C: int, HW: int) -> tuple[int, int]:
+def _dw_tiles(C: int, HW: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, num_warps) of the depthwise backward: 4 channels x 512 pixels, 16 warps
+    (120 registers, no spills on sm_90); 512-pixel rows keep the dw partial buffer small."""
     if interpreting():
         bc = block("convnext_dw_block_c", min(next_pow2(C), 64))
         bp = block("convnext_dw_block_p", min(next_pow2(HW), max(8192 // bc, 16)))
-    else:
-        bc = block("convnext_dw_block_c", min(next_pow2(C), 8))
-        bp = block("convnext_dw_block_p", min(next_pow2(HW), 512))
-    return bc, bp
+        return bc, bp, 4
+    bc = block("convnext_dw_block_c", 4)
+    bp = block("convnext_dw_block_p", min(next_pow2(HW), 512))
+    return bc, bp, 16 if bc * bp >= 2048 else 4
 
 
 def _flag(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -363,7 +372,7 @@ def _convnext_front_fwd(
     rstd = torch.empty(stats, device=x.device, dtype=torch.float32)
     if x.numel() == 0:
         return y, mean, rstd
-    bc, bp, one = _front_tiles(C, HW)
+    bc, bp, one, nw = _front_tiles(C, HW)
     bias, has_bias = _flag(dw_bias, x)
     tb, has_tb = _flag(time_bias, x)
     s, has_film = _flag(film_scale, x)
@@ -373,7 +382,7 @@ def _convnext_front_fwd(
     _fwd_kernel[(triton.cdiv(HW, bp), B)](
         x, dw_weight, bias, tb, s, beta, g, lnb, y, mean, rstd, C, H, W, eps,
         HAS_BIAS=has_bias, HAS_TB=has_tb, HAS_FILM=has_film, HAS_LN=has_ln, ONE_CHUNK=one,
-        BLOCK_C=bc, BLOCK_P=bp, num_warps=8,
+        BLOCK_C=bc, BLOCK_P=bp, num_warps=nw,
     )
     return y, mean, rstd
 
@@ -412,7 +421,7 @@ def _convnext_front_bwd(
         z = lambda t: torch.zeros_like(t) if t is not None else empty()  # noqa: E731
         return [torch.zeros_like(x), torch.zeros_like(dw_weight), z(dw_bias), z(time_bias),
                 z(film_scale), z(film_shift), z(ln_weight), z(ln_weight)]
-    bc, bp, one = _front_tiles(C, HW)
+    bc, bp, one, nw = _front_tiles(C, HW)
     npb = triton.cdiv(HW, bp)
     rows = B * npb
     part = lambda on: torch.empty((rows, C) if on else (0,), **f32)  # noqa: E731
@@ -428,14 +437,14 @@ def _convnext_front_bwd(
         x, dw_weight, bias, tb, s, beta, g, mean, rstd, dy, dh0, dg_p, dlnb_p, dsum_p, ds_p,
         C, H, W, npb,
         HAS_BIAS=has_bias, HAS_TB=has_tb, HAS_FILM=has_film, HAS_LN=has_ln, STORE_DH0=store_dh0,
-        ONE_CHUNK=one, BLOCK_C=bc, BLOCK_P=bp, num_warps=8,
+        ONE_CHUNK=one, BLOCK_C=bc, BLOCK_P=bp, num_warps=nw,
     )
-    dbc, dbp = _dw_tiles(C, HW)
+    dbc, dbp, dnw = _dw_tiles(C, HW)
     npb2 = triton.cdiv(HW, dbp)
     dw_p = torch.empty((B * npb2, 49, C), **f32)
     dx = torch.empty_like(x)
     _dw_bwd_kernel[(npb2, triton.cdiv(C, dbc), B)](
-        dh0, x, dw_weight, dx, dw_p, C, H, W, npb2, BLOCK_C=dbc, BLOCK_P=dbp, num_warps=4
+        dh0, x, dw_weight, dx, dw_p, C, H, W, npb2, BLOCK_C=dbc, BLOCK_P=dbp, num_warps=dnw
     )
     dw = dw_p.sum(0).t().contiguous().view(C, 1, KS, KS).to(dw_weight.dtype)
     dsum = dsum_p.view(B, npb, C).sum(1)  # sum_p dh1, per (b, c)

@@ -190,24 +190,27 @@ def _bwd_kernel(
     tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
-def _plan(BH: int, N: int, D: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_D, BLOCK_N, SPLIT_N, S): N blocks, and N slices for the reductions over N.
+def _plan(BH: int, N: int, D: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_D, BLOCK_N, BLOCK_NR, SPLIT_N, S).
 
-    GPU: BLOCK_N 128 (d=32 -> 4K-element tiles), about 4 slices per SM in total, at least 4 blocks
-    a slice. Interpreter: BLOCK_N 64 and 2 blocks a slice, so small test shapes still take the
-    multi-block and multi-slice paths with few programs.
+    BLOCK_N tiles the per-block kernels (out, backward); BLOCK_NR the N-reduction kernels, which
+    are split into S slices of SPLIT_N columns (a multiple of BLOCK_NR) so that about 4 programs
+    per SM run although B*heads is only ~200. GPU: BLOCK_N 128 / BLOCK_NR 64 with 8 warps (<= 140
+    registers, no spills on sm_90 for d = 32; 4 warps and 128-column reductions spill).
+    Interpreter: 64 and 2 blocks a slice, so small test shapes take the multi-slice path.
     """
     bd = max(16, next_pow2(D))  # tl.dot needs every dimension >= 16
     if interpreting():
-        bn = block("la_block_n", 64)
+        bn = bnr = block("la_block_n", 64)
         per_split = block("la_blocks_per_split", 2)
     else:
         bn = block("la_block_n", 128 if bd <= 32 else 64)
-        nblocks = triton.cdiv(N, bn)
+        bnr = block("la_block_nr", 64 if bd <= 32 else 32)
+        nblocks = triton.cdiv(N, bnr)
         want = max(1, triton.cdiv(4 * num_sms(device), BH))
         per_split = block("la_blocks_per_split", max(4, next_pow2(triton.cdiv(nblocks, want))))
-    split = bn * per_split
-    return bd, bn, split, triton.cdiv(N, split)
+    split = bnr * per_split
+    return bd, bn, bnr, split, triton.cdiv(N, split)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -220,7 +223,7 @@ def _la_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, HEADS, D, N = q.shape
     BH = B * HEADS
-    bd, bn, split, S = _plan(BH, N, D, q.device)
+    bd, bn, bnr, split, S = _plan(BH, N, D, q.device)
     f32 = dict(device=q.device, dtype=torch.float32)
     out = torch.empty((B, HEADS, D, N), device=q.device, dtype=q.dtype)
     ctx = torch.empty((B, HEADS, bd, bd), **f32)
@@ -233,12 +236,12 @@ def _la_fwd(
     a_p = torch.empty((BH, S, bd, bd), **f32)
     _ctx_partial_kernel[(BH, S)](
         k, v, m_p, l_p, a_p, HEADS, D, N, split, S, *_strides(k), *_strides(v),
-        BLOCK_D=bd, BLOCK_N=bn, PREC=prec, num_warps=4,
+        BLOCK_D=bd, BLOCK_N=bnr, PREC=prec, num_warps=8,
     )
     _ctx_combine_kernel[(BH,)](m_p, l_p, a_p, ctx, lse, S, BLOCK_D=bd, num_warps=4)
     _out_kernel[(BH, triton.cdiv(N, bn))](
         q, ctx, out, HEADS, D, N, scale, *_strides(q), BLOCK_D=bd, BLOCK_N=bn, PREC=prec,
-        num_warps=4,
+        num_warps=8,
     )
     return out, ctx, lse
 
@@ -263,18 +266,18 @@ def _la_bwd(
     dv = torch.empty((B, HEADS, D, N), device=q.device, dtype=v.dtype)
     if BH == 0 or D == 0:
         return dq, dk, dv
-    bd, bn, split, S = _plan(BH, N, D, q.device)
+    bd, bn, bnr, split, S = _plan(BH, N, D, q.device)
     prec = dot_precision(q.dtype)
     part = torch.empty((BH, S, bd, bd), device=q.device, dtype=torch.float32)
     _dctx_partial_kernel[(BH, S)](
         q, dout, part, HEADS, D, N, split, S, *_strides(q), *_strides(dout),
-        BLOCK_D=bd, BLOCK_N=bn, PREC=prec, num_warps=4,
+        BLOCK_D=bd, BLOCK_N=bnr, PREC=prec, num_warps=8,
     )
     dctx = part.sum(1) * scale if S > 1 else part[:, 0] * scale
     _bwd_kernel[(BH, triton.cdiv(N, bn))](
         q, k, v, dout, ctx, dctx.contiguous(), lse, dq, dk, dv, HEADS, D, N, scale,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-        BLOCK_D=bd, BLOCK_N=bn, PREC=prec, num_warps=4,
+        BLOCK_D=bd, BLOCK_N=bn, PREC=prec, num_warps=8,
     )
     return dq, dk, dv
 
