@@ -200,6 +200,80 @@ def run_step(args, device, timer) -> list[dict]:
     return rows
 
 
+DATA_ARGS = {"x_ptr", "y_ptr", "dy_ptr", "dh0_ptr", "dx_ptr", "s_ptr", "t_ptr", "q_ptr", "k_ptr",
+             "v_ptr", "g_ptr", "out_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+
+
+def compile_report(dtype: str, arch: int = 90) -> int:
+    """Compile every kernel at the configs the heuristics pick for the ambient shapes, for sm_<arch>,
+    without a GPU (Triton + ptxas), and print registers and spill stack per thread (cuobjdump).
+    Must run without TRITON_INTERPRET. Returns the number of kernels that spill."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import depthdif_hpc.kernels  # noqa: F401
+    cf = sys.modules["depthdif_hpc.kernels.convnext_front"]
+    fm = sys.modules["depthdif_hpc.kernels.film"]
+    la = sys.modules["depthdif_hpc.kernels.linear_attention"]
+    tl_dt = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[dtype]
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    target = GPUTarget("cuda", arch, 32)
+    spilled = 0
+
+    def build(fn, consts, nw, label):
+        nonlocal spilled
+        sig = {}
+        for name in fn.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name in DATA_ARGS:
+                sig[name] = "*" + tl_dt
+            elif name.endswith(("_ptr", "_part")):
+                sig[name] = "*fp32"
+            elif name in ("eps", "scale"):
+                sig[name] = "fp32"
+            else:
+                sig[name] = "i32"
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+                           options={"num_warps": nw})
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name],
+                               capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+        regs, stack = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+        spilled += stack > 0
+        print(f"{fn.__name__:22s} {label:44s} warps {nw:2d}  regs {regs:3d}  stack {stack}", flush=True)
+
+    for C, px in ((96, 128), (192, 64), (384, 32), (768, 16), (1536, 16)):
+        bc, bp, one, nw = cf._front_tiles(C, px * px)
+        for ln, film in ((True, True), (False, True), (True, False)):
+            flags = dict(HAS_BIAS=True, HAS_TB=True, HAS_FILM=film, HAS_LN=ln, ONE_CHUNK=one,
+                         BLOCK_C=bc, BLOCK_P=bp)
+            label = f"C{C} {bc}x{bp} ln={ln} film={film}"
+            build(cf._fwd_kernel, flags, nw, label)
+            build(cf._bwd_main_kernel, flags | dict(STORE_DH0=True), nw, label)
+        dbc, dbp, dnw = cf._dw_tiles(C, px * px)
+        build(cf._dw_bwd_kernel, dict(BLOCK_C=dbc, BLOCK_P=dbp), dnw, f"C{C} {dbc}x{dbp}")
+        br, fbp = fm._tiles(48 * C, px * px)
+        build(fm._film_fwd_kernel, dict(BLOCK_R=br, BLOCK_P=fbp), 8, f"C{C} {br}x{fbp}")
+        build(fm._film_bwd_kernel, dict(BLOCK_R=br, BLOCK_P=fbp), 8, f"C{C} {br}x{fbp}")
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    bd, bn, bnr, _, _ = la._plan(192, 128 * 128, 32, torch.device("cpu"))
+    for fn, b in ((la._ctx_partial_kernel, bnr), (la._out_kernel, bn), (la._dctx_partial_kernel, bnr),
+                  (la._bwd_kernel, bn)):
+        build(fn, dict(BLOCK_D=bd, BLOCK_N=b, PREC=prec), 8, f"d32 BLOCK_N {b} {prec}")
+    build(la._ctx_combine_kernel, dict(BLOCK_D=bd), 4, "d32")
+    print(f"{spilled} kernel(s) spill registers to local memory")
+    return spilled
+
+
 def _fmt(row: dict) -> str:
     return " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values())
 
@@ -239,7 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-batch", type=int, default=48)
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes, 1 rep, no compile: checks the driver (works on CPU)")
+    p.add_argument("--compile-report", action="store_true",
+                   help="no timing: compile all kernels for sm_90 (no GPU needed, run without "
+                        "TRITON_INTERPRET) and print registers / spills per kernel")
     args = p.parse_args(argv)
+    if args.compile_report:
+        compile_report(args.dtype)
+        return 0
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
