@@ -265,12 +265,14 @@ class ShardStream(IterableDataset):
         nd, h, w = fields.shape[0] - 1, fields.shape[1], fields.shape[2]
         x = np.zeros((nd, h, w), np.float32)
         xv = np.zeros((nd, h, w), bool)
+        xv1 = np.zeros((1, h, w), bool)
         k = int(meta[META["n_obs_pixels"]])
         if k:
             o = obs[:k]
             r, c, codes = o[:, 0].astype(np.intp), o[:, 1].astype(np.intp), o[:, 2:]
             ok = codes != 0
             xv[:, r, c] = ok.T
+            xv1[0, r, c] = ok.any(axis=1)  # from the few observed pixels, not a full pass
             x[:, r, c] = ((codes * a + b) * ok).T
         item = {
             "eo": torch.from_numpy(vals[0:1]),
@@ -278,7 +280,7 @@ class ShardStream(IterableDataset):
             "y": torch.from_numpy(vals[1:]),
             "x_valid_mask": torch.from_numpy(xv),
             "y_valid_mask": torch.from_numpy(valid[1:]),
-            "x_valid_mask_1d": torch.from_numpy(xv.any(axis=0, keepdims=True)),
+            "x_valid_mask_1d": torch.from_numpy(xv1),
             "land_mask": torch.from_numpy(valid[1:2].astype(np.float32)),
             "date": torch.tensor(int(meta[META["date"]]), dtype=torch.int64),
             "sample_id": torch.tensor(i + self.id_offset, dtype=torch.int64),
