@@ -278,7 +278,7 @@ class StoreLayoutConfig:
     max_obs_pixels: int = 256  # observed pixels kept per sample (x is stored as columns)
     compressor: str = "lz4"  # Blosc cname: lz4 | lz4hc | zstd | zlib | blosclz
     clevel: int = 5
-    shuffle: str = "noshuffle"  # noshuffle | shuffle | bitshuffle (measured: docs/data_store.md)
+    shuffle: str = "shuffle"  # shuffle | noshuffle | bitshuffle (measured: docs/data_store.md)
     checksum: bool = False  # crc32c on every inner chunk (catches silent corruption)
 
 
