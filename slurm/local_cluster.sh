@@ -173,6 +173,7 @@ SlurmdParameters=config_overrides
 KillWait=30
 MinJobAge=600
 JobRequeue=1
+EnforcePartLimits=ALL
 $(node_lines)
 PartitionName=$PARTITION Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP
 EOF
