@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from depthdif_hpc.kernels import film
 from depthdif_hpc.kernels._testing import AMBIENT_LEVELS, DTYPES, TOL, check_parity, film_inputs
+
 from depthdif_hpc.model.layers import film_eager
 
 CUDA = torch.cuda.is_available()

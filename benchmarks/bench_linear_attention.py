@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from depthdif_hpc.kernels import linear_attention
 from depthdif_hpc.kernels._testing import (
-    AMBIENT_LEVELS, DTYPES, TOL, check_parity, linear_attention_inputs,
+    AMBIENT_LEVELS,
+    DTYPES,
+    TOL,
+    check_parity,
+    linear_attention_inputs,
 )
+
 from depthdif_hpc.model.layers import linear_attention_eager
 
 CUDA = torch.cuda.is_available()

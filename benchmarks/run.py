@@ -169,7 +169,7 @@ def run_step(args, device, timer) -> list[dict]:
         target = torch.randn(B, 50, px, px, device=device)
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype != "fp32")
 
-        def step():
+        def step(opt=opt, fwd=fwd, amp=amp, x=x, t=t, c=c, target=target):
             opt.zero_grad(set_to_none=True)
             with amp:
                 loss = torch.nn.functional.mse_loss(fwd(x, t, c).float(), target)
@@ -191,7 +191,7 @@ def run_step(args, device, timer) -> list[dict]:
             torch.cuda.empty_cache()
         rows.append(row)
         print(_fmt(row), flush=True)
-        del model, opt, fwd
+        del model, opt, fwd, step
     base = {r["impl"]: r.get("fwdbwd_ms") for r in rows}
     for r in rows:
         for ref in ("eager", "compile"):
@@ -212,11 +212,10 @@ def compile_report(dtype: str, arch: int = 90) -> int:
     import subprocess
     import tempfile
 
+    import depthdif_hpc.kernels  # noqa: F401
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    import depthdif_hpc.kernels  # noqa: F401
     cf = sys.modules["depthdif_hpc.kernels.convnext_front"]
     fm = sys.modules["depthdif_hpc.kernels.film"]
     la = sys.modules["depthdif_hpc.kernels.linear_attention"]

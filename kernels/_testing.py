@@ -15,7 +15,7 @@ import torch
 # Tolerance on max-abs error relative to the reference's max magnitude, per input dtype.
 TOL: dict[torch.dtype, float] = {
     torch.float32: 5e-5,  # fp32 everywhere; IEEE (non-TF32) dots
-    torch.float16: 5e-3,  # 11-bit mantissa: results rounded once or twice to fp16
+    torch.float16: 1e-2,  # 11-bit mantissa: results rounded to fp16; TF32 (10-bit) tensor-core dots
     torch.bfloat16: 3e-2,  # 8-bit mantissa: results rounded once or twice to bf16
 }
 

@@ -27,8 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import block, check_float, check_same_device, dot_precision, interpreting, next_pow2
-from ._utils import num_sms
+from ._utils import (
+    block,
+    check_float,
+    check_same_device,
+    dot_precision,
+    interpreting,
+    next_pow2,
+    num_sms,
+)
 
 
 @triton.jit
@@ -46,7 +53,7 @@ def _ctx_partial_kernel(
     k_base = k_ptr + b.to(tl.int64) * sk_b + hd * sk_h + offs_d[:, None] * sk_d
     v_base = v_ptr + b.to(tl.int64) * sv_b + hd * sv_h + offs_d[:, None] * sv_d
     m = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_D], dtype=tl.float32)
+    lsum = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
     n_start = sp * SPLIT_N
     n_end = tl.minimum(n_start + SPLIT_N, N)
@@ -62,12 +69,12 @@ def _ctx_partial_kernel(
         m_new = tl.maximum(m, tl.max(kk, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(kk - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        lsum = lsum * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p, tl.trans(vv), input_precision=PREC)
         m = m_new
     row = bh * S + sp
     tl.store(m_part + row * BLOCK_D + offs_d, m)
-    tl.store(l_part + row * BLOCK_D + offs_d, l)
+    tl.store(l_part + row * BLOCK_D + offs_d, lsum)
     tl.store(acc_part + row * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], acc)
 
 
@@ -78,7 +85,7 @@ def _ctx_combine_kernel(m_part, l_part, acc_part, ctx_ptr, lse_ptr, S, BLOCK_D: 
     offs_d = tl.arange(0, BLOCK_D)
     tile = offs_d[:, None] * BLOCK_D + offs_d[None, :]
     m = tl.full([BLOCK_D], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_D], dtype=tl.float32)
+    lsum = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
     for sp in range(0, S):
         row = bh * S + sp
@@ -88,11 +95,11 @@ def _ctx_combine_kernel(m_part, l_part, acc_part, ctx_ptr, lse_ptr, S, BLOCK_D: 
         m_new = tl.maximum(m, m_s)
         alpha = tl.exp(m - m_new)
         beta = tl.exp(m_s - m_new)
-        l = l * alpha + l_s * beta
+        lsum = lsum * alpha + l_s * beta
         acc = acc * alpha[:, None] + a_s * beta[:, None]
         m = m_new
-    tl.store(ctx_ptr + bh * BLOCK_D * BLOCK_D + tile, acc / l[:, None])
-    tl.store(lse_ptr + bh * BLOCK_D + offs_d, m + tl.log(l))
+    tl.store(ctx_ptr + bh * BLOCK_D * BLOCK_D + tile, acc / lsum[:, None])
+    tl.store(lse_ptr + bh * BLOCK_D + offs_d, m + tl.log(lsum))
 
 
 @triton.jit
@@ -164,8 +171,7 @@ def _bwd_kernel(
     mask = mask_d[:, None] & (offs_n < N)[None, :]
     rows = offs_d[:, None]
     cols = offs_n[None, :]
-    q = tl.load(q_ptr + b * sq_b + hd * sq_h + rows * sq_d + cols * sq_n, mask=mask,
-                other=0.0).to(tl.float32)
+    # q is not needed here (dq = scale * ctx @ G; dctx came from _dctx_partial_kernel).
     k = tl.load(k_ptr + b * sk_b + hd * sk_h + rows * sk_d + cols * sk_n, mask=mask,
                 other=0.0).to(tl.float32)
     v = tl.load(v_ptr + b * sv_b + hd * sv_h + rows * sv_d + cols * sv_n, mask=mask,

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from depthdif_hpc.kernels import convnext_front
 from depthdif_hpc.kernels._testing import CONVNEXT_NAMES, TOL, check_parity, convnext_inputs
 from depthdif_hpc.kernels._utils import override_blocks
+
 from depthdif_hpc.model.layers import convnext_front_eager
 
 CUDA = torch.cuda.is_available()

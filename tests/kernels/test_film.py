@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from depthdif_hpc.kernels import film
 from depthdif_hpc.kernels._testing import TOL, check_parity, film_inputs
 from depthdif_hpc.kernels._utils import override_blocks
+
 from depthdif_hpc.model.layers import film_eager
 
 CUDA = torch.cuda.is_available()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from depthdif_hpc.kernels import linear_attention
 from depthdif_hpc.kernels._testing import TOL, check_parity, linear_attention_inputs
 from depthdif_hpc.kernels._utils import override_blocks
+
 from depthdif_hpc.model.layers import linear_attention_eager
 
 CUDA = torch.cuda.is_available()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from depthdif_hpc.kernels._testing import rel_err
+
 from depthdif_hpc.model.unet import UNet
 
 CUDA = torch.cuda.is_available()
