@@ -74,7 +74,7 @@ need_packages() {
   say "installing ${missing[*]} (apt-get)"
   # Debian containers forbid service starts in postinst (policy-rc.d); we start daemons ourselves.
   apt-get update -qq >"$LOG/apt.log" 2>&1 || { cat "$LOG/apt.log" >&2; die "apt-get update failed"; }
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" \
     >>"$LOG/apt.log" 2>&1 || { tail -20 "$LOG/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
 }
 
