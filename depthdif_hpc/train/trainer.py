@@ -34,7 +34,13 @@ from depthdif_hpc.train import checkpoint as ckpt
 from depthdif_hpc.train.ema import ShardedEMA, is_zero3_param
 from depthdif_hpc.train.optim import LRController, build_optimizer
 from depthdif_hpc.train.setup import make_accelerator
-from depthdif_hpc.train.stream import DataFactory, default_data_factory, sample_ids, to_device, wrap_stream
+from depthdif_hpc.train.stream import (
+    DataFactory,
+    default_data_factory,
+    sample_ids,
+    to_device,
+    wrap_stream,
+)
 from depthdif_hpc.train.validation import LOSS_CKPT_NONFINITE, figures, reconstruct, slice_batch
 from depthdif_hpc.train.weights import load_weights
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +234,27 @@ def test_metrics_select_valid_pixels():
     assert m["recon_ssim_bands"] >= 4 and 0.9 < m["recon_ssim_full_recon"] <= 1.0
     prof = per_depth_error(pred, target_nan, mask)
     assert prof["mae"] == pytest.approx([0.1, 0.1, 0.1], rel=1e-4) and (prof["count"] > 0).all()
+
+
+def test_product_data_stream_resume(tmp_path):
+    """The real path: depthdif_hpc.data's sharded store and stream (tiny synthetic store), with
+    a stop signal mid-epoch and a resume that continues at the saved stream position."""
+    from depthdif_hpc.data.synthetic import build_tiny_store
+
+    store = build_tiny_store(tmp_path / "store", tile_size=32)
+    run = tmp_path / "run"
+    base = [f"dataset.store={store}", "dataloader.num_workers=0", "trainer.max_steps=5",
+            "trainer.val_at_epoch_end=false", "trainer.ema.enabled=false"]
+
+    def stop_at_1(tr):
+        if tr.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert main(args(run, *base), hooks={"after_step": stop_at_1}) == 75
+    assert main(args(run, *base)) == 0
+    recs = steps(run)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in recs] == [0, 0, 0, 0, 1]  # 8 train samples / batch 2 = 4 steps
+    straight = tmp_path / "straight"
+    assert main(args(straight, *base)) == 0
+    assert [r["loss"] for r in steps(straight)] == [r["loss"] for r in recs]
