@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"depthdif_hpc.submit: submission refused by SLURM:\n{_submit_error(exc)}", file=sys.stderr)
             return 2
         raise
-    for job, spec in zip(jobs, jobs_spec):
+    for job, spec in zip(jobs, jobs_spec, strict=True):
         run_dir = spec.resolved_run_dir(job.job_id)
         print(f"job {job.job_id}")
         print(f"  run dir  {run_dir}")

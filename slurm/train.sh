@@ -102,6 +102,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --config) [ $# -ge 2 ] || die "--config needs a file"; CONFIGS+=(--config "$2"); shift 2 ;;
     --config=*) CONFIGS+=(--config "${1#--config=}"); shift ;;
+    trainer.run_dir=*) OVERRIDES+=("$1"); RUN_DIR=${1#trainer.run_dir=}; shift ;;
     *=*) OVERRIDES+=("$1"); shift ;;
     *) die "unexpected argument '$1': pass --config FILE or key=value overrides" ;;
   esac

@@ -144,7 +144,7 @@ def test_submit_array_sweep(reference_run, tiny_store, tmp_path):
     jobs = re.findall(r"^job (\S+)$", out.stdout, re.M)
     assert len(jobs) == 2 and all("_" in j for j in jobs), out.stdout  # one array, two tasks
     assert len({j.split("_")[0] for j in jobs}) == 1
-    for j, n in zip(jobs, (3, 5)):
+    for j, n in zip(jobs, (3, 5), strict=True):
         assert steps_logged(tmp_path / "runs" / f"depthdif-ambient-{j}") == list(range(1, n + 1))
 
 
