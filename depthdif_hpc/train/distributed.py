@@ -83,3 +83,38 @@ def resolve_dist_env(environ: dict[str, str] | None = None, *, export: bool = Tr
                            "MASTER_ADDR": addr, "MASTER_PORT": str(port)})
         os.environ.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", str(world)).split("(")[0])
     return DistEnv(rank, world, local, addr, port, source)
+
+
+def node_address(master_addr: str, master_port: int) -> str:
+    """This process's own address on the route to the rendezvous host.
+
+    Hostnames do not tell nodes apart everywhere (network-namespace test hosts share one), the
+    route's source address does. A UDP connect sends nothing.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master_addr, master_port))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "?"
+
+
+def rank_row(rank: int, world_size: int, local_rank: int) -> dict:
+    """What one process says about itself for the start-up rank table."""
+    env = os.environ
+    node = env.get("GROUP_RANK") or env.get("SLURM_NODEID") or "0"
+    return {
+        "rank": rank, "world_size": world_size, "local_rank": local_rank, "node_rank": int(node),
+        "host": socket.gethostname(),
+        "addr": node_address(env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500"))),
+        "pid": os.getpid(),
+        "slurm_job": env.get("SLURM_JOB_ID", "-"),
+    }
+
+
+def format_rank_table(rows: list[dict]) -> str:
+    head = f"{'rank':>4} {'local':>5} {'node':>4} {'addr':<15} {'host':<20} {'pid':>7} slurm_job"
+    lines = [head] + [
+        f"{r['rank']:>4} {r['local_rank']:>5} {r['node_rank']:>4} {r['addr']:<15} {r['host'][:20]:<20} "
+        f"{r['pid']:>7} {r['slurm_job']}" for r in sorted(rows, key=lambda r: r["rank"])]
+    return "\n".join(lines)

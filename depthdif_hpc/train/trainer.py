@@ -31,6 +31,7 @@ import torch.distributed as dist
 from depthdif_hpc.config import Config, ConfigError, to_dict, to_yaml
 from depthdif_hpc.model.depthdif import build_model
 from depthdif_hpc.train import checkpoint as ckpt
+from depthdif_hpc.train.distributed import format_rank_table, rank_row
 from depthdif_hpc.train.ema import ShardedEMA, is_zero3_param
 from depthdif_hpc.train.optim import LRController, build_optimizer
 from depthdif_hpc.train.setup import make_accelerator
@@ -115,6 +116,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
+        self._log_rank_table(env.local_rank)
 
         # Same initial weights on every rank (DDP broadcasts anyway; ZeRO partitions local copies).
         torch.manual_seed(cfg.training.seed)
@@ -170,6 +172,18 @@ class Trainer:
                                         dir=str(self.run_dir), config=to_dict(cfg), resume="allow")
             except ImportError:
                 log.warning("logging.wandb is true but wandb is not installed; TensorBoard only")
+
+    def _log_rank_table(self, local_rank: int) -> None:
+        """Every rank reports rank/local rank/node/address once; rank 0 logs and saves the table."""
+        row = rank_row(self.rank, self.world, local_rank)
+        rows = [row]
+        if self.ctrl_group is not None:
+            rows = [None] * self.world
+            dist.all_gather_object(rows, row, group=self.ctrl_group)
+        log.info(f"rank {self.rank}: local rank {local_rank}, node {row['node_rank']}, addr {row['addr']}")
+        if self.is_main:
+            log.info("rank table\n" + format_rank_table(rows))
+            (self.run_dir / "ranks.json").write_text(json.dumps(rows, indent=1))
 
     def _setup_logging(self) -> None:
         logdir = self.run_dir / "logs"

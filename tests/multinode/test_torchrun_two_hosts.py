@@ -72,9 +72,11 @@ def test_torchrun_across_two_hosts_matches_single_host(two_hosts, tmp_path):
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
     _check_run(multi)
-    # the rendezvous really crossed hosts: each rank logged from its own namespace address
-    log1 = (multi / "logs" / "rank_00001.log").read_text()
-    assert "rank 1" in log1
+    # the rendezvous really crossed hosts: the rank table shows each rank on its own node/address
+    ranks = {r["rank"]: r for r in json.loads((multi / "ranks.json").read_text())}
+    assert [(ranks[i]["node_rank"], ranks[i]["local_rank"], ranks[i]["addr"]) for i in (0, 1)] == [
+        (0, 0, two_hosts.addr(1)), (1, 0, two_hosts.addr(2))]
+    assert "rank table" in (multi / "logs" / "rank_00000.log").read_text()
 
     single = tmp_path / "one_host"
     r = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port + 1),
