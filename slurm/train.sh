@@ -56,6 +56,9 @@
 ##SBATCH --mem=0
 ##SBATCH --exclusive
 
+# Catch the checkpoint signal from the first instant (bash would die of an untrapped SIGUSR1).
+STOP=${STOP:-0}
+trap 'STOP=1' USR1
 set -uo pipefail
 
 say() { echo "[$(date +%FT%T)] train.sh: $*"; }
@@ -162,7 +165,6 @@ export -f node_launch
 export DEVICE NNODES HEAD PORT LOG_DIR DDHPC_PYTHON
 export DDHPC_CONTAINER=${DDHPC_CONTAINER:-}
 
-STOP=0
 on_signal() {
   STOP=1
   say "checkpoint signal received: asking the trainer to checkpoint and stop"
@@ -172,6 +174,13 @@ trap on_signal USR1
 
 if [ "$RESTART" -ge "${DDHPC_MAX_REQUEUES:-50}" ]; then
   die "job $SLURM_JOB_ID was requeued $RESTART times (DDHPC_MAX_REQUEUES); not starting again"
+fi
+
+if [ "$STOP" = 1 ]; then
+  say "checkpoint signal before the trainer started: requeueing job $SLURM_JOB_ID without running"
+  scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed"
+  sleep 60
+  exit 75
 fi
 
 STEP_PID=

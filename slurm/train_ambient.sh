@@ -23,8 +23,12 @@
 ##SBATCH --mem=0
 ##SBATCH --exclusive
 
+# Catch the checkpoint signal from the first instant (bash would die of an untrapped SIGUSR1).
+STOP=0
+trap 'STOP=1' USR1
 ROOT=${DDHPC_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
 [ -f "$ROOT/slurm/train.sh" ] || { echo "train_ambient.sh: error: $ROOT/slurm/train.sh not found (submit from the repository root or set DDHPC_ROOT)" >&2; exit 2; }
 export DDHPC_PRESET=ambient
-# exec keeps this process (and its PID) as the batch shell, so the USR1 trap in train.sh gets the signal.
-exec bash "$ROOT/slurm/train.sh" "$@"
+# Sourced, not executed: the same shell (the batch step's process) keeps receiving the signal and
+# the trap and STOP flag carry over.
+source "$ROOT/slurm/train.sh" "$@"

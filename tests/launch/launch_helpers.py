@@ -135,3 +135,34 @@ def cpu_job_env(slurm_env: dict) -> dict:
 def job_log(cwd: Path, name: str, job: str) -> str:
     p = Path(cwd) / f"{name}-{job}.out"
     return p.read_text() if p.is_file() else f"(no job log {p})"
+
+
+def open_ended_config(tmp_path: Path) -> Path:
+    """A config file holding trainer.max_steps, far away for now: the run lasts until a signal."""
+    cfg = Path(tmp_path) / "max_steps.yaml"
+    cfg.write_text("trainer:\n  max_steps: 1000000\n")
+    return cfg
+
+
+def finish_after_requeue(env: dict, job: str, run_dir: Path, cfg: Path, timeout: float = 180) -> int:
+    """Wait for the time limit to requeue the job, then let the run end soon: the requeued attempt
+    reads max_steps = (saved step + 10) from `cfg` and gets a 10-minute limit. Returns max_steps.
+
+    Nothing here depends on how fast the machine trains: the first allocation trains until SLURM's
+    warning signal, the second only 10 steps.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        show = run(["scontrol", "show", "job", job], env=env).stdout
+        m = re.search(r"Restarts=(\d+)", show)
+        if m and int(m.group(1)) >= 1:
+            stops, _ = stop_and_resume_steps(run_dir) if (Path(run_dir) / "logs").is_dir() else ([], [])
+            final = (stops[0] if stops else 0) + 10
+            cfg.write_text(f"trainer:\n  max_steps: {final}\n")
+            upd = run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=env)
+            assert upd.returncode == 0, upd.stderr
+            return final
+        assert "JobState=COMPLETED" not in show and "JobState=FAILED" not in show \
+            and "JobState=TIMEOUT" not in show, f"job {job} ended without a requeue:\n{show}"
+        time.sleep(0.3)
+    raise AssertionError(f"job {job} was not requeued at its time limit within {timeout:.0f} s")

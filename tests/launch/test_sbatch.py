@@ -9,7 +9,9 @@ from launch_helpers import (
     ROOT,
     assert_same_weights,
     final_weights,
+    finish_after_requeue,
     job_log,
+    open_ended_config,
     rank_log,
     run,
     sacct_records,
@@ -92,6 +94,29 @@ def test_sbatch_scontrol_requeue_preemption(reference_run, tiny_store, tmp_path)
     print(log)
     assert "DUE TO JOB REQUEUE" in log, log
     _check_resumed_exactly(reference_run, reference_run["env"], job, run_dir, log)
+
+
+def test_sbatch_time_limit_requeues(reference_run, tiny_store, tmp_path):
+    """A 1-minute limit with the warning 25 s before it (--signal=B:USR1@25 on the command line
+    overrides the header's @180): SLURM's own signal stops the run mid-way, the script requeues it,
+    the next allocation resumes and finishes."""
+    env = reference_run["env"]
+    run_dir = tmp_path / "run"
+    cfg = open_ended_config(tmp_path)
+    args = [a for a in tiny_overrides(tiny_store, run_dir) if not a.startswith("trainer.max_steps=")]
+    job = sbatch(env, tmp_path, "train_ambient.sh", ["--time=1", "--signal=B:USR1@25"],
+                 ["--config", str(cfg), *args])
+    final = finish_after_requeue(env, job, run_dir, cfg)
+    wait_job(env, job, 240, "(time limit)")
+    log = job_log(tmp_path, "depthdif-ambient", job)
+    print(log)
+    assert "checkpoint signal received" in log and f"requeueing job {job}" in log, log
+    assert "TIME LIMIT" not in log, log  # stopped by the warning, not killed at the limit
+    states = [x["state"] for x in sacct_records(env, job)]
+    assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", (states, log)
+    stops, resumes = stop_and_resume_steps(run_dir)
+    assert len(stops) == 1 and resumes == stops and final == stops[0] + 10, (stops, resumes, final)
+    assert steps_logged(run_dir) == list(range(1, final + 1))
 
 
 @pytest.mark.parametrize("opts, message", [

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,8 @@ from launch_helpers import (
     assert_same_weights,
     cpu_job_env,
     final_weights,
+    finish_after_requeue,
+    open_ended_config,
     run,
     sacct_records,
     steps_logged,
@@ -104,35 +105,25 @@ def test_submit_preemption_hook_requeues_and_resumes(reference_run, tiny_store, 
 
 
 def test_submit_time_limit_requeues(reference_run, tiny_store, tmp_path):
-    """A 1-minute limit with the signal 45 s before it: SLURM's own warning stops the run mid-way,
-    submitit requeues it; the second allocation gets a longer limit and finishes."""
+    """A 1-minute limit with the signal 25 s before it: SLURM's own warning reaches submitit's
+    hook mid-run, the trainer checkpoints, submitit requeues, the next allocation finishes."""
     env = cpu_job_env(reference_run["env"])
     run_dir = tmp_path / "run"
-    steps = 150
-    out = submit(env, tmp_path, "--tasks-per-node", "2", "--time", "1", "--signal-delay", "45",
-                 *tiny_overrides(tiny_store, run_dir, steps))
+    cfg = open_ended_config(tmp_path)
+    args = [a for a in tiny_overrides(tiny_store, run_dir) if not a.startswith("trainer.max_steps=")]
+    out = submit(env, tmp_path, "--tasks-per-node", "2", "--time", "1", "--signal-delay", "25",
+                 "--config", str(cfg), *args)
     assert out.returncode == 0, f"{out.stdout}\n{out.stderr}"
     job = job_id(out)
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline:
-        show = run(["scontrol", "show", "job", job], env=env).stdout
-        m = re.search(r"Restarts=(\d+)", show)
-        if m and int(m.group(1)) >= 1:
-            break
-        assert "JobState=COMPLETED" not in show, "finished inside the first allocation: no time limit hit"
-        time.sleep(1)
-    else:
-        raise AssertionError(f"job {job} was not requeued at its time limit:\n{submitit_log(tmp_path, job)[-4000:]}")
-    upd = run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=env)
-    assert upd.returncode == 0, upd.stderr
+    final = finish_after_requeue(env, job, run_dir, cfg)
     wait_job(env, job, 240, "(time limit)")
     log = submitit_log(tmp_path, job)
-    assert "this job is timed-out" in log, log[-4000:]
+    assert "this job is timed-out" in log and f"Requeued job {job}" in log, log[-4000:]
     states = [x["state"] for x in sacct_records(env, job)]
     assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", (states, log[-4000:])
     stops, resumes = stop_and_resume_steps(run_dir)
-    assert stops and stops[0] < steps and resumes[: len(stops)] == stops, (stops, resumes)
-    assert steps_logged(run_dir) == list(range(1, steps + 1))
+    assert len(stops) == 1 and resumes == stops and final == stops[0] + 10, (stops, resumes, final)
+    assert steps_logged(run_dir) == list(range(1, final + 1))
 
 
 def test_submit_array_sweep(reference_run, tiny_store, tmp_path):
