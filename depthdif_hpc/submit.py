@@ -124,7 +124,9 @@ def _executor(args: argparse.Namespace, name: str, tasks: int, cpus: int):
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues, python=args.python)
     params = dict(job_name=name, nodes=args.nodes, ntasks_per_node=tasks, cpus_per_task=cpus,
                   time=args.time, signal_delay_s=args.signal_delay, array_parallelism=args.max_parallel,
-                  additional_parameters={"requeue": True})
+                  additional_parameters={"requeue": True},
+                  # Slurm 22.05 steps do not inherit --cpus-per-task from the job: pass it to srun.
+                  srun_args=[f"--cpus-per-task={cpus}"])
     if args.gpus_per_node > 0:
         params["gpus_per_node"] = args.gpus_per_node
     for key in ("partition", "account", "qos", "constraint", "mem"):

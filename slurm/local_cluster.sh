@@ -299,13 +299,21 @@ up() {
 }
 nodes_idle_or_busy() { sinfo -h -N -o %t 2>/dev/null | grep -Eq '^(idle|mix|alloc)$'; }
 
-stop_pid() {  # stop_pid NAME PID: TERM, wait, KILL
-  local name=$1 pid=$2 i
-  alive "$pid" || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 50); do alive "$pid" || return 0; sleep 0.2; done
-  echo "local_cluster: $name ($pid) ignored SIGTERM; killing it" >&2
-  kill -KILL "$pid" 2>/dev/null || true
+stop_pids() {  # stop_pids NAME:PID...: TERM all, wait up to 10 s, KILL what is left
+  local entry i left
+  for entry in "$@"; do alive "${entry##*:}" && kill -TERM "${entry##*:}" 2>/dev/null; done
+  for i in $(seq 1 100); do
+    left=0
+    for entry in "$@"; do alive "${entry##*:}" && left=1; done
+    [ "$left" = 0 ] && return 0
+    sleep 0.1
+  done
+  for entry in "$@"; do
+    if alive "${entry##*:}"; then
+      echo "local_cluster: ${entry%%:*} (${entry##*:}) ignored SIGTERM; killing it" >&2
+      kill -KILL "${entry##*:}" 2>/dev/null || true
+    fi
+  done
 }
 
 down() {
@@ -324,9 +332,16 @@ down() {
       done
     fi
   fi
-  local order=() name pid
-  while read -r name pid; do order=("$name:$pid" "${order[@]}"); done <"$PIDS"
-  for entry in "${order[@]}"; do stop_pid "${entry%%:*}" "${entry##*:}"; done
+  # SLURM daemons first, then what they use (slurmdbd, MariaDB, munged).
+  local slurm=() rest=() name pid
+  while read -r name pid; do
+    case "$name" in
+      slurmd-*|slurmctld) slurm+=("$name:$pid") ;;
+      *) rest+=("$name:$pid") ;;
+    esac
+  done <"$PIDS"
+  [ ${#slurm[@]} -gt 0 ] && stop_pids "${slurm[@]}"
+  [ ${#rest[@]} -gt 0 ] && stop_pids "${rest[@]}"
   if [ -f "$DIR/etc_link" ]; then
     local link; link=$(cat "$DIR/etc_link")
     [ -L "$link" ] && [ "$(readlink "$link")" = "$CONF" ] && rm -f "$link"

@@ -183,8 +183,12 @@ if [ "$STOP" = 1 ]; then
   exit 75
 fi
 
+# Slurm 22.05 steps do not inherit --cpus-per-task from the job (they get 1 CPU per task, and with
+# CPU binding every trainer on the node would share it): pass it on.
+STEP_CPUS=()
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && STEP_CPUS=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 STEP_PID=
-srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+srun --nodes="$NNODES" --ntasks-per-node=1 "${STEP_CPUS[@]}" --kill-on-bad-exit=1 \
   --output="$LOG_DIR/node-%n.out" bash -c 'node_launch "$@"' node_launch "${TRAIN_ARGS[@]}" &
 STEP_PID=$!
 # A signal that came before srun started is forwarded now.
