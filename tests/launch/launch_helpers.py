@@ -26,7 +26,7 @@ TINY = [
     "trainer.progress_bar=false", "trainer.ema.decay=0.8", "trainer.ema.start_step=1",
     "logging.tensorboard=false",
 ]
-MAX_STEPS = 24  # the reference run and every interrupted run train to this step
+MAX_STEPS = 40  # the reference run and every interrupted run train to this step
 
 
 def run(cmd, **kw) -> subprocess.CompletedProcess:

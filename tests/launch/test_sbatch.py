@@ -49,7 +49,7 @@ def _interrupted_run(reference_run, tiny_store, tmp_path, interrupt, wait_restar
     env = reference_run["env"]
     run_dir = tmp_path / "run"
     job = sbatch(env, tmp_path, "train_ambient.sh", [], tiny_overrides(tiny_store, run_dir, MAX_STEPS))
-    seen = wait_steps(run_dir, 6, 180, env, job)
+    seen = wait_steps(run_dir, 3, 180, env, job)
     assert seen < MAX_STEPS, "the run finished before it could be interrupted"
     interrupt(env, job)
     wait_job(env, job, wait_restart_s, "(interrupted run)")

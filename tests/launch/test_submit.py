@@ -88,7 +88,7 @@ def test_submit_preemption_hook_requeues_and_resumes(reference_run, tiny_store, 
                  *tiny_overrides(tiny_store, run_dir))
     assert out.returncode == 0, f"{out.stdout}\n{out.stderr}"
     job = job_id(out)
-    seen = wait_steps(run_dir, 6, 180, env, job)
+    seen = wait_steps(run_dir, 3, 180, env, job)
     assert seen < MAX_STEPS
     sig = run(["scancel", "--signal=USR2", job], env=env)
     assert sig.returncode == 0, sig.stderr
