@@ -300,11 +300,11 @@ up() {
 nodes_idle_or_busy() { sinfo -h -N -o %t 2>/dev/null | grep -Eq '^(idle|mix|alloc)$'; }
 
 stop_pids() {  # stop_pids NAME:PID...: TERM all, wait up to 10 s, KILL what is left
-  local entry i left
-  for entry in "$@"; do alive "${entry##*:}" && kill -TERM "${entry##*:}" 2>/dev/null; done
-  for i in $(seq 1 100); do
+  local entry left
+  for entry in "$@"; do alive "${entry##*:}" && { kill -TERM "${entry##*:}" 2>/dev/null || true; }; done || true
+  for _ in $(seq 1 100); do
     left=0
-    for entry in "$@"; do alive "${entry##*:}" && left=1; done
+    for entry in "$@"; do alive "${entry##*:}" && left=1; done || true
     [ "$left" = 0 ] && return 0
     sleep 0.1
   done
@@ -325,8 +325,7 @@ down() {
     if [ -n "$jobs" ]; then
       # shellcheck disable=SC2086
       scancel $jobs 2>/dev/null || true
-      local i
-      for i in $(seq 1 60); do
+      for _ in $(seq 1 60); do
         [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break
         sleep 0.5
       done

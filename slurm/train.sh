@@ -129,6 +129,7 @@ say "rendezvous $HEAD:$PORT, run dir $RUN_DIR, logs $LOG_DIR"
 say "trainer args: ${TRAIN_ARGS[*]}"
 
 # One launcher per node. Runs inside srun, so it is exported as a function.
+# shellcheck disable=SC2317  # invoked through srun, not directly
 node_launch() {
   local nproc=${DDHPC_PROCS_PER_NODE:-}
   if [ -z "$nproc" ]; then
@@ -165,6 +166,7 @@ export -f node_launch
 export DEVICE NNODES HEAD PORT LOG_DIR DDHPC_PYTHON
 export DDHPC_CONTAINER=${DDHPC_CONTAINER:-}
 
+# shellcheck disable=SC2317  # invoked by the USR1 trap
 on_signal() {
   STOP=1
   say "checkpoint signal received: asking the trainer to checkpoint and stop"
