@@ -24,7 +24,7 @@ def load_model(checkpoint: str | Path, *, use_ema: bool = True,
     (for example `model.kernels=eager`).
     """
     from depthdif_hpc.train import checkpoint as ckpt
-    from depthdif_hpc.train.weights import checkpoint_weights
+    from depthdif_hpc.train.weights import checkpoint_weights, load_model_weights
 
     src = Path(checkpoint)
     if not src.exists():
@@ -54,8 +54,5 @@ def load_model(checkpoint: str | Path, *, use_ema: bool = True,
         raise FileNotFoundError(f"{src} is neither a run folder, a checkpoint folder nor an export folder")
     cfg = config_from_dict(cfg_dict, overrides)
     model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"weights in {src} do not fit the configured model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+    load_model_weights(model, weights, str(src))
     return cfg, model.eval()

@@ -43,6 +43,10 @@ class AutoencoderModel(nn.Module):
         self.autoencoder = autoencoder_from_config(ae)
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        return self.loss(batch, generator)
+
+    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """Same interface as DepthDif.loss (the generator is unused: the objective is deterministic)."""
         y = _require(batch, "y").float()
         valid = batch.get("y_valid_mask") if self.cfg.loss.masked_only else None
         loss = reconstruction_loss(self.autoencoder(y), y, valid, self.cfg.loss.recon_l1_weight,

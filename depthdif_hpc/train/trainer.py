@@ -43,7 +43,7 @@ from depthdif_hpc.train.stream import (
     wrap_stream,
 )
 from depthdif_hpc.train.validation import LOSS_CKPT_NONFINITE, figures, reconstruct, slice_batch
-from depthdif_hpc.train.weights import load_weights
+from depthdif_hpc.train.weights import load_model_weights, load_weights
 
 log = logging.getLogger("depthdif_hpc.train")
 
@@ -268,7 +268,7 @@ class Trainer:
         else:
             from safetensors.torch import load_file
 
-            self.module.load_state_dict(load_file(str(path / "model.safetensors")))
+            load_model_weights(self.module, load_file(str(path / "model.safetensors")), str(path))
             self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu",
                                                       weights_only=False))
         if self.ema is not None:
@@ -370,7 +370,7 @@ class Trainer:
         if self.eval_model is None:
             self.eval_model = build_model(self.cfg).to(self.device).eval()
             self.eval_model.requires_grad_(False)
-        self.eval_model.load_state_dict(sd, strict=True)
+        load_model_weights(self.eval_model, sd, "the training replica")
         return self.eval_model
 
     def _autocast(self):

@@ -109,3 +109,15 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> str:
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1))
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load full weights, or trainable-only weights (checkpoints leave frozen modules out, e.g.
+    the latent workflow's autoencoder, which the config rebuilds from its own checkpoint)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    missing = [k for k in missing if k not in frozen]
+    if missing or unexpected:
+        raise ValueError(f"weights from {source} do not fit the configured model: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
