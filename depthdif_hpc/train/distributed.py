@@ -8,11 +8,10 @@ sets SLURM_* variables, so we translate those before Accelerate initialises the 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import socket
-import subprocess
 from dataclasses import dataclass
+
+from depthdif_hpc.launch.rendezvous import first_host, job_port
 
 
 @dataclass(frozen=True)
@@ -23,25 +22,6 @@ class DistEnv:
     master_addr: str
     master_port: int
     source: str  # "torch" | "slurm" | "single"
-
-
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list such as 'gpu[003-005,007],login1'."""
-    if shutil.which("scontrol"):
-        try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                                 text=True, timeout=10, check=True).stdout.split()
-            if out:
-                return out[0]
-        except (subprocess.SubprocessError, OSError):
-            pass  # fall back to parsing the common bracket form ourselves
-    first = re.split(r",(?![^\[]*\])", nodelist)[0]
-    m = re.match(r"^(.*?)\[([^\]]+)\](.*)$", first)
-    if not m:
-        return first
-    prefix, ranges, suffix = m.groups()
-    lo = ranges.split(",")[0].split("-")[0]
-    return f"{prefix}{lo}{suffix}"
 
 
 def _free_port() -> int:
@@ -67,9 +47,10 @@ def resolve_dist_env(environ: dict[str, str] | None = None, *, export: bool = Tr
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", "0"))
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        addr = env.get("MASTER_ADDR") or _first_slurm_host(nodelist)
-        # Same port on every task of a job without talking to each other: derive it from the job id.
-        port = int(env.get("MASTER_PORT") or 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        addr = env.get("MASTER_ADDR") or first_host(nodelist)
+        # Same port on every task of a job without talking to each other (as the launchers do).
+        port = int(env.get("MASTER_PORT") or job_port(env.get("SLURM_JOB_ID", "0"),
+                                                      int(env.get("SLURM_RESTART_COUNT", "0"))))
         source = "slurm"
     else:
         rank, world, local = 0, 1, 0
