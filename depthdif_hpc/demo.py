@@ -51,7 +51,7 @@ def train_overrides(store: Path, run_dir: Path, steps: int) -> list[str]:
         "model.unet.dim=24", "model.unet.dim_mults=[1,2,4]", "model.kernels=eager",
         "model.post_process.gaussian_blur.enabled=false",
         "training.lr=2e-3", "scheduler.warmup.steps=50", "scheduler.reduce_on_plateau.enabled=false",
-        "trainer.ema.decay=0.995", "trainer.val_every_n_steps=100000",
+        "trainer.ema.decay=0.98", "trainer.val_every_n_steps=100000",
         f"trainer.checkpoint_every_n_steps={max(steps // 4, 1)}", "trainer.limit_val_batches=2",
         "trainer.log_every_n_steps=25", "dataloader.batch_size=8", "dataloader.val_batch_size=4",
         "dataloader.num_workers=1", "dataloader.pin_memory=false",
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo_out")
-    ap.add_argument("--steps", type=int, default=1200, help="training steps")
+    ap.add_argument("--steps", type=int, default=600, help="training steps")
     ap.add_argument("--ddim-steps", type=int, default=20)
     ap.add_argument("--ensemble", type=int, default=4)
     args = ap.parse_args(argv)
