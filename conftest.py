@@ -15,3 +15,22 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+              "GROUP_RANK")
+
+
+@pytest.fixture(autouse=True)
+def _restore_distributed_env():
+    """In-process training exports torch.distributed variables into os.environ; without this,
+    a later test's subprocesses (launchers, torchrun) would inherit a stale rendezvous port."""
+    saved = {k: os.environ.get(k) for k in _DIST_VARS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -111,8 +111,9 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         env = submitit.JobEnvironment()
         restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(job_port(env.job_id, restart))
+        # Always the job's own port: a MASTER_PORT inherited from the submitting shell (or left
+        # there by an earlier in-process run) may be long gone or taken by now.
+        os.environ["MASTER_PORT"] = str(job_port(env.job_id, restart))
         dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                                       overwrite=True)
         if self.device == "cpu":
