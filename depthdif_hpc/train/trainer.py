@@ -618,24 +618,27 @@ class Trainer:
 
     def fit(self) -> int:
         """Train to trainer.max_steps (0) or until a stop signal (75, after a checkpoint)."""
-        self._setup()
+        # Handlers first: a preemption signal during the (slow) start-up is kept, not fatal, and
+        # honoured at the first step boundary.
         old_handlers = self._install_signals()
-        cfg = self.cfg
         self.pbar = None
-        if self.is_main and cfg.trainer.progress_bar and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.pbar = tqdm(total=cfg.trainer.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        self._reset_window()
-        self._last_ckpt_step = self.step if self.resume_from is not None else -1
         try:
+            self._setup()
+            cfg = self.cfg
+            if self.is_main and cfg.trainer.progress_bar and sys.stderr.isatty():
+                from tqdm import tqdm
+
+                self.pbar = tqdm(total=cfg.trainer.max_steps, initial=self.step, desc="train",
+                                 dynamic_ncols=True)
+            self._reset_window()
+            self._last_ckpt_step = self.step if self.resume_from is not None else -1
             return self._loop()
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             if self.pbar is not None:
                 self.pbar.close()
-            if self.is_main:
+            if getattr(self, "is_main", False):  # _setup may have failed before it was known
                 if getattr(self, "steps_fh", None):
                     self.steps_fh.close()
                 if self.tb is not None:

@@ -260,3 +260,22 @@ def test_product_data_stream_resume(tmp_path):
     straight = tmp_path / "straight"
     assert main(args(straight, *base)) == 0
     assert [r["loss"] for r in steps(straight)] == [r["loss"] for r in recs]
+
+
+def test_signal_during_startup_is_honoured_at_the_first_step(tmp_path):
+    """A preemption signal that arrives while the trainer is still setting up is not fatal: the
+    first step boundary (before step 1) checkpoints and exits 75; a rerun resumes from there."""
+    import os
+    import signal
+
+    base = factory()
+
+    def signalling_factory(cfg, split, rank, world):
+        if split == "train":
+            os.kill(os.getpid(), signal.SIGUSR1)  # lands in the middle of _setup
+        return base(cfg, split, rank, world)
+
+    assert _run(tmp_path, "trainer.max_steps=4", data=signalling_factory) == 75
+    assert (tmp_path / "checkpoints" / "step_00000000" / "MANIFEST.json").is_file()
+    assert _run(tmp_path, "trainer.max_steps=4") == 0
+    assert [s["step"] for s in steps(tmp_path)] == [1, 2, 3, 4]
