@@ -59,16 +59,27 @@ def wait_job(env: dict, job: str, timeout: float, what: str = "") -> None:
     raise AssertionError(f"job {job} {what} did not finish within {timeout:.0f} s")
 
 
-def sacct_records(env: dict, job: str) -> list[dict]:
-    """Every allocation record of a job, oldest first (a requeued job has several)."""
-    out = run(["sacct", "-n", "-P", "-X", "-D", "-j", job, "-o", "JobID,State,ExitCode,Start,End"], env=env)
-    assert out.returncode == 0, f"sacct failed: {out.stderr}"
-    rows = []
-    for line in out.stdout.splitlines():
-        f = line.split("|")
-        if len(f) >= 3:
-            rows.append({"id": f[0], "state": f[1], "exit": f[2], "start": f[3], "end": f[4]})
-    return rows
+def sacct_records(env: dict, job: str, settle_s: float = 30.0) -> list[dict]:
+    """Every allocation record of a job, oldest first (a requeued job has several).
+
+    Called after the job has left squeue; slurmdbd may still show the last allocation as
+    RUNNING/COMPLETING for a moment, so wait (up to settle_s) until it has a final state.
+    """
+    deadline = time.monotonic() + settle_s
+    while True:
+        out = run(["sacct", "-n", "-P", "-X", "-D", "-j", job, "-o", "JobID,State,ExitCode,Start,End"],
+                  env=env)
+        assert out.returncode == 0, f"sacct failed: {out.stderr}"
+        rows = []
+        for line in out.stdout.splitlines():
+            f = line.split("|")
+            if len(f) >= 3:
+                rows.append({"id": f[0], "state": f[1], "exit": f[2], "start": f[3], "end": f[4]})
+        pending = not rows or rows[-1]["state"].split()[0] in ("RUNNING", "PENDING", "COMPLETING",
+                                                               "CONFIGURING", "REQUEUED")
+        if not pending or time.monotonic() > deadline:
+            return rows
+        time.sleep(1)
 
 
 def wait_steps(run_dir: Path, n: int, timeout: float, env: dict | None = None, job: str | None = None) -> int:
