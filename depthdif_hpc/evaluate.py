@@ -87,10 +87,6 @@ def fit_climatology(store: str | Path, window_days: int = 15, batch_size: int = 
     return Climatology.from_sums(torch.cat(sums), torch.cat(counts), torch.cat(dates), window_days)
 
 
-def _overall_profile(clim: Climatology) -> torch.Tensor:
-    return clim.table.mean(0)
-
-
 def evaluate(pred_path: str | Path, store: str | Path, report: str | Path, *,
              idw_power: float = 2.0, figures: bool = True, progress: bool = True) -> dict:
     pred = zarr.open_group(str(pred_path), mode="r")
@@ -101,7 +97,7 @@ def evaluate(pred_path: str | Path, store: str | Path, report: str | Path, *,
     depth_m = np.asarray(pred["depth"][:], dtype=float)
     d = len(depth_m)
     clim = fit_climatology(store)
-    mean_profile = _overall_profile(clim)
+    mean_profile = clim.mean_profile()
     stats = {(m, s): DepthStats(d) for m in METHODS for s in SUPPORTS}
     spread_sq = np.zeros(d)
     spread_n = np.zeros(d)
