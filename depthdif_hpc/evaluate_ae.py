@@ -16,6 +16,7 @@ arguments are config overrides.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -104,7 +105,7 @@ def evaluate_autoencoder(checkpoint: str | Path, store: str | Path, report: str 
 
     total = len(loader.dataset) if limit is None else min(limit, len(loader.dataset))
     bar = tqdm(total=total, desc="evaluate_ae", disable=not progress, leave=False)
-    with torch.no_grad():
+    with torch.no_grad(), _full_fp32():
         for batch in loader:
             b = batch["y"].shape[0]
             if limit is not None:
@@ -155,6 +156,18 @@ def evaluate_autoencoder(checkpoint: str | Path, store: str | Path, report: str 
     fig = _figure(report / FIGURE, result) if figures else None
     (report / "report.md").write_text(_markdown(result, fig))
     return result
+
+
+@contextlib.contextmanager
+def _full_fp32():
+    """No TF32 in cuDNN convolutions / matmuls while scoring (PyTorch allows it in cuDNN by
+    default; its ~1e-3 relative error would show up in a reconstruction error of 0.0x degC)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _json_safe(o):
