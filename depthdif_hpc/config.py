@@ -167,6 +167,9 @@ class TrainerConfig:
     val_at_epoch_end: bool = True
     full_reconstruction: bool = True  # rank-0 reverse diffusion of the cached val batch
     progress_bar: bool = True  # rank 0, only when stderr is a terminal
+    # Each rank appends {"step", "ids"} to logs/samples_rank_NNNNN.jsonl: which samples it trained
+    # on at every step (an audit of the data split across ranks and nodes, kept exact on resume).
+    record_sample_ids: bool = False
     ema: EMAConfig = field(default_factory=EMAConfig)
 
 

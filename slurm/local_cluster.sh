@@ -2,16 +2,19 @@
 # A real SLURM on this machine, for tests and for trying the launchers on a workstation.
 #
 #   slurm/local_cluster.sh up [--nodes N]   install (if missing) and start munge, MariaDB + slurmdbd,
-#                                           slurmctld and slurmd; wait until the node is idle
-#   slurm/local_cluster.sh down             cancel jobs, stop every daemon by its recorded PID
+#                                           slurmctld and one slurmd per node; wait until the
+#                                           nodes are idle (N > 1: namespace hosts, see below)
+#   slurm/local_cluster.sh down             cancel jobs, stop every daemon by its recorded PID,
+#                                           remove the namespace hosts
 #   slurm/local_cluster.sh status           daemons, sinfo, squeue
 #   slurm/local_cluster.sh env              print `export SLURM_CONF=...` for this cluster
 #
 # Debian's slurm-wlm 22.05 and munge (plus mariadb-server and slurmdbd for accounting, so that
 # sacct and submitit see real job states) are installed with apt-get when missing; that needs
 # root. Everything the cluster writes lives under $DDHPC_SLURM_DIR (default /tmp/ddhpc-slurm):
-# config, munge key and socket, database, state, spool, logs and the PID file. Daemons listen on
-# 127.0.0.1 only. Clients find the cluster through SLURM_CONF=$DDHPC_SLURM_DIR/etc/slurm.conf;
+# config, munge key and socket, database, state, spool, logs and the PID file. MariaDB and
+# slurmdbd listen on 127.0.0.1; slurmctld is reached at 127.0.0.1 (one node) or at the bridge
+# address (several nodes), and nothing is addressed outside loopback and that subnet. Clients find the cluster through SLURM_CONF=$DDHPC_SLURM_DIR/etc/slurm.conf;
 # when /etc/slurm/slurm.conf does not exist, `up` also links it there (and `down` removes the
 # link), so plain `sbatch` works in a new shell.
 #
@@ -25,9 +28,17 @@
 #   DDHPC_SLURM_CRED_EXPIRE seconds a requeued job waits before it may start again (default 5;
 #                           SLURM's default is 120)
 #
-# Single node for now: NodeName=localhost. Several nodes on one machine need network namespaces
-# (slurm/netns_hosts.sh); `up --nodes N` with N > 1 is refused until that lands. The node list is
-# produced by node_lines(), the one place to extend.
+#   DDHPC_NETNS_PREFIX      --nodes N > 1: name prefix of the namespaces and links (default ddslurm)
+#   DDHPC_NETNS_SUBNET      --nodes N > 1: the hosts' /24 (default 10.77.0: node i at .i, bridge .254)
+#
+# One node (default): NodeName=localhost at 127.0.0.1. Several nodes (`up --nodes N`, N > 1): N
+# real network hosts made by slurm/netns_hosts.sh (network namespaces on a bridge, each with its
+# own address, /etc/hosts and hostname), NodeName=node1..nodeN with NodeAddr on the bridge's
+# subnet, one slurmd per host; slurmctld, slurmdbd, MariaDB and munged stay in the root namespace
+# (slurmctld is reached at the bridge address; the munge socket is a file every host sees).
+# Batch scripts and job steps run inside their node's namespace, so `hostname`, rendezvous
+# addresses and gloo sockets are those of that node. The file system is shared, as on a cluster
+# with a shared home. `down` also removes the namespaces, links and hosts files.
 set -euo pipefail
 
 DIR=${DDHPC_SLURM_DIR:-/tmp/ddhpc-slurm}
@@ -51,6 +62,12 @@ MUNGE_SOCK=$MUNGE_DIR/munge.socket
 DB_DIR=$DIR/db
 DB_SOCK=$DIR/dbsock/mysqld.sock
 ETC_LINK=/etc/slurm/slurm.conf
+NODES_FILE=$DIR/nodes
+NETNS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/netns_hosts.sh
+export DDHPC_NETNS_PREFIX=${DDHPC_NETNS_PREFIX:-ddslurm}
+export DDHPC_NETNS_SUBNET=${DDHPC_NETNS_SUBNET:-10.77.0}
+export DDHPC_NETNS_STATE=$DIR/netns
+SUBNET=$DDHPC_NETNS_SUBNET
 
 export SLURM_CONF=$CONF
 
@@ -121,12 +138,27 @@ node_memory_mb() {
   awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo
 }
 
-node_lines() {  # one NodeName line per node; single node for now
-  local cpus=${DDHPC_SLURM_CPUS:-$(nproc)}
-  echo "NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$(node_memory_mb) State=UNKNOWN"
+# How many nodes this cluster has: set by `up`, recorded for `down` and `status`.
+node_count() { if [ -n "${NODES:-}" ]; then echo "$NODES"; elif [ -s "$NODES_FILE" ]; then cat "$NODES_FILE"; else echo 1; fi; }
+
+node_lines() {  # one NodeName line per node
+  local cpus=${DDHPC_SLURM_CPUS:-$(nproc)} mem i
+  mem=$(node_memory_mb)
+  if [ "$(node_count)" = 1 ]; then
+    echo "NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+    return
+  fi
+  for i in $(seq 1 "$(node_count)"); do
+    echo "NodeName=node$i NodeAddr=$SUBNET.$i NodeHostname=node$i CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+  done
 }
 
-node_names() { echo localhost; }
+node_names() {
+  if [ "$(node_count)" = 1 ]; then echo localhost; else seq -f 'node%g' 1 "$(node_count)"; fi
+}
+
+# Where slurmd's reach slurmctld: loopback for one node, the bridge for namespace hosts.
+ctld_addr() { if [ "$(node_count)" = 1 ]; then echo 127.0.0.1; else echo "$SUBNET.254"; fi; }
 
 write_config() {
   mkdir -p "$ETC" "$DIR/state" "$DIR/spool" "$LOG"
@@ -140,9 +172,9 @@ AccountingStoragePass=$MUNGE_SOCK"
     acct_lines="AccountingStorageType=accounting_storage/none"
   fi
   cat >"$CONF" <<EOF
-# Written by slurm/local_cluster.sh: a single-machine test cluster. Do not use in production.
+# Written by slurm/local_cluster.sh: a test cluster on one machine ($(node_count) node(s)). Not for production.
 ClusterName=$CLUSTER
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost=localhost($(ctld_addr))
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -254,7 +286,12 @@ start_slurm() {
   wait_for 30 "slurmctld" scontrol ping
   local n
   for n in $(node_names); do
-    spawn "slurmd-$n" slurmd -D -N "$n" -f "$CONF"
+    if [ "$(node_count)" = 1 ]; then
+      spawn "slurmd-$n" slurmd -D -N "$n" -f "$CONF"
+    else
+      # Inside the node's namespace, under its hostname: the PID stays slurmd's (exec all the way).
+      spawn "slurmd-$n" "$NETNS" exec "$n" slurmd -D -N "$n" -f "$CONF"
+    fi
   done
   wait_for 60 "the node(s) to become idle" nodes_idle
 }
@@ -274,19 +311,27 @@ up() {
       *) die "unknown argument to up: $1" ;;
     esac
   done
-  [[ "$nodes" =~ ^[0-9]+$ ]] || die "--nodes must be a number, got '$nodes'"
-  [ "$nodes" = 1 ] || die "--nodes $nodes: only a single-node cluster is supported so far (several nodes need network namespaces, slurm/netns_hosts.sh)"
+  [[ "$nodes" =~ ^[0-9]+$ ]] && [ "$nodes" -ge 1 ] && [ "$nodes" -le 64 ] \
+    || die "--nodes must be a number from 1 to 64, got '$nodes'"
   if any_alive; then
     if scontrol ping >/dev/null 2>&1 && nodes_idle_or_busy; then
+      [ "$(node_count)" = "$nodes" ] || die "already up with $(node_count) node(s) ($DIR); run '$0 down' first"
       say "already up ($DIR)"; return 0
     fi
     die "some daemons recorded in $PIDS are alive but the cluster does not answer; run '$0 down' first"
   fi
   [ "$(id -u)" = 0 ] || die "needs root (daemons run as root/munge/mysql)"
+  # Namespaces of an earlier cluster that was never taken down would outlive their record.
+  [ -s "$DIR/netns/hosts" ] && "$NETNS" down >/dev/null
   rm -rf "$DIR"
   mkdir -p "$DIR" "$LOG"
   : >"$PIDS"
+  NODES=$nodes
+  echo "$nodes" >"$NODES_FILE"
   need_packages
+  if [ "$nodes" -gt 1 ]; then
+    "$NETNS" up --nodes "$nodes" >"$LOG/netns.log" 2>&1 || { cat "$LOG/netns.log" >&2; "$NETNS" down >/dev/null 2>&1 || true; die "could not create $nodes namespace hosts (slurm/netns_hosts.sh)"; }
+  fi
   write_config
   start_munge
   if [ "$ACCOUNTING" = 1 ]; then start_db; start_dbd; fi
@@ -347,6 +392,9 @@ down() {
     rm -f "$DIR/etc_link"
   fi
   rm -f "$PIDS"
+  # After the daemons: the hosts' namespaces, links and hosts files (and anything left in them).
+  [ -s "$DIR/netns/hosts" ] && "$NETNS" down >/dev/null
+  rm -f "$NODES_FILE"
   say "down"
 }
 
@@ -357,6 +405,7 @@ status() {
     if alive "$pid"; then echo "$name $pid running"; else echo "$name $pid DEAD"; fi
   done <"$PIDS"
   echo "SLURM_CONF=$CONF"
+  [ -s "$DIR/netns/hosts" ] && "$NETNS" status
   sinfo 2>&1 || true
   squeue 2>&1 || true
 }

@@ -4,12 +4,18 @@
 #   slurm/netns_hosts.sh up [--nodes N]   create hosts node1..nodeN at 10.77.0.1..N/24
 #   slurm/netns_hosts.sh down             remove every namespace, link and the bridge it recorded
 #   slurm/netns_hosts.sh status           list the recorded hosts and whether they answer
-#   slurm/netns_hosts.sh exec NODE CMD... run a command on a host (ip netns exec)
+#   slurm/netns_hosts.sh exec NODE CMD... run a command on a host, under the host's own name
 #
 # The root namespace joins the bridge at 10.77.0.254, so daemons there (slurmctld) and processes
 # inside the hosts reach each other. Traffic stays on this subnet and loopback. Needs root and
 # iproute2 (installed from Debian if missing). Names and the subnet can be changed with
 # DDHPC_NETNS_PREFIX (default ddhpc) and DDHPC_NETNS_SUBNET (default 10.77.0).
+#
+# Each host also gets the name resolution a real cluster has: `exec` mounts the host's own
+# /etc/netns/<namespace>/hosts (node1..nodeN and their addresses) over /etc/hosts and runs the
+# command in a UTS namespace whose hostname is the node's name. So `node2`
+# resolves from node1, and a process's own hostname resolves to its host's address, which is the
+# interface gloo picks when GLOO_SOCKET_IFNAME is not set.
 set -euo pipefail
 
 PREFIX=${DDHPC_NETNS_PREFIX:-ddhpc}
@@ -54,7 +60,19 @@ up() {
     ip -n "$ns" link set eth0 up
     ip -n "$ns" link set lo up
   done
+  write_hosts_files
   status
+}
+
+# /etc/hosts for every host: loopback, the bridge, and all nodes.
+write_hosts_files() {
+  local lines ns
+  lines=$(printf '127.0.0.1 localhost\n::1 localhost\n%s.254 %s-bridge\n' "$SUBNET" "$PREFIX"
+          awk '$1=="host" {print $5, $2}' "$STATE")
+  for ns in $(awk '$1=="host" {print $3}' "$STATE"); do
+    mkdir -p "/etc/netns/$ns"
+    echo "$lines" > "/etc/netns/$ns/hosts"
+  done
 }
 
 down() {
@@ -69,11 +87,13 @@ down() {
           for pid in $(ip netns pids "$b" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
         fi
         ip link del "$c" 2>/dev/null || true
-        ip netns del "$b" 2>/dev/null || true ;;
+        ip netns del "$b" 2>/dev/null || true
+        rm -rf "/etc/netns/$b" ;;
       bridge) ;;
     esac
   done < "$STATE"
   ip link del "$BRIDGE" 2>/dev/null || true
+  rmdir /etc/netns 2>/dev/null || true  # only when no other namespace has files there
   rm -f "$STATE"
   echo "netns_hosts: down"
 }
@@ -103,6 +123,14 @@ case "$cmd" in
   down) down ;;
   status) status ;;
   ns) node_ns "$1" ;;
-  exec) ns=$(node_ns "$1"); shift; exec ip netns exec "$ns" "$@" ;;
+  exec)
+    [ $# -ge 2 ] || die "usage: $0 exec NODE CMD..."
+    ns=$(node_ns "$1"); node=$1; shift
+    # Not `ip netns exec`: it remounts /sys, which hides /sys/fs/cgroup (slurmd needs it). Enter
+    # the network namespace, then give the host its own /etc/hosts (a private mount namespace)
+    # and its own hostname (a UTS namespace); the machine's own files and name are untouched.
+    exec nsenter --net="/run/netns/$ns" -- unshare --uts --mount --propagation private -- \
+      sh -c 'mount --bind "$1" /etc/hosts && hostname "$0" && shift && exec "$@"' \
+      "$node" "/etc/netns/$ns/hosts" "$@" ;;
   *) die "usage: $0 up [--nodes N] | down | status | ns NODE | exec NODE CMD..." ;;
 esac

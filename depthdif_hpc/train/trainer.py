@@ -74,6 +74,24 @@ class _Pending:
     ids: list
 
 
+def _open_step_log(path: Path, step: int):
+    """Open a one-line-per-step JSON log for appending, first dropping the lines of steps after
+    `step` (the resumed checkpoint): a hard kill may have logged steps it never saved, and each
+    step must appear once in the file whatever the number of requeues."""
+    if path.exists():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                continue  # a line cut by the kill
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, path)
+    return open(path, "a")
+
+
 class Trainer:
     def __init__(self, cfg: Config, *, data_factory: DataFactory | None = None,
                  hooks: dict[str, Callable[..., Any]] | None = None) -> None:
@@ -154,6 +172,9 @@ class Trainer:
             self._load_checkpoint(self.resume_from)
         if self.is_main:
             self._write_run_files()
+        self.ids_fh = None
+        if cfg.trainer.record_sample_ids:
+            self.ids_fh = _open_step_log(self.run_dir / "logs" / f"samples_rank_{self.rank:05d}.jsonl", self.step)
         acc.wait_for_everyone()
         if self.is_main and cfg.logging.tensorboard:
             try:
@@ -211,21 +232,7 @@ class Trainer:
         elif cfg_path.read_text() != text:
             # A requeued run with changed settings: keep the original, record the new one.
             (self.run_dir / f"config.step_{self.step:08d}.yaml").write_text(text)
-        steps = self.run_dir / "steps.jsonl"
-        if steps.exists():
-            # Drop lines of steps after the resumed checkpoint (a hard kill logged but never saved
-            # them): each step appears once in the file whatever the number of requeues.
-            kept = []
-            for line in steps.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= self.step:
-                        kept.append(line)
-                except (ValueError, KeyError):
-                    continue  # a line cut by the kill
-            tmp = steps.with_suffix(".jsonl.part")
-            tmp.write_text("".join(k + "\n" for k in kept))
-            os.replace(tmp, steps)
-        self.steps_fh = open(steps, "a")
+        self.steps_fh = _open_step_log(self.run_dir / "steps.jsonl", self.step)
 
     # ================================================================== resume
 
@@ -505,6 +512,9 @@ class Trainer:
             ids = {r: i for r, i, v in gathered if not np.isfinite(v)}
             value = next(v for _, _, v in gathered if not np.isfinite(v))
             raise NonFiniteLossError(step, ids, value)
+        if self.ids_fh is not None and n:
+            self.ids_fh.write("".join(json.dumps({"step": p.step, "ids": p.ids}) + "\n" for p in pending))
+            self.ids_fh.flush()
         if not self.is_main or not n:
             return
         now = time.perf_counter()
@@ -638,6 +648,8 @@ class Trainer:
                 signal.signal(s, h)
             if self.pbar is not None:
                 self.pbar.close()
+            if getattr(self, "ids_fh", None):
+                self.ids_fh.close()
             if getattr(self, "is_main", False):  # _setup may have failed before it was known
                 if getattr(self, "steps_fh", None):
                     self.steps_fh.close()

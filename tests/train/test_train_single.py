@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -246,7 +247,7 @@ def test_product_data_stream_resume(tmp_path):
     store = build_tiny_store(tmp_path / "store", tile_size=32)
     run = tmp_path / "run"
     base = [f"dataset.store={store}", "dataloader.num_workers=0", "trainer.max_steps=5",
-            "trainer.val_at_epoch_end=false", "trainer.ema.enabled=false"]
+            "trainer.val_at_epoch_end=false", "trainer.ema.enabled=false", "trainer.record_sample_ids=true"]
 
     def stop_at_1(tr):
         if tr.step == 1:
@@ -260,6 +261,14 @@ def test_product_data_stream_resume(tmp_path):
     straight = tmp_path / "straight"
     assert main(args(straight, *base)) == 0
     assert [r["loss"] for r in steps(straight)] == [r["loss"] for r in recs]
+    # The sample audit: each step once across the resume, the same samples as the straight run,
+    # and the first epoch (steps 1-4) sees each of the 8 training samples exactly once.
+    ids = [json.loads(line) for line in (run / "logs" / "samples_rank_00000.jsonl").read_text().splitlines()]
+    ids_straight = (straight / "logs" / "samples_rank_00000.jsonl").read_text().splitlines()
+    assert [r["step"] for r in ids] == [1, 2, 3, 4, 5]
+    assert ids == [json.loads(line) for line in ids_straight]
+    epoch0 = [i for r in ids[:4] for i in r["ids"]]
+    assert len(epoch0) == 8 and len(set(epoch0)) == 8, epoch0
 
 
 def test_signal_during_startup_is_honoured_at_the_first_step(tmp_path):
