@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -177,3 +178,20 @@ def finish_after_requeue(env: dict, job: str, run_dir: Path, cfg: Path, timeout:
             and "JobState=TIMEOUT" not in show, f"job {job} ended without a requeue:\n{show}"
         time.sleep(0.3)
     raise AssertionError(f"job {job} was not requeued at its time limit within {timeout:.0f} s")
+
+
+def submit(env: dict, cwd: Path, *opts: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "depthdif_hpc.submit", "--gpus-per-node", "0", "--log-dir",
+           str(cwd / "submitit"), "--run-root", str(cwd / "runs"), *opts]
+    return run(cmd, env=env, cwd=cwd, timeout=timeout)
+
+
+def job_id(out: subprocess.CompletedProcess) -> str:
+    m = re.search(r"^job (\S+)$", out.stdout, re.M)
+    assert m, f"no job id in the output:\n{out.stdout}\n{out.stderr}"
+    return m.group(1)
+
+
+def submitit_log(cwd: Path, job: str, rank: int = 0) -> str:
+    paths = sorted((cwd / "submitit").glob(f"{job}*/{job}_{rank}_log.*"))
+    return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in paths)

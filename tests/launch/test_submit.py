@@ -5,9 +5,6 @@ job-array sweeps, refusals."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from launch_helpers import (
@@ -16,34 +13,20 @@ from launch_helpers import (
     cpu_job_env,
     final_weights,
     finish_after_requeue,
+    job_id,
     open_ended_config,
     run,
     sacct_records,
     steps_logged,
     stop_and_resume_steps,
+    submit,
+    submitit_log,
     tiny_overrides,
     wait_job,
     wait_steps,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def submit(env: dict, cwd: Path, *opts: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "depthdif_hpc.submit", "--gpus-per-node", "0", "--log-dir",
-           str(cwd / "submitit"), "--run-root", str(cwd / "runs"), *opts]
-    return run(cmd, env=env, cwd=cwd, timeout=timeout)
-
-
-def job_id(out: subprocess.CompletedProcess) -> str:
-    m = re.search(r"^job (\S+)$", out.stdout, re.M)
-    assert m, f"no job id in the output:\n{out.stdout}\n{out.stderr}"
-    return m.group(1)
-
-
-def submitit_log(cwd: Path, job: str, rank: int = 0) -> str:
-    paths = sorted((cwd / "submitit").glob(f"{job}*/{job}_{rank}_log.*"))
-    return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in paths)
 
 
 def test_submit_slurm_two_tasks(reference_run, tiny_store, tmp_path):
