@@ -191,3 +191,199 @@ def test_persistent_workers_follow_epochs_and_resume_position(tiny_store):
     ref = make_dataloader(cfg, "train", store=tiny_store, batch_size=2, num_workers=2,
                           shuffle=True, epoch=1)
     assert [i for b in _ids(ref) for i in b] == e1
+
+
+# ---- the batched path (what make_dataloader builds) ------------------------------------------
+
+_KEYS = {"eo": torch.float32, "x": torch.float32, "y": torch.float32, "land_mask": torch.float32,
+         "x_valid_mask": torch.bool, "y_valid_mask": torch.bool, "x_valid_mask_1d": torch.bool,
+         "date": torch.int64, "coords": torch.float32, "sample_id": torch.int64}
+
+
+def _per_sample_batches(store, split, bs, workers, epoch, **kw):
+    """The reference: per-sample items through a DataLoader with the default collate."""
+    from torch.utils.data import DataLoader
+
+    ds = ShardStream(store, split, shuffle=True, seed=7, shuffle_buffer=64, batch_size=bs, **kw)
+    ds.set_epoch(epoch)
+    return list(DataLoader(ds, batch_size=bs, num_workers=workers))
+
+
+def _reference_sample(store: Path, split: str, i: int) -> dict[str, np.ndarray]:
+    """Sample i decoded independently of stream.py: zarr + Quantizer.decode_c + SPEC 1 z-score."""
+    import zarr
+
+    from depthdif_hpc.data.store import META, meta_coords, quantizer_from
+    from depthdif_hpc.normalization import KELVIN_OFFSET, TEMP_MEAN_K, TEMP_STD_K
+
+    man = read_manifest(store)
+    g = zarr.open_group(str(store), mode="r")[split]
+    fields, obs, meta = g["fields"][i], g["obs"][i], g["meta"][i]
+    q = quantizer_from(man)
+    norm = (q.decode_c(fields).astype(np.float64) + KELVIN_OFFSET - TEMP_MEAN_K) / TEMP_STD_K
+    valid = fields != 0
+    x = np.zeros(fields[1:].shape)
+    for row in obs[: meta[META["n_obs_pixels"]]]:
+        codes = row[2:]
+        x[:, row[0], row[1]] = np.where(codes != 0, (q.decode_c(codes).astype(np.float64)
+                                                      + KELVIN_OFFSET - TEMP_MEAN_K) / TEMP_STD_K, 0)
+    xv = np.zeros(fields[1:].shape, bool)
+    for row in obs[: meta[META["n_obs_pixels"]]]:
+        xv[:, row[0], row[1]] = row[2:] != 0
+    return {"eo": np.where(valid[:1], norm[:1], 0), "y": np.where(valid[1:], norm[1:], 0), "x": x,
+            "y_valid_mask": valid[1:], "x_valid_mask": xv, "land_mask": valid[1:2].astype(np.float32),
+            "x_valid_mask_1d": xv.any(0, keepdims=True), "date": meta[META["date"]],
+            "coords": meta_coords(meta[None])[0],
+            "sample_id": i + man["sample_id_offset"][split]}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batched_loader_equals_per_sample_decode(tiny_store, workers):
+    cfg = tiny_config()
+    for epoch in (0, 1):
+        ld = make_dataloader(cfg, "val", store=tiny_store, batch_size=4, num_workers=workers,
+                             shuffle=True, epoch=epoch)
+        assert ld.dataset.batched and ld.loader.batch_size is None
+        got = list(ld)
+        ref = _per_sample_batches(tiny_store, "val", 4, workers, epoch)
+        assert [b["sample_id"].tolist() for b in got] == [b["sample_id"].tolist() for b in ref]
+        for b, r in zip(got, ref, strict=True):
+            assert set(b) == set(r) == set(_KEYS)
+            for k, dt in _KEYS.items():
+                assert b[k].dtype == dt and b[k].is_contiguous(), k
+                assert torch.equal(b[k], r[k]), k  # bit for bit (-0.0 == 0.0)
+    # And against a decode written from the format description, not from stream.py.
+    off = read_manifest(tiny_store)["sample_id_offset"]["val"]
+    for b in got[:2]:
+        for j, sid in enumerate(b["sample_id"].tolist()):
+            want = _reference_sample(tiny_store, "val", sid - off)
+            for k, v in want.items():
+                np.testing.assert_allclose(b[k][j].double().numpy(), np.asarray(v, np.float64),
+                                           rtol=0, atol=2e-6, err_msg=k)
+
+
+def test_batched_stream_without_coords_and_in_process_position(tiny_store):
+    ds = ShardStream(tiny_store, "val", shuffle=True, batch_size=5, batched=True, return_coords=False)
+    n = len(ds)
+    it = iter(ds)
+    first = next(it)
+    assert "coords" not in first and first["y"].shape[0] == 5
+    assert ds.state_dict()["consumed_batches"] == 1  # in-process iteration counts batches
+    rest = list(it)
+    assert [len(b["sample_id"]) for b in [first, *rest]] == [5, 5, n - 10]
+    assert ds.epoch == 1 and ds.state_dict()["consumed_batches"] == 0
+    # A stream built from a saved mid-epoch position yields exactly the remaining batches.
+    ds.set_epoch(0)
+    ds2 = ShardStream(tiny_store, "val", shuffle=True, batch_size=5, batched=True, return_coords=False)
+    ds2.load_state_dict({"epoch": 0, "consumed_batches": 1, "batch_size": 5})
+    for a, b in zip(rest, ds2, strict=True):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batched_resume_at_every_batch_is_exact(tiny_store, workers):
+    """Batches of 2 over shards of 3 and a shuffle buffer: every resume point lies inside a shard
+    block, some inside a partly emitted buffer; the rest of the epoch must be the same tensors."""
+    cfg = tiny_config("dataloader.shuffle_buffer=4")
+    mk = lambda **kw: make_dataloader(cfg, "val", store=tiny_store, batch_size=2,  # noqa: E731
+                                      num_workers=workers, shuffle=True, **kw)
+    full = list(mk(epoch=2))
+    for k in range(len(full) + 1):
+        part = mk(epoch=2)
+        it = iter(part)
+        for _ in range(k):
+            next(it)
+        state = part.state_dict()
+        it.close()
+        fresh = mk()
+        fresh.load_state_dict(state)
+        rest = list(fresh)
+        assert len(rest) == len(full) - k
+        for a, b in zip(full[k:], rest, strict=True):
+            for key in a:
+                assert torch.equal(a[key], b[key]), (k, key)
+        assert fresh.epoch == 3
+
+
+def test_ring_handoff_batches_do_not_alias_and_survive_early_stops(tiny_store):
+    cfg = tiny_config("dataloader.persistent_workers=true")
+    ref = _per_sample_batches(tiny_store, "train", 2, 2, 0)
+    for persistent in (True, False):
+        from depthdif_hpc.data.stream import StreamLoader
+
+        ld = make_dataloader(cfg, "train", store=tiny_store, batch_size=2, num_workers=2,
+                             shuffle=True)
+        ld = StreamLoader(ld.dataset, num_workers=2, persistent_workers=persistent)
+        assert ld.use_ring
+        it = iter(ld)
+        next(it)
+        it.close()  # stop early: the ring slots still held by the workers must come back
+        ld.set_epoch(0)
+        held = list(ld)  # every batch kept alive while later ones are decoded
+        ring = ld.dataset.ring
+        assert ring is not None and ring.slots == 3  # prefetch_factor 2, + 1
+        assert all(b["y"].untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+                   for b in held for t in ring.buf.values())
+        for a, b in zip(ref, held, strict=True):
+            for k in a:
+                assert torch.equal(a[k], b[k]), (persistent, k)
+        again = list(ld)  # next epoch, same ring
+        assert ld.dataset.ring is ring and len(again) == len(held)
+    # No free slot (e.g. one worker serving the others' share): the batch itself is sent.
+    ld = StreamLoader(ShardStream(tiny_store, "train", shuffle=True, batch_size=2, batched=True),
+                      num_workers=2, prefetch_factor=1)
+    ring = ld._ring()
+    ring.slots, ring.wait_s = 0, 0.0  # (before the workers start: they get this ring)
+    for a, b in zip(ref, list(ld), strict=True):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    # Without the ring the workers send their own shared-memory tensors: same batches.
+    ld = StreamLoader(ShardStream(tiny_store, "train", shuffle=True, batch_size=2, batched=True),
+                      num_workers=2, ring=False)
+    assert not ld.use_ring
+    for a, b in zip(ref, list(ld), strict=True):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_batched_skip_mode_keeps_batch_boundaries(tiny_store, tmp_path):
+    store = _damaged_copy(tiny_store, tmp_path)
+    shard = store / "val" / "fields" / "c" / "1" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:100])
+    cfg = tiny_config("dataset.skip_corrupt_samples=true")
+    good = list(make_dataloader(cfg, "val", store=tiny_store, batch_size=2, shuffle=False))
+    got = list(make_dataloader(cfg, "val", store=store, batch_size=2, shuffle=False))
+    # Samples 3, 4, 5 (shard 1) are gone; every other batch keeps its place.
+    off = read_manifest(tiny_store)["sample_id_offset"]["val"]
+    want = [[i for i in b["sample_id"].tolist() if i - off not in (3, 4, 5)] for b in good]
+    assert [b["sample_id"].tolist() for b in got] == [w for w in want if w]
+    with pytest.raises(CorruptSampleError, match=r"shard 1, sample 3"):
+        list(make_dataloader(tiny_config(), "val", store=store, batch_size=2, shuffle=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pinned_batches(tiny_store, workers):
+    cfg = tiny_config("dataloader.pin_memory=true")
+    ld = make_dataloader(cfg, "val", store=tiny_store, batch_size=4, num_workers=workers)
+    ref = _per_sample_batches(tiny_store, "val", 4, workers, 0)
+    for a, b in zip(ref, ld, strict=True):
+        for k in a:
+            assert b[k].is_pinned() and torch.equal(a[k], b[k]), k
+
+
+def test_pin_thread_redeems_ring_tickets(tiny_store, monkeypatch):
+    """torch's pin thread calls `pin_memory()` on what a worker sent: a RingTicket copies its
+    slot out right there (into pinned memory), so the training loop never does the copy."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from depthdif_hpc.data.stream import BatchRing, RingTicket, StreamLoader
+
+    ld = StreamLoader(ShardStream(tiny_store, "val", batch_size=2, batched=True), num_workers=2)
+    ring = ld._ring()
+    calls = []
+    monkeypatch.setattr(BatchRing, "take", lambda self, t, pin=False: calls.append((self, t, pin)))
+    ticket = RingTicket(ring.token, 1, 0, 2)
+    pin_memory(ticket)
+    assert calls == [(ring, ticket, True)]
