@@ -48,6 +48,34 @@ def test_autoencoder_model_predict_masks_invalid():
     assert torch.isnan(out["y_hat_denorm"][~batch["y_valid_mask"]]).all()
 
 
+def test_autoencoder_predict_is_fp32_under_bf16_autocast_and_scores_every_valid_pixel():
+    """Validation of the autoencoder: degC in fp32 even under bf16 autocast (a bf16 ~290 K
+    intermediate would round to 1 degC steps), and the per-depth profile over all valid pixels,
+    profile columns included (the autoencoder has no condition)."""
+    from depthdif_hpc.train.validation import reconstruct
+
+    model = build_model(load_config(AE, overrides=SMALL_AE)).eval()
+    batch = random_batch()
+    ref = model.predict(batch)["y_hat_denorm"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.predict(batch)
+    assert out["y_hat_denorm"].dtype == torch.float32
+    valid = batch["y_valid_mask"] > 0.5
+    # bf16 rounding of the normalised output only (~0.4% of the value), not of the Kelvin sum
+    assert (out["y_hat_denorm"][valid] - ref[valid]).abs().max() < 0.25
+    rec = reconstruct(model, batch, ambient=False, sampler="ddpm", log_intermediates=False, generator=None)
+    counted = valid.sum(dim=(0, 2, 3)).tolist()
+    assert rec["profile"]["count"].tolist() == counted  # x_valid columns are not left out
+    assert (batch["x_valid_mask"] > 0.5).any()
+
+
+def test_autoencoder_header_command_configs_load():
+    """The command in ae_config.yaml's header (ae config + the data config) is a valid config."""
+    cfg = load_config(AE, "configs/px_space/data_config.yaml")
+    assert cfg.model.model_type == "depth_band_ae"
+    assert cfg.dataloader.val_batch_size >= cfg.training.validation_sampling.max_full_reconstruction_samples
+
+
 def test_latent_training_and_predict(tmp_path):
     ckpt, ae_yaml = _trained_ae(tmp_path)
     model = build_model(_latent_cfg(ckpt, ae_yaml))

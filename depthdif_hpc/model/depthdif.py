@@ -216,7 +216,8 @@ class DepthDif(nn.Module):
             known=known, known_mask=known_mask, return_intermediates=return_intermediates,
             intermediate_step_indices=intermediate_step_indices, generator=generator,
         )
-        y_hat = self.to_pixels(res.sample)
+        # fp32 before denormalising: a bf16 sample (autocast) would round ~290 K to 1 degC steps.
+        y_hat = self.to_pixels(res.sample).float()
         y_hat_denorm = denormalize_temperature(y_hat)
         blur = self.cfg.post_process.gaussian_blur
         if blur.enabled:

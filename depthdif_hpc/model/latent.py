@@ -55,9 +55,14 @@ class AutoencoderModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: Batch, **_: object) -> dict:
-        y_hat = self.autoencoder(_require(batch, "y").float())
-        return {"y_hat": y_hat,
-                "y_hat_denorm": mask_invalid(denormalize_temperature(y_hat), _require(batch, "y_valid_mask"))}
+        """Reconstruct y. `generated_mask`: every valid pixel is the model's output (there is no
+        condition), so validation scores all of them."""
+        # fp32 before denormalising: under bf16 autocast the ~290 K intermediate would round to
+        # about 1 degC steps.
+        y_hat = self.autoencoder(_require(batch, "y").float()).float()
+        valid = _require(batch, "y_valid_mask")
+        return {"y_hat": y_hat, "y_hat_denorm": mask_invalid(denormalize_temperature(y_hat), valid),
+                "generated_mask": valid > 0.5}
 
 
 def load_autoencoder(cfg: Config) -> DepthBandAutoencoder:

@@ -434,6 +434,8 @@ class Trainer:
                     metrics[f"val/{k}"] = v
                 for k, v in enumerate(rec["profile"]["mae"]):
                     metrics[f"val_absolute_band_error/recon_l1_generated_deg_band_{k}"] = float(v)
+                for k, v in enumerate(rec["profile"]["rmse"]):
+                    metrics[f"val_band_rmse/recon_rmse_generated_deg_band_{k}"] = float(v)
                 figs = figures({k: v for k, v in dev.items()}, rec, self.run_dir / "val", self.step,
                                ambient=ambient, log_intermediates=vs.log_intermediates)
                 if self.tb is not None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from depthdif_hpc.data.profiles import GLORYS_DEPTHS
 from depthdif_hpc.metrics import eval_mask, per_depth_error, recon_metrics
 from depthdif_hpc.normalization import PLOT_MAX_C, PLOT_MIN_C, denormalize_temperature
 
@@ -40,9 +41,12 @@ def reconstruct(model: torch.nn.Module, batch: dict[str, Any], *, ambient: bool,
     mask = eval_mask(batch, ambient)
     target_c = denormalize_temperature(target_norm.float()).masked_fill(~mask, float("nan"))
     metrics = recon_metrics(pred_c, target_c, mask)
-    # "Generated" pixels: not given to the model. Standard: Y and not A; ambient: A and Y and not A~.
+    # "Generated" pixels: not given to the model. Standard: Y and not A; ambient: A and Y and not A~;
+    # a model without a condition (the autoencoder) says itself which pixels it produced.
     x_valid = batch["x_valid_mask"] > 0.5
-    if ambient and res.get("further_valid_mask") is not None:
+    if res.get("generated_mask") is not None:
+        generated = mask & res["generated_mask"]
+    elif ambient and res.get("further_valid_mask") is not None:
         generated = mask & ~(res["further_valid_mask"] > 0.5)
     else:
         generated = mask & ~x_valid
@@ -99,11 +103,15 @@ def figures(batch: dict[str, Any], rec: dict[str, Any], out_dir: Path, step: int
     prof = rec["profile"]
     fig2, ax = plt.subplots(figsize=(4, 3.5))
     k = np.arange(len(prof["mae"]))
+    ylabel = "depth index"
+    if len(k) == len(GLORYS_DEPTHS):  # the 50 GLORYS levels: plot against depth in metres
+        k, ylabel = GLORYS_DEPTHS, "depth (m)"
+        ax.set_yscale("log")
     ax.plot(prof["mae"], k, marker=".", label="MAE")
     ax.plot(prof["rmse"], k, marker=".", label="RMSE")
     ax.invert_yaxis()
     ax.set_xlabel("error (degC), generated pixels")
-    ax.set_ylabel("depth index")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     ax.set_title(f"per-depth error, step {step}", fontsize=9)
     fig2.tight_layout()
