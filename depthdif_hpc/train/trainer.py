@@ -463,7 +463,7 @@ class Trainer:
         if self.is_main:
             self._log_scalars(metrics, self.step)
             log.info("validation step %d: %s", self.step,
-                     ", ".join(f"{k}={v:.5g}" for k, v in metrics.items() if not k.startswith("val_absolute")))
+                     ", ".join(f"{k}={v:.5g}" for k, v in metrics.items() if not k.startswith(("val_absolute", "val_band"))))
         return metrics
 
     # ================================================================== logging
