@@ -52,6 +52,7 @@ def store(tmp_path_factory) -> Path:
 
 
 def _sbatch_run(cluster_env: dict, store: Path, cwd: Path, nodes: int, procs: int) -> dict:
+    cwd.mkdir(parents=True, exist_ok=True)
     run_dir = cwd / "run"
     env = _env(cluster_env, procs)
     job = sbatch(env, cwd, "train_ambient.sh", [f"--nodes={nodes}"], tiny_overrides(store, run_dir, STEPS, *EXTRA))
@@ -151,6 +152,23 @@ def test_sbatch_two_nodes_matches_one_node(two_node_run, one_node_run):
     assert _check_disjoint_samples(one["run_dir"], 2) == ids_two
     assert [s["loss"] for s in _steps(one["run_dir"])] == [s["loss"] for s in _steps(run_dir)]
     assert_same_weights(final_weights(run_dir, STEPS), final_weights(one["run_dir"], STEPS))
+
+
+def test_sbatch_two_nodes_two_processes_each(two_node_slurm, store, tmp_path):
+    """Two trainer processes per node (four ranks): local ranks repeat across nodes while global
+    ranks do not, the place where LOCAL_RANK-for-RANK bugs show. Same training as four processes
+    on one node."""
+    two = _sbatch_run(two_node_slurm, store, tmp_path / "2x2", nodes=2, procs=2)
+    one = _sbatch_run(two_node_slurm, store, tmp_path / "1x4", nodes=1, procs=4)
+    subnet = two["env"]["DDHPC_NETNS_SUBNET"]
+    for r in (two, one):
+        assert [x["state"] for x in sacct_records(r["env"], r["job"])] == ["COMPLETED"], r["log"]
+    assert _ranks(two["run_dir"]) == [(0, 0, 0, "node1", f"{subnet}.1"), (1, 1, 0, "node1", f"{subnet}.1"),
+                                      (2, 0, 1, "node2", f"{subnet}.2"), (3, 1, 1, "node2", f"{subnet}.2")]
+    assert [(x[0], x[1], x[2]) for x in _ranks(one["run_dir"])] == [(i, i, 0) for i in range(4)]
+    _check_one_run_folder(two["run_dir"], 4, [8, 16, 24])
+    assert _check_disjoint_samples(two["run_dir"], 4) == _check_disjoint_samples(one["run_dir"], 4)
+    assert_same_weights(final_weights(two["run_dir"], STEPS), final_weights(one["run_dir"], STEPS))
 
 
 def _steps(run_dir: Path) -> list[dict]:
