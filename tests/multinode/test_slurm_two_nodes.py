@@ -76,9 +76,16 @@ def _ranks(run_dir: Path) -> list[tuple]:
     return [(r["rank"], r["local_rank"], r["node_rank"], r["host"], r["addr"]) for r in rows]
 
 
-def _samples(run_dir: Path, rank: int) -> list[dict]:
-    path = run_dir / "logs" / f"samples_rank_{rank:05d}.jsonl"
+def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    return _jsonl(run_dir / "steps.jsonl")
+
+
+def _samples(run_dir: Path, rank: int) -> list[dict]:
+    return _jsonl(run_dir / "logs" / f"samples_rank_{rank:05d}.jsonl")
 
 
 def _check_one_run_folder(run_dir: Path, ranks: int, saves: list[int]) -> None:
@@ -101,8 +108,7 @@ def _check_one_run_folder(run_dir: Path, ranks: int, saves: list[int]) -> None:
 def _check_disjoint_samples(run_dir: Path, ranks: int) -> list[list]:
     """Every step, the ranks train on different samples; every epoch covers the training set
     once. Returns the ids of each step, per rank."""
-    epoch_of = {json.loads(line)["step"]: json.loads(line)["epoch"]
-                for line in (run_dir / "steps.jsonl").read_text().splitlines()}
+    epoch_of = {r["step"]: r["epoch"] for r in _steps(run_dir)}
     per_rank = [_samples(run_dir, r) for r in range(ranks)]
     for recs in per_rank:
         assert [x["step"] for x in recs] == list(range(1, STEPS + 1))
@@ -169,10 +175,6 @@ def test_sbatch_two_nodes_two_processes_each(two_node_slurm, store, tmp_path):
     _check_one_run_folder(two["run_dir"], 4, [8, 16, 24])
     assert _check_disjoint_samples(two["run_dir"], 4) == _check_disjoint_samples(one["run_dir"], 4)
     assert_same_weights(final_weights(two["run_dir"], STEPS), final_weights(one["run_dir"], STEPS))
-
-
-def _steps(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
 
 
 def test_submit_two_nodes(two_node_slurm, two_node_run, store, tmp_path):
