@@ -164,6 +164,12 @@ class TrainerConfig:
     zero_stage: int | None = None  # must equal zero_optimization.stage of deepspeed_config
     global_batch_size: int | None = None  # must equal batch_size * accumulation * world size
     matmul_precision: str = "high"
+    # Intra-op CPU threads of each trainer process. null: the CPUs this process may use (its
+    # affinity mask, capped by SLURM_CPUS_ON_NODE) divided by the processes on its node. The
+    # trainer applies it itself, whatever launched it, and ignores OMP_NUM_THREADS: torchrun sets
+    # that to 1 only when it starts more than one process per node, so two launch layouts of the
+    # same global batch would otherwise sum in different orders (docs/cluster.md, "CPU threads").
+    intra_op_threads: int | None = None
     val_at_epoch_end: bool = True
     full_reconstruction: bool = True  # rank-0 reverse diffusion of the cached val batch
     progress_bar: bool = True  # rank 0, only when stderr is a terminal
@@ -554,6 +560,8 @@ def validate_config(cfg: Config, origins: dict[str, str]) -> None:
         fail("trainer.zero_stage", tr.zero_stage, "must be 0, 1, 2 or 3")
     if tr.global_batch_size is not None:
         positive("trainer.global_batch_size", tr.global_batch_size)
+    if tr.intra_op_threads is not None:
+        positive("trainer.intra_op_threads", tr.intra_op_threads)
     positive("trainer.ema.start_step", tr.ema.start_step, strict=False)
     if not 0.0 < tr.ema.decay < 1.0:
         fail("trainer.ema.decay", tr.ema.decay, "must be in (0, 1)")

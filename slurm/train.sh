@@ -150,8 +150,8 @@ node_launch() {
   if [ "$DEVICE" = cpu ]; then
     export CUDA_VISIBLE_DEVICES=""
   fi
-  local cpus=${SLURM_CPUS_ON_NODE:-$(nproc)}
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / nproc > 0 ? cpus / nproc : 1 ))}
+  # CPU threads per process: the trainer applies trainer.intra_op_threads (default: this node's
+  # CPUs / processes), the same rule under every launcher.
   # The launcher must survive the checkpoint signal; the trainer processes install a handler.
   # (An ignored signal stays ignored across exec, so set the trainer's own handler in Python.)
   trap '' USR1

@@ -118,9 +118,6 @@ class TrainJob(submitit.helpers.Checkpointable):
                                                                       overwrite=True)
         if self.device == "cpu":
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
-        if cpus:
-            os.environ.setdefault("OMP_NUM_THREADS", str(cpus))
         run_dir = self.resolved_run_dir(env.job_id)
         argv = trainer_argv(self.preset, self.configs, self.overrides, run_dir=run_dir, restart=restart)
         _say(f"job {env.job_id} attempt {restart} rank {dist.rank}/{dist.world_size} "

@@ -66,6 +66,46 @@ def resolve_dist_env(environ: dict[str, str] | None = None, *, export: bool = Tr
     return DistEnv(rank, world, local, addr, port, source)
 
 
+@dataclass(frozen=True)
+class Threads:
+    count: int
+    source: str  # how the count was arrived at, for the start-up log
+
+
+def resolve_threads(setting: int | None, environ: dict[str, str] | None = None,
+                    cpus: int | None = None) -> Threads:
+    """The intra-op thread count of one trainer process (`trainer.intra_op_threads`).
+
+    An explicit setting wins. Otherwise the CPUs this process may use (its affinity mask, capped
+    by SLURM_CPUS_ON_NODE, which srun does not always enforce) shared evenly among the processes
+    on its node (LOCAL_WORLD_SIZE). OMP_NUM_THREADS is deliberately not consulted: torchrun sets it
+    to 1 only with more than one process per node and Accelerate picks its own number when it is
+    unset, so the same global batch would run with different thread counts (and summation
+    orders) under different launch layouts.
+    """
+    env = os.environ if environ is None else environ
+    if setting is not None:
+        return Threads(int(setting), "trainer.intra_op_threads")
+    avail = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    slurm = (env.get("SLURM_CPUS_ON_NODE") or "").split("(")[0]
+    if slurm.isdigit() and int(slurm) > 0:
+        avail = min(avail, int(slurm))
+    local = int(env.get("LOCAL_WORLD_SIZE") or 1)
+    return Threads(max(1, avail // max(local, 1)), f"{avail} CPUs / {local} process(es) on this node")
+
+
+def apply_threads(threads: Threads) -> None:
+    """Set the count for torch and for what this process starts (loader workers, subprocesses).
+
+    Exporting OMP_NUM_THREADS before the Accelerator is built also keeps Accelerate from choosing
+    its own count on multi-process CPU runs.
+    """
+    import torch
+
+    torch.set_num_threads(threads.count)
+    os.environ["OMP_NUM_THREADS"] = str(threads.count)
+
+
 def node_address(master_addr: str, master_port: int) -> str:
     """This process's own address on the route to the rendezvous host.
 
@@ -80,7 +120,7 @@ def node_address(master_addr: str, master_port: int) -> str:
         return "?"
 
 
-def rank_row(rank: int, world_size: int, local_rank: int) -> dict:
+def rank_row(rank: int, world_size: int, local_rank: int, threads: int) -> dict:
     """What one process says about itself for the start-up rank table."""
     env = os.environ
     node = env.get("GROUP_RANK") or env.get("SLURM_NODEID") or "0"
@@ -89,13 +129,14 @@ def rank_row(rank: int, world_size: int, local_rank: int) -> dict:
         "host": socket.gethostname(),
         "addr": node_address(env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500"))),
         "pid": os.getpid(),
+        "threads": threads,
         "slurm_job": env.get("SLURM_JOB_ID", "-"),
     }
 
 
 def format_rank_table(rows: list[dict]) -> str:
-    head = f"{'rank':>4} {'local':>5} {'node':>4} {'addr':<15} {'host':<20} {'pid':>7} slurm_job"
+    head = f"{'rank':>4} {'local':>5} {'node':>4} {'addr':<15} {'host':<20} {'pid':>7} {'threads':>7} slurm_job"
     lines = [head] + [
         f"{r['rank']:>4} {r['local_rank']:>5} {r['node_rank']:>4} {r['addr']:<15} {r['host'][:20]:<20} "
-        f"{r['pid']:>7} {r['slurm_job']}" for r in sorted(rows, key=lambda r: r["rank"])]
+        f"{r['pid']:>7} {r['threads']:>7} {r['slurm_job']}" for r in sorted(rows, key=lambda r: r["rank"])]
     return "\n".join(lines)

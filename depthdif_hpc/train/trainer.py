@@ -110,10 +110,13 @@ class Trainer:
     # ================================================================== setup
 
     def _setup(self) -> None:
-        from depthdif_hpc.train.distributed import resolve_dist_env
+        from depthdif_hpc.train.distributed import apply_threads, resolve_dist_env, resolve_threads
 
         cfg = self.cfg
         env = resolve_dist_env()
+        omp_before = os.environ.get("OMP_NUM_THREADS")
+        self.threads = resolve_threads(cfg.trainer.intra_op_threads)
+        apply_threads(self.threads)
         if torch.cuda.is_available():
             # TF32 on GPUs; on CPU "high" may route fp32 through reduced-precision oneDNN paths,
             # which would break the fp32 exactness the CPU tests rely on.
@@ -134,6 +137,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
+        log.info(f"intra-op threads: {self.threads.count} ({self.threads.source}; OMP_NUM_THREADS was "
+                 f"{omp_before if omp_before is not None else 'unset'})")
         self._log_rank_table(env.local_rank)
 
         # Same initial weights on every rank (DDP broadcasts anyway; ZeRO partitions local copies).
@@ -196,7 +201,7 @@ class Trainer:
 
     def _log_rank_table(self, local_rank: int) -> None:
         """Every rank reports rank/local rank/node/address once; rank 0 logs and saves the table."""
-        row = rank_row(self.rank, self.world, local_rank)
+        row = rank_row(self.rank, self.world, local_rank, self.threads.count)
         rows = [row]
         if self.ctrl_group is not None:
             rows = [None] * self.world

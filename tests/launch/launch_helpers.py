@@ -26,6 +26,8 @@ TINY = [
     "trainer.val_at_epoch_end=false", "trainer.full_reconstruction=false",
     "trainer.progress_bar=false", "trainer.ema.decay=0.8", "trainer.ema.start_step=1",
     "logging.tensorboard=false",
+    # Runs of different layouts (1 x 2 vs 2 x 1 processes) are compared bit for bit: same threads.
+    "trainer.intra_op_threads=1",
 ]
 MAX_STEPS = 40  # the reference run and every interrupted run train to this step
 
@@ -40,7 +42,7 @@ def tiny_overrides(store: Path, run_dir: Path, max_steps: int = MAX_STEPS, *extr
 
 
 def job_env(slurm_env: dict, **extra: str) -> dict:
-    env = dict(slurm_env, OMP_NUM_THREADS="1", DDHPC_ROOT=str(ROOT),
+    env = dict(slurm_env, DDHPC_ROOT=str(ROOT),
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")))
     env.update(extra)
     return env

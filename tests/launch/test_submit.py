@@ -51,7 +51,7 @@ def test_submit_slurm_two_tasks(reference_run, tiny_store, tmp_path):
 def test_submit_local_two_tasks(tiny_store, tmp_path):
     import os
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ)
     run_dir = tmp_path / "run"
     out = submit(env, tmp_path, "--local", "--tasks-per-node", "2", "--wait",
                  *tiny_overrides(tiny_store, run_dir, 6))

@@ -94,6 +94,8 @@ def _check_one_run_folder(run_dir: Path, ranks: int, saves: list[int]) -> None:
     assert steps_logged(run_dir) == list(range(1, STEPS + 1))  # each step once
     assert (run_dir / "config.yaml").is_file()
     assert not list(run_dir.glob("config.step_*.yaml"))
+    # every layout compared here runs under the same, explicit thread count (TINY)
+    assert {r["threads"] for r in json.loads((run_dir / "ranks.json").read_text())} == {1}
     names = sorted(p.name for p in (run_dir / "logs").iterdir())
     assert names == sorted([f"rank_{r:05d}.log" for r in range(ranks)]
                            + [f"samples_rank_{r:05d}.jsonl" for r in range(ranks)]), names

@@ -32,6 +32,9 @@ def _train_args(store: Path, run_dir: Path) -> list[str]:
         "trainer.val_every_n_steps=1000", f"trainer.checkpoint_every_n_steps={STEPS}",
         "dataloader.batch_size=2", "dataloader.val_batch_size=2", "dataloader.num_workers=0",
         "dataloader.pin_memory=false", "trainer.ema.enabled=false", "scheduler.warmup.steps=2",
+        # Both layouts sum in the same order only with the same thread count: by default one
+        # process per host would get every CPU and two processes on one host half each.
+        "trainer.intra_op_threads=1",
     ]
 
 
@@ -47,6 +50,7 @@ def _check_run(run_dir: Path) -> None:
     assert logs == ["rank_00000.log", "rank_00001.log"], logs
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")] == [
         f"step_{STEPS:08d}"]
+    assert [r["threads"] for r in json.loads((run_dir / "ranks.json").read_text())] == [1, 1]
 
 
 @pytest.mark.slow

@@ -17,6 +17,8 @@ TINY = [
     "trainer.full_reconstruction=false", "trainer.limit_val_batches=1",
     "trainer.ema.enabled=true", "trainer.ema.decay=0.8", "trainer.ema.start_step=1",
     "trainer.ema.update_every=1", "trainer.progress_bar=false",
+    # In-process runs are compared with torchrun runs bit for bit: one thread everywhere.
+    "trainer.intra_op_threads=1",
 ]
 
 

@@ -30,7 +30,6 @@ pytestmark = pytest.mark.slow
 def _torchrun(out: Path, train_args: list[str], *opts: str, timeout: int = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    env["OMP_NUM_THREADS"] = "1"
     with socket.socket() as sock:  # torchrun's static rendezvous cannot take port 0
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
