@@ -23,6 +23,7 @@ size against the same samples as float32. Last line: `samples/s: N` (median of t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> float:
     zarr.config.set({"threading.max_workers": 1})
 
     from depthdif_hpc.config import load_config
-    from depthdif_hpc.data.store import read_manifest
+    from depthdif_hpc.data.batch import FIELDS
+    from depthdif_hpc.data.store import N_LEVELS, read_manifest
     from depthdif_hpc.data.stream import ShardStream, StreamLoader, make_dataloader
 
     tmp = None
@@ -84,16 +86,17 @@ def main(argv: list[str] | None = None) -> float:
     split = a.split or max(man["splits"], key=lambda s: man["splits"][s]["n_samples"])
     n = man["splits"][split]["n_samples"]
     t = man["tile_size"]
-    f32 = 4 * t * t
-    # float32 tensors of the batch contract: y, x, eo, x/y masks (50 levels), 1-d mask, land.
-    dense_all = n * f32 * (50 + 50 + 1 + 50 + 50 + 1 + 1)
-    dense_data = n * (f32 * (50 + 50 + 1) + t * t * (50 + 50 + 1 + 1))  # masks as bool
+    # The per-pixel tensors of the batch contract (eo, x, y, their masks, land_mask) per sample.
+    pixel = [(math.prod(f.sample_shape({"D": N_LEVELS, "H": t, "W": t})), f.dtype.itemsize)
+             for f in FIELDS if "H" in f.dims]
+    dense_all = n * sum(4 * numel for numel, _ in pixel)  # all as float32
+    dense_data = n * sum(numel * size for numel, size in pixel)  # masks as bool
     stored = sum(_dir_bytes(store / s) for s in man["splits"] if (store / s).exists())
     stored_split = _dir_bytes(store / split)
     total_n = sum(v["n_samples"] for v in man["splits"].values())
     print(f"store {store}: {total_n} samples, {stored / 1e6:.1f} MB on disk")
-    print(f"size vs float32 (y, x, eo and all masks as float32): {stored / (dense_all * total_n / n):.3f}")
-    print(f"size vs float32 y/x/eo + bool masks: {stored / (dense_data * total_n / n):.3f}")
+    print(f"size vs float32 (eo, x, y and all masks as float32): {stored / (dense_all * total_n / n):.3f}")
+    print(f"size vs float32 eo/x/y + bool masks: {stored / (dense_data * total_n / n):.3f}")
 
     if a.path == "loader":
         cfg = load_config(overrides=["dataloader.shuffle_buffer=16", "dataloader.pin_memory=false",

@@ -1,35 +1,24 @@
 """Stream the sharded store to every rank and data-loader worker (never loading it whole).
 
-`ShardStream` is an `IterableDataset` over one split. For each epoch it permutes the shards
-(seed, epoch), cuts the resulting sample sequence into one contiguous range per rank (equal
-lengths with `even_ranks`) and each rank's range into one per worker (whole batches), so every
-(rank, worker) reads its own shards (a range boundary may split one shard between two
-neighbours; they read disjoint samples of it). Each worker reads its shards in order, block by
-block, and emits through a bounded shuffle buffer seeded by (seed, epoch, rank, worker). The
-whole schedule is a pure function of (seed, epoch, sizes), which is what makes exact mid-epoch
-resume possible: a restarted worker replays the index schedule without reading data and starts
-at the first batch not yet consumed.
-
-Two ways to iterate it, same samples in the same order:
+`ShardStream` is an `IterableDataset` over one split. Which samples a (rank, worker) reads and
+in which order it emits them is its `schedule` (`schedule.Schedule`, a pure function of seed,
+epoch and sizes: what makes exact mid-epoch resume possible). Each worker reads its samples
+shard block by shard block and decodes them (`decode.Decoder`) into the tensors of the batch
+contract (`batch.FIELDS`). Two ways to iterate it, same samples in the same order:
 
 * `batched=True` (what `make_dataloader` uses): every item is a whole batch, the next
   `batch_size` samples of the worker's emit sequence, decoded straight from the stored uint16
   codes into the batch tensors: new ones in the main process (pinned when asked and CUDA is
-  there), a preallocated shared-memory slot of a `BatchRing` in a DataLoader worker of a
+  there), a preallocated shared-memory slot of a `ring.BatchRing` in a DataLoader worker of a
   `StreamLoader` (the main process copies the slot out), else new shared-memory ones. Use it
   with `DataLoader(batch_size=None)`. No per-sample float tensor is built, nothing is stacked.
-* `batched=False` (default): every item is one sample, for `DataLoader(batch_size=N)` with
-  the default collate (evaluate, predict, tests). The batches equal the batched ones.
+* `batched=False` (default): every item is one sample (the batch keys without B), for
+  `DataLoader(batch_size=N)` with the default collate (evaluate, predict, tests). The batches
+  equal the batched ones.
 
 `make_dataloader(cfg, split, rank, world_size)` wraps a batched stream in a `StreamLoader`: a
 DataLoader that counts consumed batches and has `state_dict()`, `load_state_dict()`,
 `set_epoch()`.
-
-Each sample is the SPEC 1 dict (a batch: the same with a leading batch dimension): eo (1,H,W)
-f32, x (50,H,W) f32, y (50,H,W) f32, x_valid_mask (50,H,W) bool, y_valid_mask (50,H,W) bool,
-x_valid_mask_1d (1,H,W) bool, land_mask (1,H,W) f32 (1 = ocean), date int64 YYYYMMDD, coords
-f32 [lat, lon] (when return_coords), sample_id int64 (unique across splits: train 0..N-1, then
-val).
 """
 
 from __future__ import annotations
@@ -38,8 +27,6 @@ import itertools
 import logging
 import math
 import os
-import time
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,174 +35,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .store import (
-    META,
-    N_LEVELS,
-    CorruptSampleError,
-    ShardReader,
-    StoreError,
-    meta_coords,
-    quantizer_from,
-    read_manifest,
-    shard_file,
-)
+from .batch import Batch
+from .decode import Decoder, Raw
+from .ring import BatchRing, RingTicket
+from .schedule import Schedule
+from .store import META, CorruptSampleError, ShardReader, StoreError, read_manifest, shard_file
 
 log = logging.getLogger(__name__)
-
-
-def buffered_order(n: int, buffer: int, rng: np.random.Generator | None) -> np.ndarray:
-    """Output order (positions 0..n-1) of a bounded shuffle buffer fed positions in order.
-
-    An item is emitted at most `buffer` places after it was read, which bounds memory.
-    Without rng (no shuffle) the order is the identity.
-    """
-    if rng is None or n <= 1 or buffer <= 1:
-        return np.arange(n)
-    out = np.empty(n, np.int64)
-    buf = list(range(min(buffer, n)))
-    nxt, k = len(buf), 0
-    while nxt < n:
-        j = int(rng.integers(len(buf)))
-        out[k], buf[j] = buf[j], nxt
-        k += 1
-        nxt += 1
-    tail = rng.permutation(len(buf))
-    out[k:] = np.asarray(buf)[tail]
-    return out
-
-
-def consumed_per_worker(batches: int, nb: list[int]) -> tuple[list[int], int]:
-    """Batches taken from each worker after `batches` were consumed, and the worker next in turn.
-
-    The DataLoader returns worker batches round-robin, skipping exhausted workers (in-order
-    mode). A fresh DataLoader starts its cycle at worker 0, so on resume the workers are
-    renumbered to start the cycle at the worker that was next in turn.
-    """
-    got = [0] * len(nb)
-    k, w = batches, 0
-    while k > 0 and any(g < n for g, n in zip(got, nb, strict=True)):
-        if got[w] < nb[w]:
-            got[w] += 1
-            k -= 1
-        w = (w + 1) % len(nb)
-    for _ in range(len(nb)):  # point at a worker that still has batches
-        if got[w] < nb[w]:
-            break
-        w = (w + 1) % len(nb)
-    return got, w
-
-
-def _new_tensor(shape: tuple, dtype: torch.dtype, where: str = "plain") -> torch.Tensor:
-    """An uninitialised tensor: "plain", "shared" (shared memory, as torch's default collate
-    makes in a worker, so sending it to another process copies nothing) or "pinned"."""
-    if where == "shared":
-        elem = torch.empty(0, dtype=dtype)
-        storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
-        return elem.new(storage).view(shape)
-    return torch.empty(shape, dtype=dtype, pin_memory=where == "pinned")
-
-
-class BatchRing:
-    """Batch slots in shared memory through which DataLoader workers hand batches over.
-
-    Handing a fresh tensor from a worker to the main process costs far more than decoding it:
-    the worker creates a shared-memory segment per tensor and faults in every page of it, and
-    the main process maps and unmaps it (kernel time about 4x the decode on a 2-core VM). Here
-    every worker owns `slots` batch-sized slots, allocated once: it decodes a batch into a
-    free slot and sends only a `RingTicket` (worker, slot, size); the main process copies the
-    slot into the batch it hands out and frees the slot. With pin_memory the DataLoader's pin
-    thread does that copy (`RingTicket.pin_memory`), straight into pinned memory, off the
-    training loop and instead of the usual pin copy. No batch handed out aliases a slot. Slot flags are guarded by one lock (a
-    memory barrier between the processes). A worker frees all its slots when it starts an
-    iteration: by then the DataLoader has drained whatever the previous iteration left behind.
-
-    With prefetch_factor + 1 slots a worker finds a free one in steady state (at most
-    prefetch_factor batches outstanding, plus the one being copied). When it does not (one
-    worker serving the others' share at an epoch's end, or results the DataLoader discards
-    after an early stop) it waits up to `wait_s`, then sends a fresh shared-memory batch as
-    torch does, so nothing can deadlock.
-    """
-
-    def __init__(self, workers: int, slots: int, batch_size: int,
-                 specs: dict[str, tuple[tuple[int, ...], torch.dtype]], lock: Any):
-        self.workers, self.slots, self.batch_size = workers, slots, batch_size
-        self.token = int.from_bytes(os.urandom(6), "little")
-        self.buf = {k: _new_tensor((workers, slots, batch_size, *shape), dt, "shared")
-                    for k, (shape, dt) in specs.items()}
-        self.busy = _new_tensor((workers, slots), torch.uint8, "shared").zero_()
-        self.lock = lock
-        self.wait_s = 1.0
-        _RINGS[self.token] = self
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buf.values())
-
-    def reset(self, worker: int) -> None:
-        with self.lock:
-            self.busy[worker].zero_()
-
-    def acquire(self, worker: int) -> int | None:
-        """A free slot of `worker`, or None if none came free within `wait_s`."""
-        deadline, delay = time.monotonic() + self.wait_s, 1e-4
-        while True:
-            with self.lock:
-                for s in range(self.slots):
-                    if not self.busy[worker, s]:
-                        self.busy[worker, s] = 1
-                        return s
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(delay)
-            delay = min(2 * delay, 0.01)
-
-    def release(self, worker: int, slot: int) -> None:
-        with self.lock:
-            self.busy[worker, slot] = 0
-
-    def slot(self, worker: int, slot: int, n: int) -> dict[str, torch.Tensor]:
-        return {k: t[worker, slot, :n] for k, t in self.buf.items()}
-
-    def take(self, ticket: RingTicket, pin: bool = False) -> dict[str, torch.Tensor]:
-        """Main process: the batch a worker announced, copied out of its slot; frees the slot."""
-        if ticket.token != self.token:
-            raise RuntimeError("BatchRing: a batch from another loader's workers")
-        w, s, n = ticket.worker, ticket.slot, ticket.n
-        try:
-            out = {}
-            for k, src in self.slot(w, s, n).items():
-                out[k] = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
-                out[k].copy_(src)
-            return out
-        finally:
-            self.release(w, s)
-
-
-_RINGS: weakref.WeakValueDictionary[int, BatchRing] = weakref.WeakValueDictionary()
-
-
-class RingTicket:
-    """What a worker sends for a batch it left in its BatchRing slot."""
-
-    __slots__ = ("token", "worker", "slot", "n")
-
-    def __init__(self, token: int, worker: int, slot: int, n: int):
-        self.token, self.worker, self.slot, self.n = token, worker, slot, n
-
-    def __getstate__(self) -> tuple:
-        return self.token, self.worker, self.slot, self.n
-
-    def __setstate__(self, state: tuple) -> None:
-        self.token, self.worker, self.slot, self.n = state
-
-    def redeem(self, pin: bool = False) -> dict[str, torch.Tensor]:
-        ring = _RINGS.get(self.token)
-        if ring is None:
-            raise RuntimeError("RingTicket: its BatchRing is gone (a batch from a finished loader)")
-        return ring.take(self, pin)
-
-    def pin_memory(self) -> dict[str, torch.Tensor]:
-        """Called by the DataLoader's pin thread: copy out straight into pinned memory."""
-        return self.redeem(pin=True)
 
 
 class ShardStream(IterableDataset):
@@ -232,25 +58,19 @@ class ShardStream(IterableDataset):
                  skip_corrupt: bool = False, return_coords: bool = True, batched: bool = False,
                  pin_memory: bool = False):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.store = Path(store)
         man = read_manifest(self.store)
         if split not in man["splits"]:
             raise StoreError(f"store {self.store} has no split {split!r} ({list(man['splits'])})")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.split = split
         self.n = int(man["splits"][split]["n_samples"])
         self.shard = int(man["shard_samples"])
-        self.n_shards = math.ceil(self.n / self.shard) if self.n else 0
         self.id_offset = int(man["sample_id_offset"][split])
-        self.tile = int(man["tile_size"])
-        self.quant = quantizer_from(man)
-        self.rank, self.world_size = rank, world_size
-        self.shuffle, self.seed, self.buffer = shuffle, seed, shuffle_buffer
-        self.batch_size, self.even_ranks = batch_size, even_ranks
-        self.skip_corrupt, self.return_coords = skip_corrupt, return_coords
+        self.schedule = Schedule(self.n, self.shard, batch_size=batch_size, rank=rank,
+                                 world_size=world_size, shuffle=shuffle, seed=seed,
+                                 buffer=shuffle_buffer, even_ranks=even_ranks)
+        self.decoder = Decoder.from_manifest(man, return_coords)
+        self.skip_corrupt = skip_corrupt
         self.batched, self.pin_memory = batched, pin_memory
         self.ring: BatchRing | None = None  # set by StreamLoader for its workers
         self.skipped = 0
@@ -270,56 +90,22 @@ class ShardStream(IterableDataset):
         self._pos[0], self._pos[1] = int(epoch), 0
 
     def state_dict(self) -> dict[str, int]:
+        sc = self.schedule
         return {"epoch": int(self._pos[0]), "consumed_batches": int(self._pos[1]),
-                "batch_size": self.batch_size, "seed": self.seed, "world_size": self.world_size,
+                "batch_size": sc.batch_size, "seed": sc.seed, "world_size": sc.world_size,
                 "n_samples": self.n}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        now = self.state_dict()
         for key in ("batch_size", "seed", "world_size", "n_samples"):
-            if key in state and state[key] != getattr(self, "n" if key == "n_samples" else key):
+            if key in state and state[key] != now[key]:
                 raise StoreError(f"cannot resume {self.store}:{self.split}: saved {key}={state[key]}, "
-                                 f"now {getattr(self, 'n' if key == 'n_samples' else key)}")
+                                 f"now {now[key]}")
         self._pos[0], self._pos[1] = int(state["epoch"]), int(state["consumed_batches"])
-
-    # ---- schedule ---------------------------------------------------------------------------
-    def _rank_range(self, epoch: int) -> np.ndarray:
-        order = np.arange(self.n_shards)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.n_shards)
-        seq = np.concatenate([np.arange(s * self.shard, min((s + 1) * self.shard, self.n))
-                              for s in order]) if self.n else np.zeros(0, np.int64)
-        if self.even_ranks:
-            per = self.n // self.world_size
-            return seq[self.rank * per:(self.rank + 1) * per]
-        return np.array_split(seq, self.world_size)[self.rank]
 
     def __len__(self) -> int:
         """Samples this rank yields per epoch."""
-        return len(self._rank_range(0))
-
-    def _worker_ranges(self, rank_seq: np.ndarray, workers: int) -> list[np.ndarray]:
-        """Contiguous pieces of whole batches (the last piece may end in a partial batch)."""
-        nb = math.ceil(rank_seq.size / self.batch_size)
-        out, start = [], 0
-        for w in range(workers):
-            b = nb // workers + (w < nb % workers)
-            out.append(rank_seq[start:start + b * self.batch_size])
-            start += b * self.batch_size
-        return out
-
-    def schedule(self, epoch: int, worker: int, workers: int, consumed_batches: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray]:
-        """(read sequence, remaining emit sequence) of sample indices for DataLoader worker `worker`."""
-        pieces = self._worker_ranges(self._rank_range(epoch), workers)
-        nb = [math.ceil(p.size / self.batch_size) for p in pieces]
-        got, first = consumed_per_worker(consumed_batches, nb)
-        worker = (worker + first) % workers  # DataLoader worker id -> schedule slot
-        skip = got[worker] * self.batch_size
-        piece = pieces[worker]
-        rng = (np.random.default_rng([self.seed, epoch, self.rank, worker, workers])
-               if self.shuffle else None)
-        order = buffered_order(piece.size, self.buffer, rng)
-        return piece, piece[order[skip:]]
+        return self.schedule.rank_samples()
 
     # ---- reading ----------------------------------------------------------------------------
     def _open(self) -> dict:
@@ -359,7 +145,7 @@ class ShardStream(IterableDataset):
             return fast.read(a, b)
         return self._zarr()[name][a:b]
 
-    def _read_block(self, a: int, b: int) -> dict[int, tuple]:
+    def _read_block(self, a: int, b: int) -> dict[int, Raw]:
         """Raw (fields, obs, meta) of samples a..b-1 (one shard), keyed by sample index."""
         shard = a // self.shard
         try:
@@ -395,109 +181,7 @@ class ShardStream(IterableDataset):
             raise CorruptSampleError(f"{self._name(a)}: {first_exc}") from first_exc
         return out
 
-    def batch_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Per-sample shape and dtype of every key of a batch."""
-        h = w = self.tile
-        f32, bl = torch.float32, torch.bool
-        specs = {"eo": ((1, h, w), f32), "x": ((N_LEVELS, h, w), f32), "y": ((N_LEVELS, h, w), f32),
-                 "x_valid_mask": ((N_LEVELS, h, w), bl), "y_valid_mask": ((N_LEVELS, h, w), bl),
-                 "x_valid_mask_1d": ((1, h, w), bl), "land_mask": ((1, h, w), f32),
-                 "date": ((), torch.int64), "sample_id": ((), torch.int64)}
-        if self.return_coords:
-            specs["coords"] = ((2,), f32)
-        return specs
-
-    def decode_batch(self, ids: list[int], raws: list[tuple], where: str = "plain",
-                     out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Raw stored samples -> one SPEC 1 batch (normalised, zero where invalid).
-
-        Decodes the uint16 codes of each sample straight into its row of the batch tensors
-        (new ones allocated `where`, or the first len(ids) rows of `out`): one ufunc pass
-        each for code -> float32 (a * code), + b, * valid and for the mask; land_mask comes
-        from the mask already written, x and its masks from the observed pixels only. Nothing
-        per sample is allocated at full size and nothing is stacked.
-        """
-        bsz = len(raws)
-        a, b = self.quant.norm_affine()
-        if out is None:
-            out = {k: _new_tensor((bsz, *shape), dt, where)
-                   for k, (shape, dt) in self.batch_specs().items()}
-        else:
-            out = {k: v[:bsz] for k, v in out.items()}
-        for k in ("x", "x_valid_mask", "x_valid_mask_1d"):  # sparse: zero, then scatter
-            out[k].zero_()
-        h, w = out["eo"].shape[-2:]
-        eo, x, y = out["eo"].numpy(), out["x"].numpy(), out["y"].numpy()
-        xv, yv, xv1 = out["x_valid_mask"].numpy(), out["y_valid_mask"].numpy(), out["x_valid_mask_1d"].numpy()
-        land = out["land_mask"].numpy()
-        eo_valid = np.empty((1, h, w), bool)  # (eo has no mask of its own in the batch)
-        for j, (fields, obs, meta) in enumerate(raws):
-            # eo and y: a * code + b where code != 0, else 0 (float32 throughout).
-            np.not_equal(fields[0:1], 0, out=eo_valid)
-            np.multiply(fields[0:1], a, out=eo[j])
-            np.add(eo[j], b, out=eo[j])
-            np.multiply(eo[j], eo_valid, out=eo[j])
-            yj, yvj = y[j], yv[j]
-            np.not_equal(fields[1:], 0, out=yvj)
-            np.multiply(fields[1:], a, out=yj)
-            np.add(yj, b, out=yj)
-            np.multiply(yj, yvj, out=yj)
-            np.copyto(land[j], yvj[0:1])
-            k = int(meta[META["n_obs_pixels"]])
-            if k:  # x: scatter the few observed pixels into the zeroed slot
-                o = obs[:k]
-                r, c, codes = o[:, 0].astype(np.intp), o[:, 1].astype(np.intp), o[:, 2:]
-                ok = codes != 0
-                xv[j][:, r, c] = ok.T
-                xv1[j, 0, r, c] = ok.any(axis=1)  # from the few observed pixels, not a full pass
-                x[j][:, r, c] = ((codes * a + b) * ok).T
-        meta = np.stack([raw[2] for raw in raws])
-        out["date"].numpy()[:] = meta[:, META["date"]]
-        out["sample_id"].numpy()[:] = np.asarray(ids, np.int64) + self.id_offset
-        if self.return_coords:
-            out["coords"].numpy()[:] = meta_coords(meta)
-        return out
-
-    def decode(self, i: int, fields: np.ndarray, obs: np.ndarray, meta: np.ndarray) -> dict:
-        """Raw stored sample -> the SPEC 1 tensors of one sample (the per-sample stream).
-
-        Same values as decode_batch (tests check it bit for bit); kept separate because a batch
-        of one built by decode_batch is slower for this path (torch allocation per key, x
-        zeroed by a write instead of calloc's zero pages).
-        """
-        a, b = self.quant.norm_affine()
-        valid = fields != 0
-        vals = np.multiply(fields, a, dtype=np.float32)
-        vals += b
-        vals *= valid
-        nd, h, w = fields.shape[0] - 1, fields.shape[1], fields.shape[2]
-        x = np.zeros((nd, h, w), np.float32)
-        xv = np.zeros((nd, h, w), bool)
-        xv1 = np.zeros((1, h, w), bool)
-        k = int(meta[META["n_obs_pixels"]])
-        if k:
-            o = obs[:k]
-            r, c, codes = o[:, 0].astype(np.intp), o[:, 1].astype(np.intp), o[:, 2:]
-            ok = codes != 0
-            xv[:, r, c] = ok.T
-            xv1[0, r, c] = ok.any(axis=1)  # from the few observed pixels, not a full pass
-            x[:, r, c] = ((codes * a + b) * ok).T
-        item = {
-            "eo": torch.from_numpy(vals[0:1]),
-            "x": torch.from_numpy(x),
-            "y": torch.from_numpy(vals[1:]),
-            "x_valid_mask": torch.from_numpy(xv),
-            "y_valid_mask": torch.from_numpy(valid[1:]),
-            "x_valid_mask_1d": torch.from_numpy(xv1),
-            "land_mask": torch.from_numpy(valid[1:2].astype(np.float32)),
-            "date": torch.tensor(int(meta[META["date"]]), dtype=torch.int64),
-            "sample_id": torch.tensor(i + self.id_offset, dtype=torch.int64),
-        }
-        if self.return_coords:
-            item["coords"] = torch.from_numpy(meta_coords(meta[None])[0].copy())
-        return item
-
-    def _raw_items(self, read_seq: np.ndarray, emit: np.ndarray) -> Iterator[tuple[int, tuple | None]]:
+    def _raw_items(self, read_seq: np.ndarray, emit: np.ndarray) -> Iterator[tuple[int, Raw | None]]:
         """(sample index, raw (fields, obs, meta) or None if skipped as corrupt) in emit order.
 
         Reads the read sequence block by block (runs inside one shard, one read each) and keeps
@@ -511,7 +195,7 @@ class ShardStream(IterableDataset):
         block_of = np.empty(read_seq.size, np.int64)
         for bi, blk in enumerate(blocks):
             block_of[blk] = bi
-        cache: dict[int, tuple] = {}
+        cache: dict[int, Raw] = {}
         loaded = -1
         for i in emit.tolist():
             need = block_of[pos_of[i]]
@@ -526,13 +210,14 @@ class ShardStream(IterableDataset):
             want.discard(i)
             yield i, cache.pop(i, None)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch | RingTicket]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, consumed = int(self._pos[0]), int(self._pos[1])
-        read_seq, emit = self.schedule(epoch, worker, workers, consumed)
+        read_seq, emit = self.schedule.worker(epoch, worker, workers, consumed)
         in_process = info is None
         items = self._raw_items(read_seq, emit) if emit.size else iter(())
+        bs, dec = self.schedule.batch_size, self.decoder
         if self.batched:
             # Batch k of this worker = emit[k * bs:(k + 1) * bs] (the schedule's own cut), so a
             # resumed worker, whose emit sequence starts at a batch boundary, cuts the same.
@@ -540,28 +225,28 @@ class ShardStream(IterableDataset):
                      "pinned" if self.pin_memory and torch.cuda.is_available() else "plain")
             ring = self.ring if not in_process and self.ring is not None else None
             if ring is not None:
-                if ring.workers != workers or ring.batch_size < self.batch_size:
+                if ring.workers != workers or ring.batch_size < bs:
                     raise RuntimeError(f"BatchRing for {ring.workers} workers x {ring.batch_size}"
-                                       f" samples, loader has {workers} x {self.batch_size}")
+                                       f" samples, loader has {workers} x {bs}")
                 ring.reset(worker)
-            for _ in range(math.ceil(emit.size / self.batch_size)):
-                chunk = [(i, raw) for i, raw in itertools.islice(items, self.batch_size)
-                         if raw is not None]
+            for _ in range(math.ceil(emit.size / bs)):
+                chunk = [(i, raw) for i, raw in itertools.islice(items, bs) if raw is not None]
                 if in_process:
                     self._pos[1] += 1
                 if not chunk:  # only when every sample of the batch was skipped as corrupt
                     continue
-                ids, raws = [i for i, _ in chunk], [raw for _, raw in chunk]
+                ids = [i + self.id_offset for i, _ in chunk]
+                raws = [raw for _, raw in chunk]
                 if ring is None:
-                    yield self.decode_batch(ids, raws, where)
+                    yield dec.decode_batch(ids, raws, where)
                     continue
                 slot = ring.acquire(worker)
                 if slot is None:
                     log.debug("worker %d: no free ring slot, sending the batch itself", worker)
-                    yield self.decode_batch(ids, raws, "shared")
+                    yield dec.decode_batch(ids, raws, "shared")
                     continue
                 try:
-                    self.decode_batch(ids, raws, out=ring.slot(worker, slot, len(chunk)))
+                    dec.decode_batch(ids, raws, out=ring.slot(worker, slot, len(chunk)))
                 except BaseException:
                     ring.release(worker, slot)
                     raise
@@ -570,9 +255,9 @@ class ShardStream(IterableDataset):
             for i, raw in items:
                 if raw is None:  # skipped as corrupt
                     continue
-                item = self.decode(i, *raw)
+                item = dec.decode(i + self.id_offset, *raw)
                 if in_process:  # in-process iteration tracks its own position (batch_size 1)
-                    self._pos[1] += 1 if self.batch_size == 1 else 0
+                    self._pos[1] += 1 if bs == 1 else 0
                 yield item
         if in_process:
             self._pos[0], self._pos[1] = epoch + 1, 0
@@ -612,7 +297,7 @@ class StreamLoader:
             self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                      pin_memory=pin_memory and num_workers > 0, **kw)
         else:
-            self.loader = DataLoader(dataset, batch_size=dataset.batch_size,
+            self.loader = DataLoader(dataset, batch_size=dataset.schedule.batch_size,
                                      num_workers=num_workers, pin_memory=pin_memory, **kw)
         self._ring_slots = (prefetch_factor or 2) + 1
         self._ring_busy = False  # an iteration (and its workers) may still use dataset.ring
@@ -625,12 +310,13 @@ class StreamLoader:
             # Persistent workers keep the ring they started with; fresh workers reuse the last
             # one unless an unfinished iteration's workers may still write into it.
             ctx = self.loader.multiprocessing_context or torch.multiprocessing
-            ds.ring = BatchRing(self.num_workers, self._ring_slots, ds.batch_size, ds.batch_specs(),
-                                ctx.Lock())
+            ds.ring = BatchRing(self.num_workers, self._ring_slots, ds.schedule.batch_size,
+                                ds.decoder.batch_specs(), ctx.Lock())
         return ds.ring
 
     def __len__(self) -> int:
-        return math.ceil(len(self.dataset) / self.dataset.batch_size)
+        """Batches per epoch."""
+        return self.dataset.schedule.rank_batches()
 
     @property
     def epoch(self) -> int:
@@ -653,7 +339,7 @@ class StreamLoader:
         self.dataset.load_state_dict(state)
         self._consumed = int(state["consumed_batches"])
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         ds = self.dataset
         ds._pos[1] = self._consumed  # workers read this when they (re)start their iterator
         epoch = ds.epoch

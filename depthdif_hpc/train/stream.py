@@ -1,10 +1,9 @@
 """The trainer's view of a data stream: iterate an epoch, save/restore the position.
 
-The product path is `depthdif_hpc.data.make_dataloader(cfg, split, rank, world_size, ...)` (the
-Data issue): an iterable whose dataset (or the loader itself) has `set_epoch`, `state_dict` and
-`load_state_dict`. `wrap_stream` adapts whatever it returns; a loader without position state is
-wrapped in `CountingStream`, which resumes by skipping the batches already consumed in the
-epoch (exact for a deterministic order, just slower).
+The product path is `depthdif_hpc.data.make_dataloader(cfg, split, rank, world_size, ...)`: an
+iterable whose dataset (or the loader itself) has `set_epoch`, `state_dict` and
+`load_state_dict`. `wrap_stream` adapts whatever a data factory returns and refuses a loader
+without position state, since exact resume needs it.
 """
 
 from __future__ import annotations
@@ -53,42 +52,13 @@ class StatefulStream:
         self._owner.load_state_dict(state)
 
 
-class CountingStream:
-    """Fallback: position = batches consumed in this epoch; resume skips that many."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-        self.epoch = 0
-        self.consumed = 0
-        self._skip = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.consumed = 0
-        for obj in (self.loader, getattr(self.loader, "dataset", None), getattr(self.loader, "sampler", None)):
-            if obj is not None and hasattr(obj, "set_epoch"):
-                obj.set_epoch(epoch)
-                break
-
-    def __iter__(self) -> Iterator[Batch]:
-        skip, self._skip = self._skip, 0
-        for i, batch in enumerate(self.loader):
-            if i < skip:
-                continue
-            self.consumed = i + 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
-        self.consumed = self._skip = int(state["consumed"])
-
-
 def wrap_stream(loader: Any) -> DataStream:
     has_state = hasattr(loader, "state_dict") or hasattr(getattr(loader, "dataset", None), "state_dict")
-    return StatefulStream(loader) if has_state else CountingStream(loader)
+    if not has_state:
+        raise TypeError(f"data factory returned {type(loader).__name__}, which has no state_dict "
+                        "on itself or its .dataset: training cannot resume it exactly "
+                        "(depthdif_hpc.data.make_dataloader returns one that has)")
+    return StatefulStream(loader)
 
 
 def default_data_factory(cfg: Config, split: str, rank: int, world_size: int) -> Any:

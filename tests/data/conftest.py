@@ -35,3 +35,16 @@ def tiny_config(*extra: str):
     return load_config(overrides=[f"dataset.grid.tile_size={TILE}",
                                   f"dataset.grid.patch_stride={TILE // 2}",
                                   "split.val_year=2018", "dataset.layout.shard_samples=3", *extra])
+
+
+def per_sample_batches(store: Path, split: str, bs: int, workers: int, epoch: int,
+                       **kw) -> list[dict]:
+    """The reference for the batched path: per-sample items through a DataLoader with the
+    default collate."""
+    from torch.utils.data import DataLoader
+
+    from depthdif_hpc.data.stream import ShardStream
+
+    ds = ShardStream(store, split, shuffle=True, seed=7, shuffle_buffer=64, batch_size=bs, **kw)
+    ds.set_epoch(epoch)
+    return list(DataLoader(ds, batch_size=bs, num_workers=workers))

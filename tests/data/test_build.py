@@ -76,7 +76,7 @@ def test_round_trip_matches_independent_interpolation(tiny_store):
             assert np.abs(eo[both] - eo_ref[both]).max() <= bound + 2e-4
             # The streamed tensors are the same values, normalised (SPEC 1).
             if split == "train":
-                item = ds.decode(i, fields, g[split]["obs"][i], m)
+                item = ds.decoder.decode(i, fields, g[split]["obs"][i], m)
                 yt = denormalize_temperature(item["y"]).numpy()
                 vm = item["y_valid_mask"].numpy()
                 np.testing.assert_array_equal(vm, np.isfinite(y))

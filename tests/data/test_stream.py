@@ -1,4 +1,4 @@
-"""Streaming: batch contract, rank/worker sharding, epochs, exact resume, corrupt shards."""
+"""Streaming: rank/worker sharding, epochs, exact resume, corrupt shards, the batched path."""
 
 from __future__ import annotations
 
@@ -10,16 +10,12 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+from depthdif_hpc.data.batch import check_batch
 from depthdif_hpc.data.grid import Tile
 from depthdif_hpc.data.store import CorruptSampleError, StoreError, read_manifest
-from depthdif_hpc.data.stream import (
-    ShardStream,
-    buffered_order,
-    consumed_per_worker,
-    make_dataloader,
-)
+from depthdif_hpc.data.stream import ShardStream, make_dataloader
 
-from .conftest import TILE, tiny_config
+from .conftest import TILE, per_sample_batches, tiny_config
 
 
 def _ids(loader) -> list[list[int]]:
@@ -31,19 +27,9 @@ def test_items_follow_the_batch_contract(tiny_store):
     items = list(ds)
     assert len(items) == read_manifest(tiny_store)["splits"]["val"]["n_samples"] == len(ds)
     b = default_collate(items[:3])
-    shapes = {"eo": (1, TILE, TILE), "x": (50, TILE, TILE), "y": (50, TILE, TILE),
-              "x_valid_mask": (50, TILE, TILE), "y_valid_mask": (50, TILE, TILE),
-              "x_valid_mask_1d": (1, TILE, TILE), "land_mask": (1, TILE, TILE), "date": (),
-              "coords": (2,), "sample_id": ()}
-    dtypes = {"eo": torch.float32, "x": torch.float32, "y": torch.float32, "land_mask": torch.float32,
-              "x_valid_mask": torch.bool, "y_valid_mask": torch.bool, "x_valid_mask_1d": torch.bool,
-              "date": torch.int64, "coords": torch.float32, "sample_id": torch.int64}
-    assert set(b) == set(shapes)
-    for k, s in shapes.items():
-        assert tuple(b[k].shape) == (3, *s), k
-        assert b[k].dtype == dtypes[k], k
+    check_batch(b, "collated items", sizes={"B": 3, "D": 50, "H": TILE, "W": TILE})
+    assert "coords" in b
     assert torch.equal(b["land_mask"], b["y_valid_mask"][:, :1].float())
-    assert torch.equal(b["x_valid_mask_1d"], b["x_valid_mask"].any(1, keepdim=True))
     assert (b["y"][~b["y_valid_mask"]] == 0).all() and (b["x"][~b["x_valid_mask"]] == 0).all()
     assert b["x_valid_mask"].sum() > 0 and (~b["y_valid_mask"]).sum() > 0  # sparse x, sea floor
     assert all(20180101 <= d <= 20180131 for d in b["date"].tolist())  # val year 2018
@@ -66,7 +52,9 @@ def test_two_ranks_two_workers_cover_every_sample_once_per_epoch(tiny_store):
         for rank in (0, 1):
             ld = make_dataloader(cfg, "val", rank, 2, store=tiny_store, batch_size=2,
                                  num_workers=2, shuffle=True, epoch=epoch)
-            seen.append([i for b in _ids(ld) for i in b])
+            batches = _ids(ld)
+            assert len(batches) == len(ld)
+            seen.append([i for b in batches for i in b])
         flat = seen[0] + seen[1]
         assert sorted(flat) == sorted(set(flat)) and len(flat) == n  # exactly once
         assert not set(seen[0]) & set(seen[1])
@@ -100,18 +88,6 @@ def test_resume_mid_epoch_reproduces_the_rest(tiny_store, workers):
     rest = _ids(fresh)
     assert got + rest == full
     assert fresh.epoch == 4 and _ids(fresh) != full  # then the next epoch, a new order
-
-
-def test_schedule_helpers():
-    rng = np.random.default_rng(0)
-    order = buffered_order(100, 8, rng)
-    assert sorted(order.tolist()) == list(range(100))
-    assert np.all(order[:92] < np.arange(92) + 8)  # emitted at most `buffer` after being read
-    assert buffered_order(5, 8, None).tolist() == [0, 1, 2, 3, 4]
-    # 3 workers with 1, 3, 2 batches: round robin skipping exhausted workers.
-    assert consumed_per_worker(4, [1, 3, 2]) == ([1, 2, 1], 2)
-    assert consumed_per_worker(5, [1, 3, 2]) == ([1, 2, 2], 1)
-    assert consumed_per_worker(6, [1, 3, 2])[0] == [1, 3, 2]
 
 
 def _damaged_copy(tiny_store: Path, tmp_path: Path) -> Path:
@@ -195,73 +171,6 @@ def test_persistent_workers_follow_epochs_and_resume_position(tiny_store):
 
 # ---- the batched path (what make_dataloader builds) ------------------------------------------
 
-_KEYS = {"eo": torch.float32, "x": torch.float32, "y": torch.float32, "land_mask": torch.float32,
-         "x_valid_mask": torch.bool, "y_valid_mask": torch.bool, "x_valid_mask_1d": torch.bool,
-         "date": torch.int64, "coords": torch.float32, "sample_id": torch.int64}
-
-
-def _per_sample_batches(store, split, bs, workers, epoch, **kw):
-    """The reference: per-sample items through a DataLoader with the default collate."""
-    from torch.utils.data import DataLoader
-
-    ds = ShardStream(store, split, shuffle=True, seed=7, shuffle_buffer=64, batch_size=bs, **kw)
-    ds.set_epoch(epoch)
-    return list(DataLoader(ds, batch_size=bs, num_workers=workers))
-
-
-def _reference_sample(store: Path, split: str, i: int) -> dict[str, np.ndarray]:
-    """Sample i decoded independently of stream.py: zarr + Quantizer.decode_c + SPEC 1 z-score."""
-    import zarr
-
-    from depthdif_hpc.data.store import META, meta_coords, quantizer_from
-    from depthdif_hpc.normalization import KELVIN_OFFSET, TEMP_MEAN_K, TEMP_STD_K
-
-    man = read_manifest(store)
-    g = zarr.open_group(str(store), mode="r")[split]
-    fields, obs, meta = g["fields"][i], g["obs"][i], g["meta"][i]
-    q = quantizer_from(man)
-    norm = (q.decode_c(fields).astype(np.float64) + KELVIN_OFFSET - TEMP_MEAN_K) / TEMP_STD_K
-    valid = fields != 0
-    x = np.zeros(fields[1:].shape)
-    for row in obs[: meta[META["n_obs_pixels"]]]:
-        codes = row[2:]
-        x[:, row[0], row[1]] = np.where(codes != 0, (q.decode_c(codes).astype(np.float64)
-                                                      + KELVIN_OFFSET - TEMP_MEAN_K) / TEMP_STD_K, 0)
-    xv = np.zeros(fields[1:].shape, bool)
-    for row in obs[: meta[META["n_obs_pixels"]]]:
-        xv[:, row[0], row[1]] = row[2:] != 0
-    return {"eo": np.where(valid[:1], norm[:1], 0), "y": np.where(valid[1:], norm[1:], 0), "x": x,
-            "y_valid_mask": valid[1:], "x_valid_mask": xv, "land_mask": valid[1:2].astype(np.float32),
-            "x_valid_mask_1d": xv.any(0, keepdims=True), "date": meta[META["date"]],
-            "coords": meta_coords(meta[None])[0],
-            "sample_id": i + man["sample_id_offset"][split]}
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_batched_loader_equals_per_sample_decode(tiny_store, workers):
-    cfg = tiny_config()
-    for epoch in (0, 1):
-        ld = make_dataloader(cfg, "val", store=tiny_store, batch_size=4, num_workers=workers,
-                             shuffle=True, epoch=epoch)
-        assert ld.dataset.batched and ld.loader.batch_size is None
-        got = list(ld)
-        ref = _per_sample_batches(tiny_store, "val", 4, workers, epoch)
-        assert [b["sample_id"].tolist() for b in got] == [b["sample_id"].tolist() for b in ref]
-        for b, r in zip(got, ref, strict=True):
-            assert set(b) == set(r) == set(_KEYS)
-            for k, dt in _KEYS.items():
-                assert b[k].dtype == dt and b[k].is_contiguous(), k
-                assert torch.equal(b[k], r[k]), k  # bit for bit (-0.0 == 0.0)
-    # And against a decode written from the format description, not from stream.py.
-    off = read_manifest(tiny_store)["sample_id_offset"]["val"]
-    for b in got[:2]:
-        for j, sid in enumerate(b["sample_id"].tolist()):
-            want = _reference_sample(tiny_store, "val", sid - off)
-            for k, v in want.items():
-                np.testing.assert_allclose(b[k][j].double().numpy(), np.asarray(v, np.float64),
-                                           rtol=0, atol=2e-6, err_msg=k)
-
-
 def test_batched_stream_without_coords_and_in_process_position(tiny_store):
     ds = ShardStream(tiny_store, "val", shuffle=True, batch_size=5, batched=True, return_coords=False)
     n = len(ds)
@@ -306,47 +215,6 @@ def test_batched_resume_at_every_batch_is_exact(tiny_store, workers):
         assert fresh.epoch == 3
 
 
-def test_ring_handoff_batches_do_not_alias_and_survive_early_stops(tiny_store):
-    cfg = tiny_config("dataloader.persistent_workers=true")
-    ref = _per_sample_batches(tiny_store, "train", 2, 2, 0)
-    for persistent in (True, False):
-        from depthdif_hpc.data.stream import StreamLoader
-
-        ld = make_dataloader(cfg, "train", store=tiny_store, batch_size=2, num_workers=2,
-                             shuffle=True)
-        ld = StreamLoader(ld.dataset, num_workers=2, persistent_workers=persistent)
-        assert ld.use_ring
-        it = iter(ld)
-        next(it)
-        it.close()  # stop early: the ring slots still held by the workers must come back
-        ld.set_epoch(0)
-        held = list(ld)  # every batch kept alive while later ones are decoded
-        ring = ld.dataset.ring
-        assert ring is not None and ring.slots == 3  # prefetch_factor 2, + 1
-        assert all(b["y"].untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
-                   for b in held for t in ring.buf.values())
-        for a, b in zip(ref, held, strict=True):
-            for k in a:
-                assert torch.equal(a[k], b[k]), (persistent, k)
-        again = list(ld)  # next epoch, same ring
-        assert ld.dataset.ring is ring and len(again) == len(held)
-    # No free slot (e.g. one worker serving the others' share): the batch itself is sent.
-    ld = StreamLoader(ShardStream(tiny_store, "train", shuffle=True, batch_size=2, batched=True),
-                      num_workers=2, prefetch_factor=1)
-    ring = ld._ring()
-    ring.slots, ring.wait_s = 0, 0.0  # (before the workers start: they get this ring)
-    for a, b in zip(ref, list(ld), strict=True):
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
-    # Without the ring the workers send their own shared-memory tensors: same batches.
-    ld = StreamLoader(ShardStream(tiny_store, "train", shuffle=True, batch_size=2, batched=True),
-                      num_workers=2, ring=False)
-    assert not ld.use_ring
-    for a, b in zip(ref, list(ld), strict=True):
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
-
-
 def test_batched_skip_mode_keeps_batch_boundaries(tiny_store, tmp_path):
     store = _damaged_copy(tiny_store, tmp_path)
     shard = store / "val" / "fields" / "c" / "1" / "0" / "0" / "0"
@@ -367,23 +235,7 @@ def test_batched_skip_mode_keeps_batch_boundaries(tiny_store, tmp_path):
 def test_pinned_batches(tiny_store, workers):
     cfg = tiny_config("dataloader.pin_memory=true")
     ld = make_dataloader(cfg, "val", store=tiny_store, batch_size=4, num_workers=workers)
-    ref = _per_sample_batches(tiny_store, "val", 4, workers, 0)
+    ref = per_sample_batches(tiny_store, "val", 4, workers, 0)
     for a, b in zip(ref, ld, strict=True):
         for k in a:
             assert b[k].is_pinned() and torch.equal(a[k], b[k]), k
-
-
-def test_pin_thread_redeems_ring_tickets(tiny_store, monkeypatch):
-    """torch's pin thread calls `pin_memory()` on what a worker sent: a RingTicket copies its
-    slot out right there (into pinned memory), so the training loop never does the copy."""
-    from torch.utils.data._utils.pin_memory import pin_memory
-
-    from depthdif_hpc.data.stream import BatchRing, RingTicket, StreamLoader
-
-    ld = StreamLoader(ShardStream(tiny_store, "val", batch_size=2, batched=True), num_workers=2)
-    ring = ld._ring()
-    calls = []
-    monkeypatch.setattr(BatchRing, "take", lambda self, t, pin=False: calls.append((self, t, pin)))
-    ticket = RingTicket(ring.token, 1, 0, 2)
-    pin_memory(ticket)
-    assert calls == [(ring, ticket, True)]
