@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     _done(t0, f"-> {run_dir}")
 
     t0 = _stage(4, f"predict the validation split (DDIM {args.ddim_steps} steps, ensemble of {args.ensemble})")
-    from depthdif_hpc.inference.loading import load_model
-    from depthdif_hpc.predict import predict_split
+    from depthdif_hpc.checkpoint.loading import load_model
+    from depthdif_hpc.inference.predict import predict_split
 
     _, model = load_model(run_dir)
     pred = out / "predictions.zarr"
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     _done(t0, f"-> {pred} ({counts['written']} new, {counts['skipped']} reused)")
 
     t0 = _stage(5, "evaluate against IDW, climatology and surface-extended baselines")
-    from depthdif_hpc.evaluate import METHODS, evaluate
+    from depthdif_hpc.inference.evaluate import METHODS, evaluate
 
     report = out / "report"
     r = evaluate(pred, store, report)

@@ -8,6 +8,7 @@ validation and the evaluation code.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -63,19 +64,47 @@ def _ssim(target: np.ndarray, pred: np.ndarray, data_range: float) -> float:
     return float(structural_similarity(target, pred, data_range=data_range))
 
 
+@dataclass
+class DepthStats:
+    """Streaming per-depth error sums for one (method, support)."""
+
+    depth: int
+    n: np.ndarray = field(init=False)
+    s: np.ndarray = field(init=False)
+    sa: np.ndarray = field(init=False)
+    s2: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n, self.s, self.sa, self.s2 = (np.zeros(self.depth) for _ in range(4))
+
+    def add(self, pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> None:
+        """pred, truth (D, H, W) degC; mask (D, H, W) bool. Non-finite pairs are left out."""
+        sel = mask & np.isfinite(pred) & np.isfinite(truth)
+        err = np.where(sel, pred - truth, 0.0)
+        self.n += sel.sum(axis=(1, 2))
+        self.s += err.sum(axis=(1, 2))
+        self.sa += np.abs(err).sum(axis=(1, 2))
+        self.s2 += (err**2).sum(axis=(1, 2))
+
+    def per_depth(self) -> dict[str, np.ndarray]:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            n = np.where(self.n > 0, self.n, np.nan)
+            return {"rmse": np.sqrt(self.s2 / n), "mae": self.sa / n, "bias": self.s / n, "count": self.n}
+
+    def overall(self) -> dict[str, float]:
+        n = self.n.sum()
+        if n == 0:
+            return {"rmse": math.nan, "mae": math.nan, "bias": math.nan, "count": 0}
+        return {"rmse": float(np.sqrt(self.s2.sum() / n)), "mae": float(self.sa.sum() / n),
+                "bias": float(self.s.sum() / n), "count": int(n)}
+
+
 def per_depth_error(pred_c: torch.Tensor, target_c: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per depth band: MAE and RMSE in degC and the pixel count over the selected pixels."""
+    """Per depth band of a (B, D, H, W) batch: RMSE, MAE, bias (degC) and the selected pixel count."""
     pred = pred_c.detach().float().cpu().numpy()
     target = target_c.detach().float().cpu().numpy()
-    sel_all = mask.detach().cpu().numpy().astype(bool) & np.isfinite(pred) & np.isfinite(target)
-    d = pred.shape[1]
-    mae, rmse, count = np.full(d, np.nan), np.full(d, np.nan), np.zeros(d, dtype=np.int64)
-    for k in range(d):
-        sel = sel_all[:, k]
-        n = int(sel.sum())
-        count[k] = n
-        if n:
-            e = pred[:, k][sel] - target[:, k][sel]
-            mae[k] = float(np.abs(e).mean())
-            rmse[k] = float(np.sqrt((e**2).mean()))
-    return {"mae": mae, "rmse": rmse, "count": count}
+    sel = mask.detach().cpu().numpy().astype(bool)
+    stats = DepthStats(pred.shape[1])
+    for b in range(pred.shape[0]):
+        stats.add(pred[b], target[b], sel[b])
+    return stats.per_depth()

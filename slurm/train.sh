@@ -64,7 +64,7 @@ set -uo pipefail
 say() { echo "[$(date +%FT%T)] train.sh: $*"; }
 die() { echo "[$(date +%FT%T)] train.sh: error: $*" >&2; exit 2; }
 
-[ -n "${SLURM_JOB_ID:-}" ] || die "run me with sbatch (no SLURM_JOB_ID), or use python -m depthdif_hpc.submit"
+[ -n "${SLURM_JOB_ID:-}" ] || die "run me with sbatch (no SLURM_JOB_ID), or use python -m depthdif_hpc.launch.submit"
 
 # The trainer runs in the submit directory: relative paths in arguments (trainer.run_dir=...,
 # dataset.store=...) are relative to where sbatch was run. Preset configs come from DDHPC_ROOT.

@@ -1,4 +1,4 @@
-"""The callable that `python -m depthdif_hpc.submit` hands to submitit: one per task (= rank).
+"""The callable that `python -m depthdif_hpc.launch.submit` hands to submitit: one per task (= rank).
 
 Lives in an importable module (not `__main__`) because submitit pickles it by reference.
 
@@ -27,26 +27,22 @@ from typing import Any
 
 import submitit
 
-from depthdif_hpc.launch.rendezvous import job_port
+from depthdif_hpc.checkpoint import layout
 from depthdif_hpc.launch.trainer_args import trainer_argv
+from depthdif_hpc.launch_env import job_port
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75
 
 
 def _say(msg: str) -> None:
-    print(f"[{time.strftime('%Y-%m-%dT%H:%M:%S')}] depthdif_hpc.submit: {msg}", flush=True)
+    print(f"[{time.strftime('%Y-%m-%dT%H:%M:%S')}] depthdif_hpc.launch.submit: {msg}", flush=True)
 
 
 def newest_checkpoint_step(run_dir: Path) -> int | None:
-    steps = []
-    for p in (Path(run_dir) / "checkpoints").glob("step_*"):
-        if p.is_dir() and (p / "MANIFEST.json").is_file():
-            try:
-                steps.append(int(p.name.split("_", 1)[1]))
-            except ValueError:
-                pass
-    return max(steps) if steps else None
+    """Step of the newest complete checkpoint of a run folder (None: none yet)."""
+    newest = layout.latest_complete(Path(run_dir) / layout.CHECKPOINTS, warn=lambda _msg: None)
+    return int(layout.read_manifest(newest)["step"]) if newest is not None else None
 
 
 class _StopForwarder:

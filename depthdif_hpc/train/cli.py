@@ -21,12 +21,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None, *, data_factory=None, hooks=None) -> int:
     """Train with these arguments; returns the exit code (submitit calls this directly)."""
-    from depthdif_hpc.train.trainer import EXIT_CONFIG, EXIT_NONFINITE, NonFiniteLossError, Trainer
+    from depthdif_hpc.train.steplog import NonFiniteLossError
+    from depthdif_hpc.train.trainer import EXIT_CONFIG, EXIT_NONFINITE, StopSignals, Trainer
 
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         cfg = load_config(*args.config, overrides=args.overrides)
-        code = Trainer(cfg, data_factory=data_factory, hooks=hooks).fit()
+        # Handlers first: a preemption signal during the (slow) start-up is kept, not fatal.
+        with StopSignals() as stop:
+            trainer = Trainer(cfg, stop=stop, data_factory=data_factory, hooks=hooks)
+            try:
+                code = trainer.fit()
+            finally:
+                trainer.close()
     except ConfigError as exc:
         print(f"depthdif_hpc.train: configuration refused: {exc}", file=sys.stderr, flush=True)
         code = EXIT_CONFIG

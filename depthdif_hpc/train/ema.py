@@ -13,8 +13,6 @@ in fp32 whatever the training dtype.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -88,16 +86,3 @@ class ShardedEMA:
                 raise ValueError(f"EMA tensor {n}: checkpoint shape {tuple(src.shape)} != this run's "
                                  f"{tuple(s.shape)} (different world size under ZeRO-3?)")
             s.copy_(src.to(s.device, s.dtype))
-
-
-def merge_zero3_shards(shards: list[dict[str, torch.Tensor]], shapes: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Consolidate per-rank ZeRO-3 EMA partitions (rank order) into full tensors (export)."""
-    out = {}
-    for name, shape_str in shapes.items():
-        shape = tuple(int(v) for v in shape_str.split(",")) if shape_str else ()
-        numel = math.prod(shape)
-        flat = torch.cat([s[name].reshape(-1) for s in shards])
-        if flat.numel() < numel:
-            raise ValueError(f"EMA shards of {name} hold {flat.numel()} values, need {numel}")
-        out[name] = flat[:numel].view(shape).clone()
-    return out

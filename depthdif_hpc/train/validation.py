@@ -4,15 +4,25 @@ the cached first validation batch on global rank 0 with degC metrics and figures
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from depthdif_hpc.checkpoint.weights import load_model_weights
+from depthdif_hpc.config import Config
 from depthdif_hpc.data.profiles import GLORYS_DEPTHS
 from depthdif_hpc.metrics import eval_mask, per_depth_error, recon_metrics
+from depthdif_hpc.model.depthdif import build_model
 from depthdif_hpc.normalization import PLOT_MAX_C, PLOT_MIN_C, denormalize_temperature
+from depthdif_hpc.train.optim import LRController
+from depthdif_hpc.train.steplog import StepLog
+from depthdif_hpc.train.stream import DataFactory, to_device, wrap_stream
 
 log = logging.getLogger("depthdif_hpc.train")
 
@@ -53,10 +63,6 @@ def reconstruct(model: torch.nn.Module, batch: dict[str, Any], *, ambient: bool,
     profile = per_depth_error(pred_c, target_c, generated)
     return {"metrics": metrics, "profile": profile, "pred_c": pred_c, "target_c": target_c,
             "result": res}
-
-
-def _finite_or(x: float, default: float) -> float:
-    return x if np.isfinite(x) else default
 
 
 def figures(batch: dict[str, Any], rec: dict[str, Any], out_dir: Path, step: int, *,
@@ -152,3 +158,115 @@ def figures(batch: dict[str, Any], rec: dict[str, Any], out_dir: Path, step: int
         fig4.savefig(out_dir / f"step_{step:08d}_mae_vs_step.png", dpi=80)
         figs["val/mae_vs_step"] = fig4
     return figs
+
+
+class Validator:
+    """Runs validation for the trainer (collective: every rank calls `run` at the same step).
+
+    Validation uses an unsharded, unwrapped fp32 replica of the model (or of its EMA), so no
+    collective runs inside its forward and rank 0 alone can run the reverse diffusion.
+    """
+
+    def __init__(self, cfg: Config, *, rank: int, world: int, device: torch.device, ctrl_group: Any,
+                 data_factory: DataFactory, full_weights: Callable[[bool], dict[str, torch.Tensor]],
+                 autocast: Callable[[], AbstractContextManager], lr_ctl: LRController, steplog: StepLog,
+                 barrier: Callable[[], None], out_dir: Path, use_ema: bool) -> None:
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.is_main = rank == 0
+        self.ctrl_group, self.data_factory = ctrl_group, data_factory
+        self.full_weights, self.autocast, self.barrier = full_weights, autocast, barrier
+        self.lr_ctl, self.steplog, self.out_dir, self.use_ema = lr_ctl, steplog, out_dir, use_ema
+        self.stream: Any = None  # built at the first validation: runs that never validate skip it
+        self.recon_batch: dict | None = None  # rank 0: the first validation batch, cached
+        self.replica: torch.nn.Module | None = None
+
+    def _replica(self) -> torch.nn.Module:
+        sd = self.full_weights(self.use_ema)
+        if self.replica is None:
+            self.replica = build_model(self.cfg).to(self.device).eval()
+            self.replica.requires_grad_(False)
+        load_model_weights(self.replica, sd, "the training replica")
+        return self.replica
+
+    def run(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        model = self._replica()
+        if self.stream is None:
+            self.stream = wrap_stream(self.data_factory(cfg, "val", self.rank, self.world))
+        self.stream.set_epoch(0)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(cfg.training.seed * 7919 + self.rank)  # same draws at every validation
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for i, batch in enumerate(self.stream):
+                if i >= cfg.trainer.limit_val_batches:
+                    break
+                if i == 0 and self.recon_batch is None and self.is_main:
+                    n = cfg.training.validation_sampling.max_full_reconstruction_samples
+                    self.recon_batch = slice_batch(batch, n)
+                dev = to_device(batch, self.device)
+                with self.autocast():
+                    loss, _ = model.loss(dev, generator=gen)
+                total += loss.float()
+                count += 1
+        if self.world > 1:
+            both = torch.stack([total, count])
+            dist.all_reduce(both)
+            total, count = both[0], both[1]
+        val_loss = float(total / count.clamp_min(1)) if float(count) > 0 else float("nan")
+        metrics = {"val/loss": val_loss,
+                   "val/loss_ckpt": val_loss if np.isfinite(val_loss) else LOSS_CKPT_NONFINITE,
+                   "val/batches": float(count)}
+        if cfg.trainer.full_reconstruction and self.is_main and self.recon_batch is not None:
+            metrics.update(self._reconstruct(model, step))
+        self.barrier()
+        # The plateau monitor must be the same on every rank (reconstruction metrics exist on
+        # rank 0 only): rank 0's value is broadcast.
+        monitor = cfg.scheduler.reduce_on_plateau.monitor
+        value = torch.tensor([metrics.get(monitor, metrics["val/loss_ckpt"])], dtype=torch.float64)
+        if self.world > 1:
+            dist.broadcast(value, src=0, group=self.ctrl_group)
+        if self.lr_ctl.plateau_step(float(value)):
+            log.info(f"ReduceLROnPlateau: lr now {self.lr_ctl.plateau_lr:g}")
+        if self.is_main:
+            self.steplog.scalars(metrics, step)
+            log.info("validation step %d: %s", step,
+                     ", ".join(f"{k}={v:.5g}" for k, v in metrics.items()
+                               if not k.startswith(("val_absolute", "val_band"))))
+        return metrics
+
+    def _reconstruct(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Rank 0: reverse diffusion of the cached batch, degC metrics, figures."""
+        cfg = self.cfg
+        vs = cfg.training.validation_sampling
+        ambient = cfg.model.ambient_occlusion.enabled
+        rgen = torch.Generator(device=self.device)
+        rgen.manual_seed(cfg.training.seed + 17)
+        assert self.recon_batch is not None
+        dev = to_device(self.recon_batch, self.device)
+        metrics: dict[str, float] = {}
+        t0 = time.perf_counter()
+        try:
+            with self.autocast():
+                rec = reconstruct(model, dev, ambient=ambient, sampler=vs.sampler,
+                                  log_intermediates=vs.log_intermediates, generator=rgen)
+            for k, v in rec["metrics"].items():
+                metrics[f"val/{k}"] = v
+            for k, v in enumerate(rec["profile"]["mae"]):
+                metrics[f"val_absolute_band_error/recon_l1_generated_deg_band_{k}"] = float(v)
+            for k, v in enumerate(rec["profile"]["rmse"]):
+                metrics[f"val_band_rmse/recon_rmse_generated_deg_band_{k}"] = float(v)
+            figs = figures(dict(dev), rec, self.out_dir, step, ambient=ambient,
+                           log_intermediates=vs.log_intermediates)
+            self.steplog.figures(figs, step)
+            import matplotlib.pyplot as plt
+
+            for fig in figs.values():
+                plt.close(fig)
+        except Exception as exc:  # SPEC 8.1: a failed reconstruction logs placeholders
+            log.exception(f"full reconstruction failed at step {step}: {exc}")
+            for k in ("recon_mse_full_recon", "recon_psnr_full_recon", "recon_ssim_full_recon"):
+                metrics[f"val/{k}"] = 0.0
+        metrics["val/recon_seconds"] = time.perf_counter() - t0
+        return metrics

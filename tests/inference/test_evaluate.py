@@ -7,9 +7,10 @@ import torch
 import zarr
 
 from depthdif_hpc.data.stream import ShardStream
-from depthdif_hpc.evaluate import DepthStats, evaluate
+from depthdif_hpc.inference.evaluate import evaluate
+from depthdif_hpc.inference.predict import predict_split
+from depthdif_hpc.metrics import DepthStats
 from depthdif_hpc.normalization import denormalize_temperature
-from depthdif_hpc.predict import predict_split
 
 
 def test_depth_stats_by_hand():

@@ -1,4 +1,4 @@
-"""depthdif_hpc.evaluate_ae: the autoencoder's reconstruction error per depth, on the tiny store."""
+"""depthdif_hpc.inference.evaluate_ae: the autoencoder's reconstruction error per depth, on the tiny store."""
 
 import json
 import math
@@ -13,7 +13,12 @@ from safetensors.torch import save_file
 from depthdif_hpc import build_model
 from depthdif_hpc.config import load_config, to_yaml
 from depthdif_hpc.data.store import StoreError, read_manifest
-from depthdif_hpc.evaluate_ae import FIGURE, NotAnAutoencoderError, evaluate_autoencoder, main
+from depthdif_hpc.inference.evaluate_ae import (
+    FIGURE,
+    NotAnAutoencoderError,
+    evaluate_autoencoder,
+    main,
+)
 from depthdif_hpc.normalization import normalize_temperature
 from depthdif_hpc.train.cli import main as train_main
 from tests.helpers import tiny_config
@@ -24,7 +29,7 @@ SMALL_AE = ["ae.encoder_hidden_channels=[8,8]", "ae.decoder_hidden_channels=[8,8
 
 
 def _export(folder: Path, cfg, model: torch.nn.Module) -> Path:
-    """An export folder (model.safetensors + config.yaml), as depthdif_hpc.train.export writes."""
+    """An export folder (model.safetensors + config.yaml), as depthdif_hpc.checkpoint.export writes."""
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     (folder / "config.yaml").write_text(to_yaml(cfg))

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from depthdif_hpc.evaluate import evaluate
-from depthdif_hpc.inference.loading import load_model
+from depthdif_hpc.checkpoint.loading import load_model
+from depthdif_hpc.inference.evaluate import evaluate
+from depthdif_hpc.inference.predict import predict_split
 from depthdif_hpc.model.latent import LatentDepthDif
-from depthdif_hpc.predict import predict_split
 from depthdif_hpc.train.cli import main as train_main
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ import torch
 import zarr
 
 from depthdif_hpc.data.stream import ShardStream
-from depthdif_hpc.predict import pixel_axes, predict_split, to_netcdf, withhold_columns
+from depthdif_hpc.inference.predict import pixel_axes, predict_split, to_netcdf, withhold_columns
 
 
 def _truth_valid(store, split="val"):

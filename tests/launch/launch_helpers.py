@@ -183,7 +183,7 @@ def finish_after_requeue(env: dict, job: str, run_dir: Path, cfg: Path, timeout:
 
 
 def submit(env: dict, cwd: Path, *opts: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "depthdif_hpc.submit", "--gpus-per-node", "0", "--log-dir",
+    cmd = [sys.executable, "-m", "depthdif_hpc.launch.submit", "--gpus-per-node", "0", "--log-dir",
            str(cwd / "submitit"), "--run-root", str(cwd / "runs"), *opts]
     return run(cmd, env=env, cwd=cwd, timeout=timeout)
 

@@ -11,9 +11,10 @@ import time
 
 import pytest
 
-from depthdif_hpc.launch import expand_hostlist, job_port, split_args, trainer_argv
+from depthdif_hpc.launch import split_args, trainer_argv
+from depthdif_hpc.launch.submit import parse_sweep, parse_time_minutes
 from depthdif_hpc.launch.submitit_job import TrainJob, _StopForwarder
-from depthdif_hpc.submit import parse_sweep, parse_time_minutes
+from depthdif_hpc.launch_env import expand_hostlist, job_port
 
 
 def test_expand_hostlist():
@@ -92,15 +93,15 @@ def test_stop_forwarder_reaches_a_trainer_that_starts_later():
 
 
 def test_submit_dry_run_and_argument_errors(tmp_path):
-    cmd = [sys.executable, "-m", "depthdif_hpc.submit", "--dry-run", "--nodes", "2", "--gpus-per-node", "4",
+    cmd = [sys.executable, "-m", "depthdif_hpc.launch.submit", "--dry-run", "--nodes", "2", "--gpus-per-node", "4",
            "--array", "model.ambient_occlusion.further_drop_prob=0.1,0.25", "trainer.max_steps=5"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "2 job(s) on SLURM: 2 node(s) x 4 task(s), 4 GPU(s)/node" in out.stdout
     assert "further_drop_prob=0.25" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "depthdif_hpc.submit", "--dry-run", "--config", "missing.yaml"],
+    bad = subprocess.run([sys.executable, "-m", "depthdif_hpc.launch.submit", "--dry-run", "--config", "missing.yaml"],
                          capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and "missing.yaml" in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "depthdif_hpc.submit", "--dry-run", "notanoverride"],
+    bad = subprocess.run([sys.executable, "-m", "depthdif_hpc.launch.submit", "--dry-run", "notanoverride"],
                          capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and "notanoverride" in bad.stderr

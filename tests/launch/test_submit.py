@@ -1,4 +1,4 @@
-"""`python -m depthdif_hpc.submit` (submitit) on a real local SLURM and with --local: 2 CPU
+"""`python -m depthdif_hpc.launch.submit` (submitit) on a real local SLURM and with --local: 2 CPU
 tasks, submitit's preemption hook -> trainer checkpoint -> requeue -> resume, the time limit,
 job-array sweeps, refusals."""
 

@@ -1,5 +1,5 @@
 """Two-node SLURM on this machine (`local_cluster.sh up --nodes 2`: one slurmd per namespace host):
-`sbatch -N 2 slurm/train_ambient.sh`, `python -m depthdif_hpc.submit --nodes 2`, and a preemption
+`sbatch -N 2 slurm/train_ambient.sh`, `python -m depthdif_hpc.launch.submit --nodes 2`, and a preemption
 that must reach both nodes. One trainer process per node, CPU, gloo across the veth addresses.
 
 Each two-node run is checked against a one-node run of the same global batch (two processes on

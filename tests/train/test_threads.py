@@ -11,8 +11,8 @@ import torch
 from common import args
 from memdata import factory
 
+from depthdif_hpc.launch_env import resolve_threads
 from depthdif_hpc.train.cli import main
-from depthdif_hpc.train.distributed import resolve_threads
 
 
 @pytest.mark.parametrize("env, cpus, want", [

@@ -17,9 +17,9 @@ from common import args, steps
 from memdata import MemoryStream
 from safetensors.torch import load_file
 
+from depthdif_hpc.checkpoint.export import export
 from depthdif_hpc.config import load_config
 from depthdif_hpc.model.depthdif import build_model
-from depthdif_hpc.train.export import export
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "worker.py"

@@ -12,10 +12,10 @@ from common import args, steps
 from memdata import factory
 from safetensors.torch import load_file
 
-from depthdif_hpc.train import checkpoint as ckpt
+from depthdif_hpc.checkpoint import layout as ckpt
+from depthdif_hpc.checkpoint.export import export
+from depthdif_hpc.checkpoint.weights import load_weights
 from depthdif_hpc.train.cli import main
-from depthdif_hpc.train.export import export
-from depthdif_hpc.train.weights import load_weights
 
 
 def _run(run_dir, *extra, hooks=None, ambient=False, data=None) -> int:
@@ -205,13 +205,13 @@ def test_warm_start_and_export(tmp_path):
 def test_unit_pieces():
     from helpers import tiny_config
 
-    from depthdif_hpc.train.distributed import resolve_dist_env
+    from depthdif_hpc.launch_env import resolve_dist_env
     from depthdif_hpc.train.optim import LRController
 
     env = resolve_dist_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
                             "SLURM_JOB_NODELIST": "gpu[012-015]", "SLURM_JOB_ID": "4242"}, export=False)
     assert (env.rank, env.world_size, env.local_rank, env.source) == (3, 8, 1, "slurm")
-    from depthdif_hpc.launch.rendezvous import job_port
+    from depthdif_hpc.launch_env import job_port
 
     assert env.master_port == job_port(4242) and env.master_addr in ("gpu012",)
     env = resolve_dist_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0",

@@ -1,4 +1,4 @@
-"""`python -m depthdif_hpc.predict --checkpoint CKPT --store STORE --out OUT.zarr`.
+"""`python -m depthdif_hpc.inference.predict --checkpoint CKPT --store STORE --out OUT.zarr`.
 
 Reconstructs every sample of a split: K samples per input give the ensemble mean and standard
 deviation (and optionally the members), in degC with NaN outside y_valid_mask, written to a
@@ -168,7 +168,7 @@ def _dist() -> tuple[int, int, object]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        from depthdif_hpc.train.distributed import resolve_dist_env
+        from depthdif_hpc.launch_env import resolve_dist_env
 
         resolve_dist_env()
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -176,7 +176,7 @@ def _dist() -> tuple[int, int, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.predict", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.inference.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or export folder")
     ap.add_argument("--store", required=True, help="data store built by depthdif_hpc.data.build")
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = ap.parse_args(argv)
-    from depthdif_hpc.inference.loading import load_model
+    from depthdif_hpc.checkpoint.loading import load_model
 
     rank, world, barrier = _dist()
     device = args.device

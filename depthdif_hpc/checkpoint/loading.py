@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
+from depthdif_hpc.checkpoint import layout
+from depthdif_hpc.checkpoint.weights import checkpoint_weights, load_model_weights
 from depthdif_hpc.config import Config, config_from_dict
 from depthdif_hpc.model.depthdif import build_model
 
@@ -18,37 +19,31 @@ def load_model(checkpoint: str | Path, *, use_ema: bool = True,
 
     * run folder (`<run_dir>`): its newest complete checkpoint;
     * checkpoint folder (`<run_dir>/checkpoints/step_XXXXXXXX`, any ZeRO stage);
-    * export folder (`python -m depthdif_hpc.train.export`): model.safetensors [+ ema.safetensors]
+    * export folder (`depthdif-export`): model.safetensors [+ ema.safetensors]
       and config.yaml.
     EMA weights are used when present and `use_ema`; `overrides` are `key=value` config changes
     (for example `model.kernels=eager`).
     """
-    from depthdif_hpc.train import checkpoint as ckpt
-    from depthdif_hpc.train.weights import checkpoint_weights, load_model_weights
-
     src = Path(checkpoint)
     if not src.exists():
         raise FileNotFoundError(f"checkpoint not found: {src}")
-    if (src / "checkpoints").is_dir() and not (src / ckpt.MANIFEST).is_file():
-        newest = ckpt.latest_complete(src / "checkpoints")
-        if newest is None:
-            raise FileNotFoundError(f"{src}/checkpoints holds no complete checkpoint")
-        src = newest
-    if (src / ckpt.MANIFEST).is_file():
-        state = json.loads((src / "trainer_state.json").read_text())
+    src = layout.resolve(src)
+    if layout.is_checkpoint(src):
+        state = json.loads((src / layout.TRAINER_STATE).read_text())
         cfg_dict = state.get("config")
         if not cfg_dict:
-            raise ValueError(f"{src}/trainer_state.json carries no config")
-        has_ema = bool(ckpt.read_manifest(src).get("ema"))
+            raise ValueError(f"{src}/{layout.TRAINER_STATE} carries no config")
+        has_ema = bool(layout.read_manifest(src).get("ema"))
         weights = checkpoint_weights(src, ema=use_ema and has_ema)
-    elif (src / "model.safetensors").is_file():
+    elif (src / layout.MODEL).is_file():
+        from omegaconf import OmegaConf
         from safetensors.torch import load_file
 
-        cfg_file = src / "config.yaml"
+        cfg_file = src / layout.CONFIG
         if not cfg_file.is_file():
-            raise FileNotFoundError(f"export folder {src} has no config.yaml next to its weights")
+            raise FileNotFoundError(f"export folder {src} has no {layout.CONFIG} next to its weights")
         cfg_dict = OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=True)
-        name = "ema.safetensors" if use_ema and (src / "ema.safetensors").is_file() else "model.safetensors"
+        name = layout.EMA if use_ema and (src / layout.EMA).is_file() else layout.MODEL
         weights = load_file(str(src / name))
     else:
         raise FileNotFoundError(f"{src} is neither a run folder, a checkpoint folder nor an export folder")

@@ -1,4 +1,4 @@
-"""`python -m depthdif_hpc.evaluate --pred OUT.zarr --store STORE --report DIR`.
+"""`python -m depthdif_hpc.inference.evaluate --pred OUT.zarr --store STORE --report DIR`.
 
 Scores a prediction store against the truth in the data store, next to three baselines
 (depthdif_hpc/inference/baselines.py): inverse-distance weighting of the observed profiles,
@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,46 +29,12 @@ from tqdm import tqdm
 
 from depthdif_hpc.data.stream import ShardStream
 from depthdif_hpc.inference.baselines import Climatology, idw, surface_extended
-from depthdif_hpc.metrics import recon_metrics
+from depthdif_hpc.inference.report import fmt, json_default, report_levels
+from depthdif_hpc.metrics import DepthStats, recon_metrics
 from depthdif_hpc.normalization import denormalize_temperature
 
 METHODS = ("model", "idw", "climatology", "surface_extended")
 SUPPORTS = ("hidden", "withheld")
-
-
-@dataclass
-class DepthStats:
-    """Streaming per-depth error sums for one (method, support)."""
-
-    depth: int
-    n: np.ndarray = field(init=False)
-    s: np.ndarray = field(init=False)
-    sa: np.ndarray = field(init=False)
-    s2: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.n, self.s, self.sa, self.s2 = (np.zeros(self.depth) for _ in range(4))
-
-    def add(self, pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> None:
-        """pred, truth (D, H, W) degC; mask (D, H, W) bool. Non-finite pairs are left out."""
-        sel = mask & np.isfinite(pred) & np.isfinite(truth)
-        err = np.where(sel, pred - truth, 0.0)
-        self.n += sel.sum(axis=(1, 2))
-        self.s += err.sum(axis=(1, 2))
-        self.sa += np.abs(err).sum(axis=(1, 2))
-        self.s2 += (err**2).sum(axis=(1, 2))
-
-    def per_depth(self) -> dict[str, np.ndarray]:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            n = np.where(self.n > 0, self.n, np.nan)
-            return {"rmse": np.sqrt(self.s2 / n), "mae": self.sa / n, "bias": self.s / n, "count": self.n}
-
-    def overall(self) -> dict[str, float]:
-        n = self.n.sum()
-        if n == 0:
-            return {"rmse": math.nan, "mae": math.nan, "bias": math.nan, "count": 0}
-        return {"rmse": float(np.sqrt(self.s2.sum() / n)), "mae": float(self.sa.sum() / n),
-                "bias": float(self.s.sum() / n), "count": int(n)}
 
 
 def fit_climatology(store: str | Path, window_days: int = 15, batch_size: int = 8) -> Climatology:
@@ -158,7 +123,7 @@ def evaluate(pred_path: str | Path, store: str | Path, report: str | Path, *,
     result["split"] = split
     report = Path(report)
     report.mkdir(parents=True, exist_ok=True)
-    (report / "metrics.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    (report / "metrics.json").write_text(json.dumps(result, indent=1, default=json_default))
     figs = []
     if figures and keep_for_figures is not None:
         from depthdif_hpc.inference import report_figures as rf
@@ -198,16 +163,6 @@ def _summarise(stats, depth_m, spread_sq, spread_n, ensemble, psnr_sum, psnr_n, 
     return out
 
 
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(type(o))
-
-
-def _fmt(v: float) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
-
-
 def _markdown(r: dict, depth_m: np.ndarray, figs: list[Path], pred_path, store) -> str:
     lines = [f"# DepthDif evaluation ({r['split']} split, {r['n_samples']} samples)", "",
              f"Predictions: `{pred_path}`  ", f"Truth and observations: `{store}`", ""]
@@ -216,34 +171,29 @@ def _markdown(r: dict, depth_m: np.ndarray, figs: list[Path], pred_path, store) 
         lines += [f"## {title}", "", "| method | RMSE | MAE | bias | points |", "|---|---:|---:|---:|---:|"]
         for m in METHODS:
             o = r["overall"][s][m]
-            lines.append(f"| {m} | {_fmt(o['rmse'])} | {_fmt(o['mae'])} | {_fmt(o['bias'])} | {o['count']} |")
+            lines.append(f"| {m} | {fmt(o['rmse'])} | {fmt(o['mae'])} | {fmt(o['bias'])} | {o['count']} |")
         lines.append("")
     lines += ["## RMSE per depth on hidden pixels (degC)", "",
               "| depth (m) | " + " | ".join(METHODS) + " |", "|---:|" + "---:|" * len(METHODS)]
-    for k in _report_levels(depth_m):
-        row = [_fmt(r["per_depth"]["hidden"][m]["rmse"][k]) for m in METHODS]
+    for k in report_levels(depth_m):
+        row = [fmt(r["per_depth"]["hidden"][m]["rmse"][k]) for m in METHODS]
         lines.append(f"| {depth_m[k]:.1f} | " + " | ".join(row) + " |")
     lines += ["", "Model RMSE below the baseline's at: " + ", ".join(
         f"{m} {v['depths']}/{v['of']} depths" for m, v in r["model_better_than"].items()), ""]
     lines += ["## Image metrics (SPEC 8.1)", "", "| method | PSNR (dB) | SSIM |", "|---|---:|---:|"]
     for m in METHODS:
-        lines.append(f"| {m} | {_fmt(r['psnr'].get(m, math.nan))} | {_fmt(r['ssim'].get(m, 0.0))} |")
+        lines.append(f"| {m} | {fmt(r['psnr'].get(m, math.nan))} | {fmt(r['ssim'].get(m, 0.0))} |")
     if "spread_skill" in r:
-        lines += ["", f"Ensemble spread-skill ratio (hidden pixels): {_fmt(r['spread_skill'])}"]
+        lines += ["", f"Ensemble spread-skill ratio (hidden pixels): {fmt(r['spread_skill'])}"]
     if figs:
         lines += ["", "## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figs]
     return "\n".join(lines) + "\n"
 
 
-def _report_levels(depth_m: np.ndarray) -> list[int]:
-    want = (0, 10, 50, 100, 250, 500, 1000, 2000)
-    return sorted({int(np.argmin(np.abs(depth_m - z))) for z in want})
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.evaluate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.inference.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pred", required=True, help="prediction store written by depthdif_hpc.predict")
+    ap.add_argument("--pred", required=True, help="prediction store written by depthdif_hpc.inference.predict")
     ap.add_argument("--store", required=True, help="the data store the predictions were made from")
     ap.add_argument("--report", required=True, help="output folder for report.md, metrics.json, PNGs")
     ap.add_argument("--idw-power", type=float, default=2.0)
@@ -251,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     r = evaluate(args.pred, args.store, args.report, idw_power=args.idw_power, figures=not args.no_figures)
     o = r["overall"]["hidden"]
-    print("hidden-pixel RMSE (degC): " + ", ".join(f"{m} {_fmt(o[m]['rmse'])}" for m in METHODS))
+    print("hidden-pixel RMSE (degC): " + ", ".join(f"{m} {fmt(o[m]['rmse'])}" for m in METHODS))
     print(f"report: {Path(args.report) / 'report.md'}")
     return 0
 

@@ -1,4 +1,6 @@
-"""Checkpoint folders: atomic publication, completeness check, discovery and pruning.
+"""The on-disk checkpoint format: file names, atomic publication, completeness, discovery, pruning.
+
+This module is the only place that knows the names below; everything else asks it.
 
 Layout of `<run_dir>/checkpoints/step_XXXXXXXX/`:
   trainer_state.json      step, epoch, LR controller, world size, mode (global rank 0)
@@ -26,10 +28,26 @@ import shutil
 import time
 from pathlib import Path
 
-log = logging.getLogger("depthdif_hpc.train")
+log = logging.getLogger("depthdif_hpc.checkpoint")
 
+CHECKPOINTS = "checkpoints"  # <run_dir>/checkpoints/step_XXXXXXXX
 MANIFEST = "MANIFEST.json"
+TRAINER_STATE = "trainer_state.json"
+MODEL = "model.safetensors"  # also the export folder's weights
+EMA = "ema.safetensors"  # also the export folder's EMA weights
+OPTIMIZER = "optimizer.pt"
+DEEPSPEED_TAG = "deepspeed"  # engine.save_checkpoint(tag=...): the subfolder DeepSpeed writes
+CONFIG = "config.yaml"  # export folders carry the run's config beside the weights
+EMA_SHARDS = "ema_rank_*.safetensors"
 _NAME = re.compile(r"^step_(\d{8,})$")
+
+
+def ema_shard_name(rank: int) -> str:
+    return f"ema_rank_{rank:05d}.safetensors"
+
+
+def rank_state_name(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
 
 
 def step_dir_name(step: int) -> str:
@@ -120,6 +138,25 @@ def latest_complete(root: Path, warn=log.warning) -> Path | None:
             return d
         warn(f"ignoring checkpoint {d} (step {step}): {why}; trying an older one")
     return None
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A (possibly broken) checkpoint folder, as opposed to a run or export folder."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder as it is; a run folder -> its newest complete checkpoint.
+
+    Anything else (an export folder, a file) is returned unchanged for the caller to interpret.
+    """
+    p = Path(path)
+    if (p / CHECKPOINTS).is_dir() and not is_checkpoint(p):
+        newest = latest_complete(p / CHECKPOINTS)
+        if newest is None:
+            raise FileNotFoundError(f"{p / CHECKPOINTS} holds no complete checkpoint")
+        return newest
+    return p
 
 
 def prune(root: Path, keep: int) -> list[Path]:

@@ -1,4 +1,4 @@
-"""`python -m depthdif_hpc.train.export CHECKPOINT --out DIR`: consolidated fp32 weights (and the
+"""`depthdif-export CHECKPOINT --out DIR`: consolidated fp32 weights (and the
 EMA weights when the run kept them) in safetensors, from a DDP or any-ZeRO-stage checkpoint.
 
 CHECKPOINT is a checkpoint folder (`<run_dir>/checkpoints/step_XXXXXXXX`) or a run folder (its
@@ -14,47 +14,42 @@ import os
 import sys
 from pathlib import Path
 
-from depthdif_hpc.train import checkpoint as ckpt
-from depthdif_hpc.train.weights import checkpoint_weights
+from depthdif_hpc.checkpoint import layout
+from depthdif_hpc.checkpoint.weights import checkpoint_weights
 
 
 def export(checkpoint: str | Path, out: str | Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
-    src = Path(checkpoint)
-    if (src / "checkpoints").is_dir() and not (src / ckpt.MANIFEST).exists():
-        newest = ckpt.latest_complete(src / "checkpoints")
-        if newest is None:
-            raise FileNotFoundError(f"{src}/checkpoints holds no complete checkpoint")
-        src = newest
+    src = layout.resolve(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = ckpt.read_manifest(src) if (src / ckpt.MANIFEST).is_file() else {}
+    manifest = layout.read_manifest(src) if layout.is_checkpoint(src) else {}
     written: dict[str, Path] = {}
     meta = {"source": str(src.resolve()), "step": str(manifest.get("step", "")), "dtype": "float32"}
     weights = {k: v.float().contiguous() for k, v in checkpoint_weights(src).items()}
-    target = out / "model.safetensors"
+    target = out / layout.MODEL
     save_file(weights, str(target) + ".part", metadata=meta)
     os.replace(str(target) + ".part", target)
     written["model"] = target
     if manifest.get("ema"):
         ema = {k: v.float().contiguous() for k, v in checkpoint_weights(src, ema=True).items()}
-        target = out / "ema.safetensors"
+        target = out / layout.EMA
         save_file(ema, str(target) + ".part", metadata=meta)
         os.replace(str(target) + ".part", target)
         written["ema"] = target
-    state = src / "trainer_state.json"
+    state = src / layout.TRAINER_STATE
     if state.is_file():
         cfg = json.loads(state.read_text()).get("config")
         if cfg:
             from omegaconf import OmegaConf
 
-            (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+            (out / layout.CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.train.export", description=__doc__,
+    ap = argparse.ArgumentParser(prog="depthdif-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="checkpoint folder or run folder")
     ap.add_argument("--out", required=True, help="output folder for model.safetensors / ema.safetensors")

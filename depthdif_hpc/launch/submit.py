@@ -1,9 +1,9 @@
 """Submit DepthDif training to SLURM (or run it here) with submitit.
 
-    python -m depthdif_hpc.submit --nodes 4 --gpus-per-node 8 --partition gpu --time 24:00:00 \\
+    python -m depthdif_hpc.launch.submit --nodes 4 --gpus-per-node 8 --partition gpu --time 24:00:00 \\
         --account myproj [--preset ambient] [--config FILE ...] [key=value ...]
-    python -m depthdif_hpc.submit --local --gpus-per-node 0 --tasks-per-node 2 key=value ...
-    python -m depthdif_hpc.submit ... --array model.ambient_occlusion.further_drop_prob=0.1,0.25,0.5
+    python -m depthdif_hpc.launch.submit --local --gpus-per-node 0 --tasks-per-node 2 key=value ...
+    python -m depthdif_hpc.launch.submit ... --array model.ambient_occlusion.further_drop_prob=0.1,0.25,0.5
 
 One task per GPU (or --tasks-per-node CPU processes with --gpus-per-node 0), torch.distributed set
 up from SLURM, the same trainer as slurm/train.sh. Preemption and time limits: checkpoint, requeue,
@@ -71,7 +71,7 @@ def parse_sweep(specs: list[str]) -> list[list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m depthdif_hpc.submit",
+        prog="python -m depthdif_hpc.launch.submit",
         description="Submit DepthDif training with submitit: SLURM (default) or this machine (--local).",
         epilog="Anything else (--config FILE, key=value) goes to the trainer after the preset's configs.")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="ambient",
@@ -117,7 +117,7 @@ def _executor(args: argparse.Namespace, name: str, tasks: int, cpus: int):
     folder = Path(args.log_dir).resolve() / "%j"
     if args.local:
         if args.nodes != 1:
-            raise SystemExit("depthdif_hpc.submit: --local runs on this machine: --nodes must be 1")
+            raise SystemExit("depthdif_hpc.launch.submit: --local runs on this machine: --nodes must be 1")
         ex = submitit.LocalExecutor(folder=folder, python=args.python)
         ex.update_parameters(timeout_min=args.time, tasks_per_node=tasks, gpus_per_node=args.gpus_per_node)
         return ex
@@ -174,11 +174,11 @@ def _follow(jobs, poll: float = 2.0) -> int:
     for j in jobs:
         try:
             res = j.results()
-            print(f"depthdif_hpc.submit: job {j.job_id} finished: "
+            print(f"depthdif_hpc.launch.submit: job {j.job_id} finished: "
                   f"{[{k: r[k] for k in ('rank', 'exit_code', 'step')} for r in res]}; run dir {res[0]['run_dir']}")
         except Exception as exc:  # noqa: BLE001 - report every job
             failed += 1
-            print(f"depthdif_hpc.submit: job {j.job_id} FAILED: {exc}", file=sys.stderr)
+            print(f"depthdif_hpc.launch.submit: job {j.job_id} FAILED: {exc}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs_spec = [TrainJob(args.preset, configs, [*overrides, *combo], run_root=run_root, name=name,
                           device=device, run_dir=explicit_run_dir) for combo in combos]
     where = "this machine (local executor)" if args.local else "SLURM"
-    print(f"depthdif_hpc.submit: {len(jobs_spec)} job(s) on {where}: {args.nodes} node(s) x {tasks} "
+    print(f"depthdif_hpc.launch.submit: {len(jobs_spec)} job(s) on {where}: {args.nodes} node(s) x {tasks} "
           f"task(s), {args.gpus_per_node} GPU(s)/node, {cpus} CPU(s)/task, {args.time} min, preset {args.preset}")
     if args.dry_run:
         for j in jobs_spec:
@@ -228,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
                 pending = [ex.submit(j) for j in jobs_spec]
             jobs = list(pending)
     except (subprocess.CalledProcessError, OSError, RuntimeError) as exc:
-        print(f"depthdif_hpc.submit: submission refused by SLURM:\n{_submit_error(exc)}", file=sys.stderr)
+        print(f"depthdif_hpc.launch.submit: submission refused by SLURM:\n{_submit_error(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # submitit's own FailedJobError and friends
         if type(exc).__module__.startswith("submitit"):
-            print(f"depthdif_hpc.submit: submission refused by SLURM:\n{_submit_error(exc)}", file=sys.stderr)
+            print(f"depthdif_hpc.launch.submit: submission refused by SLURM:\n{_submit_error(exc)}", file=sys.stderr)
             return 2
         raise
     for job, spec in zip(jobs, jobs_spec, strict=True):

@@ -1,4 +1,4 @@
-"""`python -m depthdif_hpc.evaluate_ae --checkpoint RUN_OR_CKPT --store STORE [--split val] --report DIR`.
+"""`python -m depthdif_hpc.inference.evaluate_ae --checkpoint RUN_OR_CKPT --store STORE [--split val] --report DIR`.
 
 Scores the latent workflow's depth-band autoencoder (model.model_type=depth_band_ae, SPEC 9.4):
 every sample of a split is streamed through `make_dataloader`, its full temperature field y is
@@ -8,7 +8,7 @@ in SPEC 8.1 and the compression ratio (50 depth bands -> latent channels, and th
 factor). Writes DIR/report.md (a table per depth, in metres), DIR/metrics.json and
 DIR/rmse_per_depth.png.
 
-RUN_OR_CKPT is anything `depthdif_hpc.inference.loading.load_model` reads: a run folder (its
+RUN_OR_CKPT is anything `depthdif_hpc.checkpoint.loading.load_model` reads: a run folder (its
 newest complete checkpoint), a checkpoint folder or an export folder. Extra `key=value`
 arguments are config overrides.
 """
@@ -28,8 +28,8 @@ import torch
 
 from depthdif_hpc.data.store import StoreError, read_manifest
 from depthdif_hpc.data.stream import make_dataloader
-from depthdif_hpc.evaluate import DepthStats, _fmt, _report_levels
-from depthdif_hpc.metrics import recon_metrics
+from depthdif_hpc.inference.report import fmt, json_safe, report_levels
+from depthdif_hpc.metrics import DepthStats, recon_metrics
 from depthdif_hpc.model.latent import AutoencoderModel
 from depthdif_hpc.normalization import denormalize_temperature
 
@@ -43,7 +43,7 @@ class NotAnAutoencoderError(ValueError):
 def load_trained_autoencoder(checkpoint: str | Path, *, use_ema: bool = True,
                              overrides: list[str] | None = None):
     """(config, AutoencoderModel in eval mode) from a run, checkpoint or export folder."""
-    from depthdif_hpc.inference.loading import load_model
+    from depthdif_hpc.checkpoint.loading import load_model
 
     cfg, model = load_model(checkpoint, use_ema=use_ema, overrides=overrides)
     if not isinstance(model, AutoencoderModel):
@@ -54,7 +54,7 @@ def load_trained_autoencoder(checkpoint: str | Path, *, use_ema: bool = True,
         raise NotAnAutoencoderError(
             f"{checkpoint} holds a {cfg.model.model_type!r} model ({type(model).__name__}), not the "
             f"depth-band autoencoder (model.model_type=depth_band_ae){hint}; evaluate diffusion "
-            "models with depthdif_hpc.predict + depthdif_hpc.evaluate")
+            "models with depthdif_hpc.inference.predict + depthdif_hpc.inference.evaluate")
     return cfg, model
 
 
@@ -152,7 +152,7 @@ def evaluate_autoencoder(checkpoint: str | Path, store: str | Path, report: str 
     result["per_depth"]["count"] = [int(c) for c in per["count"]]
     report = Path(report)
     report.mkdir(parents=True, exist_ok=True)
-    (report / "metrics.json").write_text(json.dumps(_json_safe(result), indent=1))
+    (report / "metrics.json").write_text(json.dumps(json_safe(result), indent=1))
     fig = _figure(report / FIGURE, result) if figures else None
     (report / "report.md").write_text(_markdown(result, fig))
     return result
@@ -168,17 +168,6 @@ def _full_fp32():
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def _json_safe(o):
-    """NaN/inf -> null, so metrics.json is strict JSON."""
-    if isinstance(o, dict):
-        return {k: _json_safe(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_json_safe(v) for v in o]
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
 
 
 def _figure(path: Path, r: dict) -> Path:
@@ -220,25 +209,25 @@ def _markdown(r: dict, fig: Path | None) -> str:
         f"{c['parameters']:,} parameters)", "",
         "## Overall (degC, all valid pixels and depths)", "",
         "| RMSE | MAE | bias | PSNR (dB) | SSIM | points |", "|---:|---:|---:|---:|---:|---:|",
-        f"| {_fmt(o['rmse'])} | {_fmt(o['mae'])} | {_fmt(o['bias'])} | {_fmt(r['psnr'])} | "
-        f"{_fmt(r['ssim'])} | {o['count']} |", "",
+        f"| {fmt(o['rmse'])} | {fmt(o['mae'])} | {fmt(o['bias'])} | {fmt(r['psnr'])} | "
+        f"{fmt(r['ssim'])} | {o['count']} |", "",
         "## Selected depths (degC)", "", "| depth (m) | RMSE | MAE | bias |", "|---:|---:|---:|---:|",
     ]
     z = np.asarray(p["depth_m"], dtype=float)
-    for k in _report_levels(z):
-        lines.append(f"| {z[k]:.1f} | {_fmt(p['rmse'][k])} | {_fmt(p['mae'][k])} | {_fmt(p['bias'][k])} |")
+    for k in report_levels(z):
+        lines.append(f"| {z[k]:.1f} | {fmt(p['rmse'][k])} | {fmt(p['mae'][k])} | {fmt(p['bias'][k])} |")
     lines += ["", "## Every depth level (degC; bias = reconstruction - truth)", "",
               "| level | depth (m) | RMSE | MAE | bias | points |", "|---:|---:|---:|---:|---:|---:|"]
     for k in range(len(z)):
-        lines.append(f"| {k} | {z[k]:.1f} | {_fmt(p['rmse'][k])} | {_fmt(p['mae'][k])} | "
-                     f"{_fmt(p['bias'][k])} | {p['count'][k]} |")
+        lines.append(f"| {k} | {z[k]:.1f} | {fmt(p['rmse'][k])} | {fmt(p['mae'][k])} | "
+                     f"{fmt(p['bias'][k])} | {p['count'][k]} |")
     if fig is not None:
         lines += ["", f"![RMSE per depth]({fig.name})"]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.evaluate_ae", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.inference.evaluate_ae", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
                     help="run folder, checkpoint folder or export folder of a depth_band_ae run")
@@ -265,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     o, c = r["overall"], r["autoencoder"]
     print(f"{r['split']}: {r['n_samples']} samples, {o['count']} valid points; compression "
           f"{c['in_channels']} -> {c['latent_channels']} ch x {c['spatial_downsample']}^2 = {c['ratio']:.2f}x")
-    print(f"overall RMSE {_fmt(o['rmse'])} degC, MAE {_fmt(o['mae'])}, bias {_fmt(o['bias'])}")
+    print(f"overall RMSE {fmt(o['rmse'])} degC, MAE {fmt(o['mae'])}, bias {fmt(o['bias'])}")
     z = np.asarray(r["per_depth"]["depth_m"])
     print("RMSE per depth (degC): " + ", ".join(
-        f"{z[k]:.0f} m {_fmt(r['per_depth']['rmse'][k])}" for k in _report_levels(z)))
+        f"{z[k]:.0f} m {fmt(r['per_depth']['rmse'][k])}" for k in report_levels(z)))
     print(f"report: {Path(args.report) / 'report.md'}")
     return 0
 

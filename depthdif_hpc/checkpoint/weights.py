@@ -4,13 +4,12 @@ exported safetensors, or a plain/Lightning torch state dict. Used for the warm s
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import torch
 
-from depthdif_hpc.train import checkpoint as ckpt
-from depthdif_hpc.train.ema import merge_zero3_shards
+from depthdif_hpc.checkpoint import layout
 
 
 def _deepspeed_weights(ds_dir: Path) -> dict[str, torch.Tensor]:
@@ -32,18 +31,34 @@ def _deepspeed_weights(ds_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 
+def merge_zero3_shards(shards: list[dict[str, torch.Tensor]], shapes: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Consolidate per-rank ZeRO-3 EMA partitions (rank order) into full tensors.
+
+    `shapes` is the shard files' metadata: name -> "d0,d1,..." of the full tensor.
+    """
+    out = {}
+    for name, shape_str in shapes.items():
+        shape = tuple(int(v) for v in shape_str.split(",")) if shape_str else ()
+        numel = math.prod(shape)
+        flat = torch.cat([s[name].reshape(-1) for s in shards])
+        if flat.numel() < numel:
+            raise ValueError(f"EMA shards of {name} hold {flat.numel()} values, need {numel}")
+        out[name] = flat[:numel].view(shape).clone()
+    return out
+
+
 def checkpoint_weights(path: str | Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """Full fp32 model (or EMA) weights from a trainer checkpoint folder."""
     from safetensors.torch import load_file
 
     d = Path(path)
-    why = ckpt.check_complete(d)
+    why = layout.check_complete(d)
     if why is not None:
         raise ValueError(f"checkpoint {d} is not usable: {why}")
     if ema:
-        if (d / "ema.safetensors").is_file():
-            return load_file(str(d / "ema.safetensors"))
-        shards = sorted(d.glob("ema_rank_*.safetensors"))
+        if (d / layout.EMA).is_file():
+            return load_file(str(d / layout.EMA))
+        shards = sorted(d.glob(layout.EMA_SHARDS))
         if not shards:
             raise FileNotFoundError(f"checkpoint {d} holds no EMA weights (trainer.ema.enabled was false)")
         from safetensors import safe_open
@@ -51,11 +66,11 @@ def checkpoint_weights(path: str | Path, ema: bool = False) -> dict[str, torch.T
         with safe_open(str(shards[0]), "pt") as fh:
             shapes = dict(fh.metadata() or {})
         return merge_zero3_shards([load_file(str(s)) for s in shards], shapes)
-    if (d / "model.safetensors").is_file():
-        return load_file(str(d / "model.safetensors"))
-    if (d / "deepspeed").is_dir():
-        return _deepspeed_weights(d / "deepspeed")
-    raise FileNotFoundError(f"checkpoint {d} has neither model.safetensors nor deepspeed/")
+    if (d / layout.MODEL).is_file():
+        return load_file(str(d / layout.MODEL))
+    if (d / layout.DEEPSPEED_TAG).is_dir():
+        return _deepspeed_weights(d / layout.DEEPSPEED_TAG)
+    raise FileNotFoundError(f"checkpoint {d} has neither {layout.MODEL} nor {layout.DEEPSPEED_TAG}/")
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -65,16 +80,14 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not p.exists():
         raise FileNotFoundError(f"model.load_checkpoint: {p} does not exist")
     if p.is_dir():
-        if (p / ckpt.MANIFEST).is_file():
+        p = layout.resolve(p)
+        if layout.is_checkpoint(p):
             return checkpoint_weights(p)
-        if (p / "model.safetensors").is_file():
+        if (p / layout.MODEL).is_file():
             from safetensors.torch import load_file
 
-            return load_file(str(p / "model.safetensors"))
-        newest = ckpt.latest_complete(p / "checkpoints") if (p / "checkpoints").is_dir() else None
-        if newest is not None:
-            return checkpoint_weights(newest)
-        raise FileNotFoundError(f"{p}: no MANIFEST.json, model.safetensors or checkpoints/ inside")
+            return load_file(str(p / layout.MODEL))
+        raise FileNotFoundError(f"{p}: no {layout.MANIFEST}, {layout.MODEL} or {layout.CHECKPOINTS}/ inside")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -105,10 +118,6 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> str:
         raise ValueError(f"model.load_checkpoint {path}: {len(missing)} model tensors missing from the file, "
                          f"e.g. {missing[:3]}")
     return f"ignored {len(extra)} extra tensors, e.g. {extra[:3]}" if extra else ""
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1))
 
 
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -1,0 +1,176 @@
+"""What a checkpoint holds of a training run, and putting it back: model and optimizer (DDP files
+or DeepSpeed's engine folder), EMA (whole or per-rank ZeRO-3 partitions), every rank's RNG states
+and data-stream position, and the loop's progress and LR controller.
+
+The file names and the atomic publication belong to `depthdif_hpc.checkpoint.layout`; this module
+decides what goes into them. Saving and loading are collective: every rank calls them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from depthdif_hpc.checkpoint import layout
+from depthdif_hpc.checkpoint.weights import load_model_weights
+from depthdif_hpc.config import Config, ConfigError, to_dict
+from depthdif_hpc.train.ema import ShardedEMA
+from depthdif_hpc.train.optim import LRController
+from depthdif_hpc.train.stream import DataStream
+
+log = logging.getLogger("depthdif_hpc.train")
+
+
+@dataclass
+class Progress:
+    """Where the loop is; saved in trainer_state.json."""
+
+    step: int = 0
+    epoch: int = 0
+    samples_seen: int = 0
+
+
+def find_resume(cfg: Config, ckpt_root: Path, *, is_main: bool, world: int, group: Any) -> Path | None:
+    """The checkpoint to resume from (`trainer.resume`), decided on rank 0 and broadcast."""
+    mode = cfg.trainer.resume
+    path: Path | None = None
+    if is_main:
+        layout.remove_stale_temporaries(ckpt_root)
+        if mode == "auto":
+            path = layout.latest_complete(ckpt_root, warn=log.warning)
+        elif mode not in ("none", "", None):
+            path = Path(mode)
+            why = layout.check_complete(path)
+            if why is not None:
+                raise ConfigError(f"trainer.resume = {mode!r}: cannot use this checkpoint: {why}")
+        elif layout.list_checkpoints(ckpt_root):
+            log.warning(f"trainer.resume=none but {ckpt_root} holds checkpoints: starting "
+                        "from step 0 and overwriting them as the run goes")
+    obj = [str(path) if path else None]
+    if world > 1:
+        dist.broadcast_object_list(obj, src=0, group=group)
+    return Path(obj[0]) if obj[0] else None
+
+
+class TrainState:
+    """Saves and restores everything a bit-exact resume needs, for one rank."""
+
+    def __init__(self, cfg: Config, ckpt_root: Path, *, accelerator: Any, rank: int, world: int,
+                 zero_stage: int, module: torch.nn.Module, engine: Any, optimizer: Any,
+                 ema: ShardedEMA | None, generator: torch.Generator, lr_ctl: LRController) -> None:
+        self.cfg, self.ckpt_root, self.acc = cfg, ckpt_root, accelerator
+        self.rank, self.world, self.is_main = rank, world, rank == 0
+        self.zero_stage = zero_stage
+        self.module, self.engine, self.optimizer = module, engine, optimizer
+        self.ema, self.gen, self.lr_ctl = ema, generator, lr_ctl
+        self.device = generator.device
+
+    def _ema_file(self) -> str:
+        assert self.ema is not None
+        return layout.ema_shard_name(self.rank) if self.ema.sharded else layout.EMA
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, path: Path, progress: Progress, stream: DataStream) -> None:
+        man = layout.read_manifest(path)
+        mine = {"world_size": self.world, "distributed": self.cfg.trainer.distributed,
+                "zero_stage": self.zero_stage}
+        for key, value in mine.items():
+            if man.get(key) != value:
+                raise ConfigError(
+                    f"checkpoint {path} was written with {key} = {man.get(key)}, this run has {key} = "
+                    f"{value}: resuming would not continue exactly (data positions and RNG are per rank). "
+                    "Start a new run_dir with model.load_checkpoint=<that checkpoint> to warm start instead.")
+        state = json.loads((path / layout.TRAINER_STATE).read_text())
+        from safetensors.torch import load_file
+
+        if self.engine is not None:
+            load_path, _ = self.engine.load_checkpoint(str(path), tag=layout.DEEPSPEED_TAG,
+                                                       load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False, load_module_strict=True)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load {path}/{layout.DEEPSPEED_TAG}")
+        else:
+            load_model_weights(self.module, load_file(str(path / layout.MODEL)), str(path))
+            self.optimizer.load_state_dict(torch.load(path / layout.OPTIMIZER, map_location="cpu",
+                                                      weights_only=False))
+        if self.ema is not None:
+            f = path / self._ema_file()
+            if f.exists():
+                self.ema.load_local_state(load_file(str(f)))
+            else:
+                log.warning(f"{path} has no EMA state ({f.name}); EMA restarts from the current weights")
+                self.ema.update(0)
+        rank_state = torch.load(path / layout.rank_state_name(self.rank), map_location="cpu",
+                                weights_only=False)
+        random.setstate(rank_state["python_rng"])
+        np.random.set_state(rank_state["numpy_rng"])
+        torch.set_rng_state(rank_state["torch_rng"])
+        if torch.cuda.is_available() and rank_state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(rank_state["cuda_rng"], self.device)
+        self.gen.set_state(rank_state["loss_generator"].to(self.gen.get_state().device))
+        progress.step = int(state["step"])
+        progress.epoch = int(state["epoch"])
+        progress.samples_seen = int(state.get("samples_seen", 0))
+        self.lr_ctl.load_state_dict(state["lr_controller"])
+        stream.set_epoch(progress.epoch)
+        stream.load_state_dict(rank_state["data"])
+        log.info(f"resumed from {path}: step {progress.step}, epoch {progress.epoch}")
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, progress: Progress, data_state: dict) -> Path:
+        """Write this rank's part into the temporary folder, then rank 0 publishes it."""
+        acc = self.acc
+        tmp = layout.tmp_dir_for(self.ckpt_root, progress.step)
+        final = self.ckpt_root / layout.step_dir_name(progress.step)
+        if self.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        from safetensors.torch import save_file
+
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(tmp), tag=layout.DEEPSPEED_TAG, client_state={}, save_latest=False)
+        elif self.is_main:
+            sd = {k: v.detach().float().cpu().contiguous() for k, v in self.module.state_dict().items()}
+            save_file(sd, str(tmp / layout.MODEL))
+            torch.save(self.optimizer.state_dict(), tmp / layout.OPTIMIZER)
+        if self.ema is not None and (self.ema.sharded or self.is_main):
+            save_file(self.ema.local_state(), str(tmp / self._ema_file()), metadata=self.ema.shard_metadata())
+        rank_state = {
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if torch.cuda.is_available() else None,
+            "loss_generator": self.gen.get_state(),
+            "data": data_state,
+            "rank": self.rank,
+        }
+        torch.save(rank_state, tmp / layout.rank_state_name(self.rank))
+        if self.is_main:
+            state = {"step": progress.step, "epoch": progress.epoch, "samples_seen": progress.samples_seen,
+                     "lr_controller": self.lr_ctl.state_dict(), "world_size": self.world,
+                     "config": to_dict(self.cfg)}
+            (tmp / layout.TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        acc.wait_for_everyone()
+        if self.is_main:
+            meta = {"step": progress.step, "epoch": progress.epoch, "world_size": self.world,
+                    "distributed": self.cfg.trainer.distributed, "zero_stage": self.zero_stage,
+                    "ema": self.ema is not None, "ema_sharded": bool(self.ema and self.ema.sharded)}
+            layout.write_manifest_and_publish(tmp, final, meta)
+            for d in layout.prune(self.ckpt_root, self.cfg.trainer.keep_last_checkpoints):
+                log.info(f"removed old checkpoint {d}")
+            log.info(f"checkpoint {final}")
+        acc.wait_for_everyone()
+        return final
