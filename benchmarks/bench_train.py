@@ -4,12 +4,14 @@
         [--batch 8,16,32,...|max] [--steps 20] [--store STORE] [--peak-tflops 989]
 
 One optimizer step = forward + backward + clip + AdamW (bf16 autocast on GPU, fp32 on CPU), the
-same objective the trainer runs. FLOPs are counted on the U-Net objective with
-torch.utils.flop_counter (convolutions and matmuls, forward + backward) at the measured batch;
-MFU = FLOPs per step x steps/s / peak (989 TFLOP/s dense bf16 for H100 SXM and H200 unless
---peak-tflops). `--batch max` doubles the batch until the GPU runs out of memory and reports the
-largest that fits. With --store the batches come from depthdif_hpc.data's stream (per-step data
-wait measured); without it, from one pre-built device batch (pure compute).
+same objective the trainer runs. FLOPs per sample come from the analytic count in
+depthdif_hpc.model.flops (matmul/conv FLOPs, training step = 3x forward; the same number in
+eager and triton modes: 464.5 GFLOP per ambient sample at 128x128, 214.8 for the standard
+preset); MFU = samples/s x FLOPs per sample / the GPU's dense bf16 peak (flops.peak_flops:
+989.4 TFLOP/s for H100 SXM and H200) unless --peak-tflops. `--batch max` doubles the batch until
+the GPU runs out of memory and reports the largest that fits. With --store the batches come from
+depthdif_hpc.data's stream (per-step data wait measured); without it, from one pre-built device
+batch (pure compute).
 
 Without a GPU it runs a tiny smoke configuration (no MFU claim). Last line: `samples/s: N`.
 """
@@ -24,7 +26,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def _cfg(preset: str, kernels: str, tiny: bool, store: str | None):
@@ -51,20 +52,9 @@ def _batch(b: int, size: int, device: torch.device, depth: int = 50) -> dict[str
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def count_flops(model: torch.nn.Module, batch: dict, precision_ctx) -> float:
-    """FLOPs of one training step's forward + backward (U-Net convs/matmuls dominate)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, precision_ctx():
-        loss, _ = model(batch)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
-
-
 def run_case(cfg, batch_size: int, steps: int, size: int, device: torch.device, store: str | None) -> dict:
     from depthdif_hpc.model.depthdif import build_model
+    from depthdif_hpc.model.flops import train_step_flops_per_sample
     from depthdif_hpc.train.optim import build_optimizer
     from depthdif_hpc.train.stream import to_device
 
@@ -84,7 +74,8 @@ def run_case(cfg, batch_size: int, steps: int, size: int, device: torch.device, 
         fixed = None
     else:
         fixed = _batch(batch_size, size, device)
-    flops = count_flops(model, fixed if fixed is not None else to_device(next(loader), device), ctx)
+    flops_per_sample = train_step_flops_per_sample(model, size, size)
+    flops = flops_per_sample * batch_size
     wait = 0.0
 
     def step() -> None:
@@ -116,20 +107,24 @@ def run_case(cfg, batch_size: int, steps: int, size: int, device: torch.device, 
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     res = {"batch": batch_size, "step_s": dt / steps, "samples_per_s": batch_size * steps / dt,
-           "tflop_per_step": flops / 1e12, "achieved_tflops": flops * steps / dt / 1e12,
+           "flops_per_sample": flops_per_sample, "tflop_per_step": flops / 1e12,
+           "achieved_tflops": flops * steps / dt / 1e12,
            "data_wait_s_per_step": wait / steps, "data_wait_fraction": wait / dt}
     if device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return res
 
 
-def _peak(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
+def _mfu(r: dict, device: torch.device, override_tflops: float | None) -> float | None:
+    """MFU from flops.mfu (the GPU's dense bf16 peak), or against --peak-tflops."""
+    from depthdif_hpc.model.flops import mfu
+
+    if override_tflops:
+        return r["samples_per_s"] * r["flops_per_sample"] / (override_tflops * 1e12)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return mfu(r["samples_per_s"], r["flops_per_sample"], torch.cuda.get_device_name(device),
+               torch.bfloat16)
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -150,7 +145,6 @@ def main(argv: list[str] | None = None) -> float:
     kernels = ["eager", "triton"] if args.kernels == "both" else [args.kernels]
     if not cuda:
         kernels = ["eager"]  # the Triton interpreter would time the interpreter, not the kernels
-    peak = _peak(device, args.peak_tflops)
     last = 0.0
     for k in kernels:
         cfg = _cfg(args.preset, k, tiny, args.store)
@@ -167,10 +161,12 @@ def main(argv: list[str] | None = None) -> float:
             sizes = [2] if tiny and args.batch == "max" else [int(v) for v in args.batch.split(",")]
             results = [run_case(cfg, b, steps, size, device, args.store) for b in sizes]
         for r in results:
-            mfu = f"{100 * r['achieved_tflops'] / peak:.1f}%" if peak else "n/a (no GPU peak known)"
+            u = _mfu(r, device, args.peak_tflops)
+            mfu = f"{100 * u:.1f}%" if u is not None else "n/a (no GPU peak known)"
             print(f"[{args.preset} {k} {device.type}{' smoke' if tiny else ''}] batch {r['batch']}: "
                   f"{r['samples_per_s']:.2f} samples/s, step {1e3 * r['step_s']:.1f} ms, "
-                  f"{r['tflop_per_step']:.3f} TFLOP/step, {r['achieved_tflops']:.2f} TFLOP/s, MFU {mfu}, "
+                  f"{r['flops_per_sample'] / 1e9:.2f} GFLOP/sample, {r['tflop_per_step']:.3f} TFLOP/step, "
+                  f"{r['achieved_tflops']:.2f} TFLOP/s, MFU {mfu}, "
                   f"data wait {1e3 * r['data_wait_s_per_step']:.1f} ms/step "
                   f"({100 * r['data_wait_fraction']:.1f}%)"
                   + (f", peak mem {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else ""), flush=True)
@@ -180,9 +176,14 @@ def main(argv: list[str] | None = None) -> float:
     return last
 
 
-def test_bench_train_smoke_cpu():
-    """The benchmark runs end to end (tiny CPU configuration) and counts FLOPs."""
+def test_bench_train_smoke_cpu(capsys):
+    """The benchmark runs end to end (tiny CPU configuration) and reports the analytic FLOPs."""
+    from depthdif_hpc.model.depthdif import build_model
+    from depthdif_hpc.model.flops import train_step_flops_per_sample
+
     assert main(["--smoke", "--kernels", "eager", "--batch", "2"]) > 0
+    expected = train_step_flops_per_sample(build_model(_cfg("ambient", "eager", True, None)), 32, 32)
+    assert f"{expected / 1e9:.2f} GFLOP/sample" in capsys.readouterr().out
 
 
 if __name__ == "__main__":
