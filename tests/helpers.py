@@ -42,8 +42,8 @@ def random_batch(b: int = 2, d: int = 50, h: int = 16, w: int = 16, seed: int = 
         "y": y,
         "x_valid_mask": x_valid,
         "y_valid_mask": y_valid,
-        "x_valid_mask_1d": x_valid.any(dim=1, keepdim=True),
         "land_mask": y_valid[:, :1].float(),
         "coords": torch.tensor([[35.0, -20.0], [-10.0, 170.0]])[:b] if b <= 2 else torch.zeros(b, 2),
         "date": torch.tensor([20180315, 20191231])[:b] if b <= 2 else torch.full((b,), 20180101),
+        "sample_id": torch.arange(b, dtype=torch.int64),
     }

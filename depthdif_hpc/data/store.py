@@ -52,10 +52,6 @@ class Quantizer:
     step: float
     tmin: float
 
-    @property
-    def max_c(self) -> float:
-        return self.tmin + 65534 * self.step
-
     def encode(self, temp_c: np.ndarray) -> tuple[np.ndarray, int]:
         """Codes and the number of finite values clipped into range."""
         finite = np.isfinite(temp_c)

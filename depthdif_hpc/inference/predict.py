@@ -49,7 +49,6 @@ def withhold_columns(batch: dict, fraction: float, seed: int) -> torch.Tensor:
     keep = ~hidden[:, None]
     batch["x"] = batch["x"] * keep
     batch["x_valid_mask"] = batch["x_valid_mask"] & keep
-    batch["x_valid_mask_1d"] = batch["x_valid_mask"].any(dim=1, keepdim=True)
     return hidden
 
 

@@ -79,11 +79,16 @@ class StepLog:
     """Collective `flush`: every rank calls it after the same steps."""
 
     def __init__(self, cfg: Config, run_dir: Path, *, rank: int, world: int, device: torch.device,
-                 ctrl_group: Any, step: int) -> None:
+                 ctrl_group: Any, step: int, flops_per_sample: int = 0,
+                 peak_flops: float | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.rank, self.world, self.device, self.ctrl_group = rank, world, device, ctrl_group
         self.is_main = rank == 0
         self.pending: list[StepRecord] = []
+        # Training FLOPs of one sample at the configured tile (depthdif_hpc.model.flops), the
+        # device's dense peak, and the batch area they were counted for (checked at first record).
+        self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
+        self.flops_area: int | None = cfg.dataset.grid.tile_size ** 2
         self._files = ExitStack()
         self.steps_fh: TextIO | None = None
         self.ids_fh: TextIO | None = None
@@ -136,7 +141,14 @@ class StepLog:
     def add_wait(self, seconds: float) -> None:
         self.window_wait += seconds
 
-    def record(self, rec: StepRecord, samples: int) -> None:
+    def record(self, rec: StepRecord, samples: int, area: int) -> None:
+        """One optimizer step; `samples` across all ranks, `area` = H * W of its batches."""
+        if self.flops_area is not None and area != self.flops_area:
+            # Every counted product is linear in the pixel count (convolutions and the linear
+            # attention alike), so the count scales with the area; only the tiny MLP does not.
+            log.info(f"batches of {area} pixels, FLOPs counted for {self.flops_area}: count scaled")
+            self.flops_per_sample = self.flops_per_sample * area // self.flops_area
+        self.flops_area = None
         self.pending.append(rec)
         self.window_samples += samples
         if self.pbar is not None:
@@ -195,6 +207,9 @@ class StepLog:
             "perf/data_wait_fraction": self.window_wait / span if span > 0 else float("nan"),
             "perf/peak_mem_gib": peak_mem_gib(self.device),
         }
+        if self.peak_flops and span > 0:
+            per_device = self.window_samples / span / self.world
+            perf["perf/mfu"] = per_device * self.flops_per_sample / self.peak_flops
         self.reset_window(step)
         for i, p in enumerate(pending):
             rec: dict[str, Any] = {"step": p.step, "loss": host_red[0][i], "lr": p.lr, "epoch": epoch}

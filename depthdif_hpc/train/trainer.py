@@ -42,6 +42,7 @@ from depthdif_hpc.launch_env import (
     resolve_threads,
 )
 from depthdif_hpc.model.depthdif import build_model
+from depthdif_hpc.model.flops import peak_flops, train_step_flops_per_sample
 from depthdif_hpc.train.ema import ShardedEMA, is_zero3_param
 from depthdif_hpc.train.optim import LRController, build_optimizer
 from depthdif_hpc.train.setup import make_accelerator
@@ -162,6 +163,14 @@ class Trainer:
         # ---- model, optimizer, EMA (same initial weights on every rank)
         torch.manual_seed(cfg.training.seed)
         model = build_model(cfg)
+        # Counted on the whole model before ZeRO partitions it; MFU logs use this one number.
+        tile = cfg.dataset.grid.tile_size
+        self.flops_per_sample = train_step_flops_per_sample(model, tile, tile)
+        self.peak_flops = self._peak_flops()
+        log.info(f"model: {self.flops_per_sample / 1e9:.2f} GFLOP per training sample at {tile}x{tile} "
+                 f"(forward + backward, docs/model.md#flops); peak "
+                 + (f"{self.peak_flops / 1e12:.1f} TFLOP/s per device" if self.peak_flops else
+                    "unknown for this device (no MFU)"))
         self.resume_from = find_resume(cfg, self.ckpt_root, is_main=self.is_main, world=self.world,
                                        group=self.ctrl_group)
         if self.resume_from is None and cfg.model.load_checkpoint:
@@ -197,7 +206,8 @@ class Trainer:
             self._write_run_config()
         acc.wait_for_everyone()
         self.steplog = StepLog(cfg, self.run_dir, rank=self.rank, world=self.world, device=self.device,
-                               ctrl_group=self.ctrl_group, step=self.progress.step)
+                               ctrl_group=self.ctrl_group, step=self.progress.step,
+                               flops_per_sample=self.flops_per_sample, peak_flops=self.peak_flops)
         self.validator = Validator(
             cfg, rank=self.rank, world=self.world, device=self.device, ctrl_group=self.ctrl_group,
             data_factory=data_factory, full_weights=self.full_state_dict, autocast=self._autocast,
@@ -255,6 +265,16 @@ class Trainer:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 return {n: p.detach().float().clone() for n, p in self.named_params}
         return {n: p.detach().float().clone() for n, p in self.named_params}
+
+    def _peak_flops(self) -> float | None:
+        """Dense peak of one device for the dtype the matmuls run in (None off known GPUs)."""
+        if self.device.type != "cuda":
+            return None
+        if self.precision == "bf16":
+            kind = "bf16"
+        else:
+            kind = "fp32" if self.cfg.trainer.matmul_precision == "highest" else "tf32"
+        return peak_flops(torch.cuda.get_device_name(self.device), kind)
 
     def _autocast(self) -> AbstractContextManager:
         if self.precision == "bf16":
@@ -320,13 +340,14 @@ class Trainer:
                     extras_acc.setdefault(k, []).append(v.detach())
         self.progress.step += 1
         n = sum(int(b["x"].shape[0]) for b in batches) * self.world
+        area = int(batches[0]["x"].shape[-2] * batches[0]["x"].shape[-1])
         self.progress.samples_seen += n
         if self.ema is not None:
             self.ema.update(self.step)
         self.steplog.record(StepRecord(
             self.step, torch.stack(losses).float().mean(),
             {k: torch.stack(v).float().mean() for k, v in extras_acc.items()},
-            grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else None, lr, ids), n)
+            grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else None, lr, ids), n, area)
 
     # ================================================================== loop
 
