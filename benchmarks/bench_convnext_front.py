@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from depthdif_hpc.kernels import convnext_front
+from depthdif_hpc.kernels import convnext_front, convnext_front_reference
 from depthdif_hpc.kernels._testing import (
     AMBIENT_LEVELS,
     CONVNEXT_NAMES,
@@ -20,8 +20,6 @@ from depthdif_hpc.kernels._testing import (
     convnext_inputs,
 )
 
-from depthdif_hpc.model.layers import convnext_front_eager
-
 CUDA = torch.cuda.is_available()
 OP = "convnext_front"
 
@@ -29,7 +27,7 @@ OP = "convnext_front"
 @pytest.mark.parametrize(("C", "H", "W"), [(96, 8, 9), (192, 4, 5), (384, 4, 3), (768, 2, 3)],
                          ids=lambda v: str(v))
 def test_parity_cpu_ambient_channels(C, H, W):
-    check_parity(convnext_front, convnext_front_eager, convnext_inputs(1, C, H, W), CONVNEXT_NAMES)
+    check_parity(convnext_front, convnext_front_reference, convnext_inputs(1, C, H, W), CONVNEXT_NAMES)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -41,7 +39,7 @@ def test_parity_cpu_ambient_channels(C, H, W):
 def test_parity_gpu_ambient_levels(C, px, dtype, parts):
     dt = DTYPES[dtype]
     inputs = convnext_inputs(2, C, px, px, dtype=dt, device="cuda", **parts)
-    check_parity(convnext_front, convnext_front_eager, inputs, CONVNEXT_NAMES, tol=TOL[dt])
+    check_parity(convnext_front, convnext_front_reference, inputs, CONVNEXT_NAMES, tol=TOL[dt])
 
 
 def cases(batch: int, dtype: torch.dtype, device: str = "cuda", levels=AMBIENT_LEVELS):
@@ -51,7 +49,7 @@ def cases(batch: int, dtype: torch.dtype, device: str = "cuda", levels=AMBIENT_L
         n = batch * C * px * px * inputs[0].element_size()
         yield dict(
             op=OP, shape=f"B{batch} C{C} {px}x{px}", inputs=inputs,
-            fns={"eager": convnext_front_eager, "triton": convnext_front},
+            fns={"eager": convnext_front_reference, "triton": convnext_front},
             # The unavoidable traffic: read x, write y; backward read x, dy, write dx.
             bytes_fwd=2 * n, bytes_bwd=3 * n,
         )

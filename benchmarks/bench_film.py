@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from depthdif_hpc.kernels import film
+from depthdif_hpc.kernels import film, film_reference
 from depthdif_hpc.kernels._testing import AMBIENT_LEVELS, DTYPES, TOL, check_parity, film_inputs
-
-from depthdif_hpc.model.layers import film_eager
 
 CUDA = torch.cuda.is_available()
 OP = "film"
@@ -26,7 +24,7 @@ NAMES = ("x", "scale", "shift")
 @pytest.mark.parametrize(("C", "H", "W"), [(96, 16, 12), (192, 8, 6), (384, 4, 5), (768, 2, 3)],
                          ids=lambda v: str(v))
 def test_parity_cpu_ambient_channels(C, H, W):
-    check_parity(film, film_eager, film_inputs(3, C, H, W), NAMES)
+    check_parity(film, film_reference, film_inputs(3, C, H, W), NAMES)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -35,7 +33,7 @@ def test_parity_cpu_ambient_channels(C, H, W):
 @pytest.mark.parametrize(("C", "px"), AMBIENT_LEVELS, ids=lambda v: str(v))
 def test_parity_gpu_ambient_levels(C, px, dtype):
     dt = DTYPES[dtype]
-    check_parity(film, film_eager, film_inputs(2, C, px, px, dtype=dt, device="cuda"), NAMES,
+    check_parity(film, film_reference, film_inputs(2, C, px, px, dtype=dt, device="cuda"), NAMES,
                  tol=TOL[dt])
 
 
@@ -65,4 +63,4 @@ def cases(batch: int, dtype: torch.dtype, device: str = "cuda", levels=AMBIENT_L
         inputs = film_inputs(batch, C, px, px, dtype=dtype, device=device)
         n = batch * C * px * px * inputs[0].element_size()
         yield dict(op=OP, shape=f"B{batch} C{C} {px}x{px}", inputs=inputs,
-                   fns={"eager": film_eager, "triton": film}, bytes_fwd=2 * n, bytes_bwd=3 * n)
+                   fns={"eager": film_reference, "triton": film}, bytes_fwd=2 * n, bytes_bwd=3 * n)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from depthdif_hpc.kernels import linear_attention
+from depthdif_hpc.kernels import linear_attention, linear_attention_reference
 from depthdif_hpc.kernels._testing import (
     AMBIENT_LEVELS,
     DTYPES,
@@ -17,8 +17,6 @@ from depthdif_hpc.kernels._testing import (
     check_parity,
     linear_attention_inputs,
 )
-
-from depthdif_hpc.model.layers import linear_attention_eager
 
 CUDA = torch.cuda.is_available()
 OP = "linear_attention"
@@ -28,7 +26,7 @@ SCALE = 32**-0.5
 
 @pytest.mark.parametrize("px", [16, 8, 4, 2])
 def test_parity_cpu(px):
-    check_parity(linear_attention, linear_attention_eager,
+    check_parity(linear_attention, linear_attention_reference,
                  linear_attention_inputs(2, 4, 32, px * (px + 1)), NAMES, SCALE)
 
 
@@ -38,7 +36,7 @@ def test_parity_cpu(px):
 @pytest.mark.parametrize(("C", "px"), AMBIENT_LEVELS, ids=lambda v: str(v))
 def test_parity_gpu_ambient_levels(C, px, dtype):
     dt = DTYPES[dtype]
-    check_parity(linear_attention, linear_attention_eager,
+    check_parity(linear_attention, linear_attention_reference,
                  linear_attention_inputs(2, 4, 32, px * px, dtype=dt, device="cuda"), NAMES,
                  SCALE, tol=TOL[dt])
 
@@ -48,5 +46,5 @@ def cases(batch: int, dtype: torch.dtype, device: str = "cuda", levels=AMBIENT_L
         inputs = linear_attention_inputs(batch, 4, 32, px * px, dtype=dtype, device=device)
         n = inputs[0].numel() * inputs[0].element_size()
         yield dict(op=OP, shape=f"B{batch} h4 d32 N{px * px} (C{C})", inputs=inputs,
-                   fns={"eager": linear_attention_eager, "triton": linear_attention},
+                   fns={"eager": linear_attention_reference, "triton": linear_attention},
                    extra=(SCALE,), bytes_fwd=4 * n, bytes_bwd=7 * n)

@@ -160,7 +160,7 @@ def run_step(args, device, timer) -> list[dict]:
     for name, kernels, compiled in modes:
         torch.manual_seed(0)
         model = UNet(dim=dim, out_dim=50, dim_mults=dims, channels=102, coord_emb_dim=dim).to(device)
-        model.set_kernels(kernels)
+        model.set_kernels("triton" if kernels else "eager")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         fwd = torch.compile(model) if compiled else model
         x = torch.randn(B, 102, px, px, device=device)

@@ -12,10 +12,12 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+# omegaconf is imported by the loading functions only: the schema (and the model built from it)
+# must import on machines that have torch and triton but not the training stack.
+if TYPE_CHECKING:
+    from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -394,6 +396,9 @@ _SCHEMA_KEYS: list[str] = []
 
 def load_config(*paths: str | Path, overrides: list[str] | None = None) -> Config:
     """Merge YAML files (in order) and `key=value` overrides into a validated `Config`."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     global _SCHEMA_KEYS
     if not _SCHEMA_KEYS:
         _SCHEMA_KEYS = _resolved_schema_keys()
@@ -434,6 +439,8 @@ def load_config(*paths: str | Path, overrides: list[str] | None = None) -> Confi
 
 
 def _resolved_schema_keys() -> list[str]:
+    from omegaconf import OmegaConf
+
     container = OmegaConf.to_container(OmegaConf.structured(Config), resolve=False)
     return _flat_keys(container) + _schema_prefixes(container)
 
@@ -450,15 +457,22 @@ def _schema_prefixes(node: dict, prefix: str = "") -> list[str]:
 
 def to_dict(cfg: Config) -> dict:
     """Plain nested dict of a Config (for saving next to a run or into a checkpoint)."""
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
 def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     """Inverse of `to_dict` (checkpoints carry their config this way), plus `key=value` overrides."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
     origins = {}
     for item in overrides or []:

@@ -1,17 +1,42 @@
-"""Triton kernels (fused forward and backward) for the DepthDif U-Net.
+"""Triton kernels (fused forward and backward) for the DepthDif U-Net, and their eager references.
 
 Each op is a `torch.library.custom_op` (namespace ``depthdif_hpc``) with a fake (meta) kernel and a
 registered autograd formula whose backward is itself a custom op, so eager autograd and
 `torch.compile` (which treats the ops as opaque nodes) both work, on GPUs and, under
 TRITON_INTERPRET=1, on CPU. Inputs: fp32, bf16 or fp16, contiguous NCHW (made contiguous if not).
+Beside each kernel, `<op>_reference` is the small eager PyTorch version it is checked against.
 
 * `convnext_front`: LN_c((dwconv7x7(x) + b + time_bias) * (1 + s) + beta), see convnext_front.py
 * `film`: x * (1 + scale) + shift, see film.py
 * `linear_attention`: softmax_n(k) context, out = scale * ctx^T q, see linear_attention.py
+
+The model calls them through `run_op(op, mode, *args)` (dispatch.py), which picks the kernel or
+the reference per `model.kernels` and self-checks each kernel before its first use.
 """
 
-from .convnext_front import convnext_front
-from .film import film
-from .linear_attention import linear_attention
+from .convnext_front import convnext_front, convnext_front_reference
+from .dispatch import (
+    KERNEL_MODES,
+    KernelCheckError,
+    KernelDispatcher,
+    KernelFallbackWarning,
+    KernelOp,
+    run_op,
+)
+from .film import film, film_reference
+from .linear_attention import linear_attention, linear_attention_reference
 
-__all__ = ["convnext_front", "film", "linear_attention"]
+__all__ = [
+    "KERNEL_MODES",
+    "KernelCheckError",
+    "KernelDispatcher",
+    "KernelFallbackWarning",
+    "KernelOp",
+    "convnext_front",
+    "convnext_front_reference",
+    "film",
+    "film_reference",
+    "linear_attention",
+    "linear_attention_reference",
+    "run_op",
+]

@@ -1,4 +1,4 @@
-"""Parity helpers shared by tests/kernels and benchmarks/ (inputs, reference runs, tolerances).
+"""Parity helpers: inputs, reference runs, tolerances (tests/kernels, benchmarks/, dispatch.py).
 
 Parity is measured as max|kernel - reference| / max|reference| per tensor (output and every
 gradient), the reference being the eager op evaluated in fp32 (fp64 where stated) on the *same*

@@ -26,10 +26,12 @@ Partials are summed by one small torch reduction, so results are deterministic (
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ._utils import block, check_float, check_same_device, interpreting, next_pow2
+from .film import film_reference
 
 KS = 7  # depthwise kernel size (padding 3)
 
@@ -494,6 +496,34 @@ def _backward(ctx, dy, _dmean, _drstd):
 torch.library.register_autograd(
     "depthdif_hpc::convnext_front_fwd", _backward, setup_context=_setup
 )
+
+
+def convnext_front_reference(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: torch.Tensor | None,
+    time_bias: torch.Tensor | None,
+    film_scale: torch.Tensor | None,
+    film_shift: torch.Tensor | None,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """LN_c((dwconv7x7(x) + b + time_bias) * (1 + s) + beta), eagerly; per-sample vectors (B, C).
+
+    The eager reference `convnext_front` is checked against (tests, benchmarks, the `auto`
+    self-check), and what the model runs with `model.kernels: eager`.
+    """
+    h = F.conv2d(x, dw_weight, dw_bias, padding=3, groups=x.shape[1])
+    if time_bias is not None:
+        h = h + time_bias[:, :, None, None]
+    if film_scale is not None:
+        h = film_reference(h, film_scale, film_shift)
+    if ln_weight is not None:
+        var = torch.var(h, dim=1, unbiased=False, keepdim=True)
+        mean = torch.mean(h, dim=1, keepdim=True)
+        h = (h - mean) / (var + eps).sqrt() * ln_weight.view(1, -1, 1, 1) + ln_bias.view(1, -1, 1, 1)
+    return h
 
 
 def convnext_front(

@@ -312,6 +312,19 @@ torch.library.register_autograd(
 )
 
 
+def linear_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """out[e,n] = sum_d ctx[d,e] * scale * q[d,n], ctx = softmax_n(k) v^T; q, k, v (B, h, d, N).
+
+    The eager reference `linear_attention` is checked against (tests, benchmarks, the `auto`
+    self-check), and what the model runs with `model.kernels: eager`.
+    """
+    k = k.softmax(dim=-1)
+    context = torch.einsum("bhdn,bhen->bhde", k, v)
+    return torch.einsum("bhde,bhdn->bhen", context, q * scale)
+
+
 def linear_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:

@@ -263,6 +263,5 @@ def build_model(cfg: Config) -> nn.Module:
                                load_autoencoder(cfg))
     else:
         model = DepthDif(cfg.model, cfg.training.noise, cfg.training.validation_sampling)
-    use_triton = cfg.model.kernels == "triton" or (cfg.model.kernels == "auto" and torch.cuda.is_available())
-    model.model.set_kernels(use_triton)
+    model.model.set_kernels(cfg.model.kernels)
     return model

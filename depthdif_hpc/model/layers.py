@@ -1,6 +1,8 @@
-"""Eager building blocks of the ConvNeXt U-Net (SPEC 3.1).
+"""Building blocks of the ConvNeXt U-Net.
 
-These modules are the reference the Triton kernels are checked against. Attribute names follow
+The ConvNeXt block front and the linear attention core run through
+`depthdif_hpc.kernels.dispatch`: a Triton kernel or its eager reference, per the block's
+`kernel_mode` (set by `UNet.set_kernels` from `model.kernels`). Attribute names follow
 the research code's layout (`ds_conv`, `mlp`, `net`, `res_conv`, `to_qkv`, `to_out`, `fn`, `g`,
 `b`) so that its state dicts map onto ours by prefix alone.
 """
@@ -8,8 +10,9 @@ the research code's layout (`ds_conv`, `mlp`, `net`, `res_conv`, `to_qkv`, `to_o
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from depthdif_hpc.kernels.dispatch import run_op
 
 LN_EPS = 1e-5
 
@@ -27,41 +30,6 @@ class ChannelLayerNorm(nn.Module):
         var = torch.var(x, dim=1, unbiased=False, keepdim=True)
         mean = torch.mean(x, dim=1, keepdim=True)
         return (x - mean) / (var + self.eps).sqrt() * self.g + self.b
-
-
-def convnext_front_eager(
-    x: torch.Tensor,
-    dw_weight: torch.Tensor,
-    dw_bias: torch.Tensor,
-    time_bias: torch.Tensor | None,
-    film_scale: torch.Tensor | None,
-    film_shift: torch.Tensor | None,
-    ln_weight: torch.Tensor | None,
-    ln_bias: torch.Tensor | None,
-    eps: float = LN_EPS,
-) -> torch.Tensor:
-    """LN_c((dwconv7x7(x) + b + time_bias) * (1 + s) + beta): the ConvNeXt block front.
-
-    The naive reference for `depthdif_hpc.kernels.convnext_front`; per-sample vectors are (B, C).
-    """
-    h = F.conv2d(x, dw_weight, dw_bias, padding=3, groups=x.shape[1])
-    if time_bias is not None:
-        h = h + time_bias[:, :, None, None]
-    if film_scale is not None:
-        h = film_eager(h, film_scale, film_shift)
-    if ln_weight is not None:
-        var = torch.var(h, dim=1, unbiased=False, keepdim=True)
-        mean = torch.mean(h, dim=1, keepdim=True)
-        h = (h - mean) / (var + eps).sqrt() * ln_weight.view(1, -1, 1, 1) + ln_bias.view(1, -1, 1, 1)
-    return h
-
-
-def film_eager(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift with per-sample, per-channel (B, C) scale and shift.
-
-    The naive reference for `depthdif_hpc.kernels.film`.
-    """
-    return x * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
 
 
 class ConvNextBlock(nn.Module):
@@ -91,7 +59,7 @@ class ConvNextBlock(nn.Module):
             nn.Conv2d(dim_out * mult, dim_out, 3, padding=1),
         )
         self.res_conv = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
-        self.use_kernels = False  # set by UNet.set_kernels
+        self.kernel_mode = "eager"  # set by UNet.set_kernels
 
     def forward(
         self, x: torch.Tensor, t_emb: torch.Tensor | None = None, c_emb: torch.Tensor | None = None
@@ -105,27 +73,10 @@ class ConvNextBlock(nn.Module):
         norm = self.net[0]
         ln_w = norm.g.view(-1) if isinstance(norm, ChannelLayerNorm) else None
         ln_b = norm.b.view(-1) if isinstance(norm, ChannelLayerNorm) else None
-        if self.use_kernels:
-            from depthdif_hpc.kernels import convnext_front
-
-            front = convnext_front
-        else:
-            front = convnext_front_eager
-        h = front(x, self.ds_conv.weight, self.ds_conv.bias, time_bias, scale, shift, ln_w, ln_b)
+        h = run_op("convnext_front", self.kernel_mode, x, self.ds_conv.weight, self.ds_conv.bias,
+                   time_bias, scale, shift, ln_w, ln_b, norm.eps if ln_w is not None else LN_EPS)
         h = self.net[1:](h)
         return h + self.res_conv(x)
-
-
-def linear_attention_eager(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """out[e,n] = sum_d ctx[d,e] * scale * q[d,n], ctx = softmax_n(k) v^T; q, k, v (B, h, d, N).
-
-    The naive reference for `depthdif_hpc.kernels.linear_attention`.
-    """
-    k = k.softmax(dim=-1)
-    context = torch.einsum("bhdn,bhen->bhde", k, v)
-    return torch.einsum("bhde,bhdn->bhen", context, q * scale)
 
 
 class LinearAttention(nn.Module):
@@ -139,19 +90,14 @@ class LinearAttention(nn.Module):
         hidden = heads * dim_head
         self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
         self.to_out = nn.Conv2d(hidden, dim, 1)
-        self.use_kernels = False
+        self.kernel_mode = "eager"  # set by UNet.set_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         q, k, v = (
             t.reshape(b, self.heads, self.dim_head, h * w) for t in self.to_qkv(x).chunk(3, dim=1)
         )
-        if self.use_kernels:
-            from depthdif_hpc.kernels import linear_attention
-
-            out = linear_attention(q, k, v, self.scale)
-        else:
-            out = linear_attention_eager(q, k, v, self.scale)
+        out = run_op("linear_attention", self.kernel_mode, q, k, v, self.scale)
         return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from depthdif_hpc.kernels.dispatch import KERNEL_MODES
 from depthdif_hpc.model.embeddings import SinusoidalTimeEmbedding
 from depthdif_hpc.model.layers import (
     ConvNextBlock,
@@ -96,11 +97,18 @@ class UNet(nn.Module):
             ConvNextBlock(dim, dim, coord_emb_dim=coord_emb_dim), nn.Conv2d(dim, out_dim, 1)
         )
 
-    def set_kernels(self, use_triton: bool) -> None:
-        """Route ConvNeXt fronts and linear attention through the Triton kernels (or back)."""
+    def set_kernels(self, mode: str) -> None:
+        """How ConvNeXt fronts and linear attention run: "eager", "triton" or "auto".
+
+        See `depthdif_hpc.kernels.dispatch`: "triton" self-checks each kernel before its first
+        use and raises if it fails; "auto" does the same on CUDA but falls back to the eager
+        reference with a warning, and is eager elsewhere.
+        """
+        if mode not in KERNEL_MODES:
+            raise ValueError(f"kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
         for m in self.modules():
-            if hasattr(m, "use_kernels"):
-                m.use_kernels = use_triton
+            if hasattr(m, "kernel_mode"):
+                m.kernel_mode = mode
 
     def forward(
         self, x: torch.Tensor, time: torch.Tensor, c_emb: torch.Tensor | None = None

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from depthdif_hpc.kernels import convnext_front
+from depthdif_hpc.kernels import convnext_front, convnext_front_reference
 from depthdif_hpc.kernels._testing import CONVNEXT_NAMES, TOL, check_parity, convnext_inputs
 from depthdif_hpc.kernels._utils import override_blocks
-
-from depthdif_hpc.model.layers import convnext_front_eager
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -41,7 +39,7 @@ CASES = [
 def test_parity_cpu_fp32(B, C, H, W, parts, blocks):
     inputs = convnext_inputs(B, C, H, W, **parts)
     with override_blocks(**blocks):
-        errs = check_parity(convnext_front, convnext_front_eager, inputs, CONVNEXT_NAMES)
+        errs = check_parity(convnext_front, convnext_front_reference, inputs, CONVNEXT_NAMES)
     present = {"out"} | {f"d{n}" for n, t in zip(CONVNEXT_NAMES, inputs, strict=True) if t is not None}
     assert set(errs) == present
 
@@ -55,10 +53,10 @@ def test_layernorm_stable_with_large_mean():
     x, w, b, tb, s, t, g, lb = convnext_inputs(2, 50, 5, 6, film=False)
     b = b + 1000.0
     inputs = [x, w, b, tb, s, t, g, lb]
-    check_parity(convnext_front, convnext_front_eager, inputs, CONVNEXT_NAMES,
+    check_parity(convnext_front, convnext_front_reference, inputs, CONVNEXT_NAMES,
                  ref_dtype=torch.float64, tol=1e-3)
     with override_blocks(convnext_block_c=16):
-        check_parity(convnext_front, convnext_front_eager, inputs, CONVNEXT_NAMES,
+        check_parity(convnext_front, convnext_front_reference, inputs, CONVNEXT_NAMES,
                      ref_dtype=torch.float64, tol=1e-3)
 
 
@@ -67,7 +65,7 @@ def test_parity_check_catches_a_wrong_kernel():
     inputs = convnext_inputs(1, 20, 4, 5)
     wrong = lambda *a: convnext_front(*a, eps=1e-1)  # noqa: E731
     with pytest.raises(AssertionError, match="parity failed"):
-        check_parity(wrong, convnext_front_eager, inputs, CONVNEXT_NAMES)
+        check_parity(wrong, convnext_front_reference, inputs, CONVNEXT_NAMES)
 
 
 def test_noncontiguous_input_and_model_style_views():
@@ -80,7 +78,7 @@ def test_noncontiguous_input_and_model_style_views():
     lb = (0.1 * torch.randn(1, C, 1, 1)).view(-1)
     xc = x.to(memory_format=torch.channels_last)
     y = convnext_front(xc, w, b, tb, s, t, g, lb)
-    ref = convnext_front_eager(x, w, b, tb, s, t, g, lb)
+    ref = convnext_front_reference(x, w, b, tb, s, t, g, lb)
     assert y.shape == ref.shape
     assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
 
@@ -115,7 +113,7 @@ def test_torch_compile_traces_the_op():
     leaves = [a.clone().requires_grad_() for a in inputs]
     compiled(*leaves).backward()
     ref = [a.clone().requires_grad_() for a in inputs]
-    convnext_front_eager(*ref).square().sum().backward()
+    convnext_front_reference(*ref).square().sum().backward()
     for a, r in zip(leaves, ref, strict=True):
         assert torch.allclose(a.grad, r.grad, atol=1e-4, rtol=1e-4)
 
@@ -127,4 +125,4 @@ def test_torch_compile_traces_the_op():
                          ids=["all", "no-time", "no-film-no-ln"])
 def test_parity_gpu_awkward(dtype, parts):
     inputs = convnext_inputs(3, 102, 37, 21, dtype=dtype, device="cuda", **parts)
-    check_parity(convnext_front, convnext_front_eager, inputs, CONVNEXT_NAMES, tol=TOL[dtype])
+    check_parity(convnext_front, convnext_front_reference, inputs, CONVNEXT_NAMES, tol=TOL[dtype])

@@ -1,14 +1,12 @@
-"""film: Triton op vs film_eager, forward and the three gradients (scale/shift are reductions)."""
+"""film: Triton op vs film_reference, forward and the three gradients (scale/shift are reductions)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from depthdif_hpc.kernels import film
+from depthdif_hpc.kernels import film, film_reference
 from depthdif_hpc.kernels._testing import TOL, check_parity, film_inputs
 from depthdif_hpc.kernels._utils import override_blocks
-
-from depthdif_hpc.model.layers import film_eager
 
 CUDA = torch.cuda.is_available()
 NAMES = ("x", "scale", "shift")
@@ -26,7 +24,7 @@ NAMES = ("x", "scale", "shift")
 )
 def test_parity_cpu_fp32(B, C, H, W, blocks):
     with override_blocks(**blocks):
-        errs = check_parity(film, film_eager, film_inputs(B, C, H, W), NAMES)
+        errs = check_parity(film, film_reference, film_inputs(B, C, H, W), NAMES)
     assert set(errs) == {"out", "dx", "dscale", "dshift"}
 
 
@@ -56,5 +54,5 @@ def test_opcheck_and_compile():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_parity_gpu_awkward(dtype):
-    check_parity(film, film_eager, film_inputs(3, 102, 37, 21, dtype=dtype, device="cuda"), NAMES,
+    check_parity(film, film_reference, film_inputs(3, 102, 37, 21, dtype=dtype, device="cuda"), NAMES,
                  tol=TOL[dtype])

@@ -1,4 +1,4 @@
-"""linear_attention: Triton op vs linear_attention_eager, forward and dq, dk, dv.
+"""linear_attention: Triton op vs linear_attention_reference, forward and dq, dk, dv.
 
 The CPU plan uses 64-column N blocks and 2 blocks per N slice, so N = 77, 150, 300 exercise
 partial blocks and the multi-slice online-softmax merge.
@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from depthdif_hpc.kernels import linear_attention
+from depthdif_hpc.kernels import linear_attention, linear_attention_reference
 from depthdif_hpc.kernels._testing import TOL, check_parity, linear_attention_inputs
 from depthdif_hpc.kernels._utils import override_blocks
-
-from depthdif_hpc.model.layers import linear_attention_eager
 
 CUDA = torch.cuda.is_available()
 NAMES = ("q", "k", "v")
@@ -30,7 +28,7 @@ NAMES = ("q", "k", "v")
 )
 def test_parity_cpu_fp32(B, heads, d, N, blocks):
     with override_blocks(**blocks):
-        errs = check_parity(linear_attention, linear_attention_eager,
+        errs = check_parity(linear_attention, linear_attention_reference,
                             linear_attention_inputs(B, heads, d, N), NAMES, d**-0.5)
     assert set(errs) == {"out", "dq", "dk", "dv"}
 
@@ -39,7 +37,7 @@ def test_softmax_is_stable_for_large_logits():
     """k ~ N(0, 60^2): exp(k) overflows fp32 without the max shift; fp64 reference."""
     inputs = linear_attention_inputs(1, 2, 32, 200, k_scale=60.0)
     assert not torch.isfinite(inputs[1].exp()).all()
-    check_parity(linear_attention, linear_attention_eager, inputs, NAMES, 32**-0.5,
+    check_parity(linear_attention, linear_attention_reference, inputs, NAMES, 32**-0.5,
                  ref_dtype=torch.float64, tol=1e-4)
 
 
@@ -58,7 +56,7 @@ def test_strided_qkv_views_like_the_model():
     (y * g).sum().backward()
     grad = qkv.grad.clone()
     qkv.grad = None
-    (linear_attention_eager(*split(qkv), 0.3) * g).sum().backward()
+    (linear_attention_reference(*split(qkv), 0.3) * g).sum().backward()
     assert torch.allclose(grad, qkv.grad, atol=1e-5, rtol=1e-4)
 
 
@@ -81,7 +79,7 @@ def test_opcheck_and_compile():
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
-    linear_attention_eager(q, k, v, 0.25).square().sum().backward()
+    linear_attention_reference(q, k, v, 0.25).square().sum().backward()
     for a, t in zip(grads, (q, k, v), strict=True):
         assert torch.allclose(a, t.grad, atol=1e-4, rtol=1e-4)
 
@@ -91,4 +89,4 @@ def test_opcheck_and_compile():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_parity_gpu_awkward(dtype):
     inputs = linear_attention_inputs(3, 4, 32, 37 * 21, dtype=dtype, device="cuda")
-    check_parity(linear_attention, linear_attention_eager, inputs, NAMES, 32**-0.5, tol=TOL[dtype])
+    check_parity(linear_attention, linear_attention_reference, inputs, NAMES, 32**-0.5, tol=TOL[dtype])

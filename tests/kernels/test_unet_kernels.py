@@ -1,4 +1,4 @@
-"""Whole U-Net: `set_kernels(True)` (Triton fronts + linear attention) vs eager, outputs and grads.
+"""Whole U-Net: `set_kernels("triton")` (Triton fronts + linear attention) vs eager, outputs and grads.
 
 A small config that still has every block kind: the no-LN first block with a 102-channel input
 (C not a power of two), FiLM everywhere, the final block without time bias, attention at each
@@ -7,8 +7,11 @@ level with N not a multiple of the CPU block (10x14 -> 140, 5x7 -> 35), H != W.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from depthdif_hpc.kernels import dispatch
 from depthdif_hpc.kernels._testing import rel_err
 
 from depthdif_hpc.model.unet import UNet
@@ -35,9 +38,9 @@ def _compare(device: str, dtype: torch.dtype, tol: float, size=(10, 14), dim=8, 
     t = torch.randint(0, 1000, (B,), device=device)
     c = torch.randn(B, 6, device=device, dtype=dtype)
     gy = torch.randn(B, 5, *size, device=device, dtype=dtype)
-    model.set_kernels(False)
+    model.set_kernels("eager")
     ref_out, ref = _grads(model, x, t, c, gy)
-    model.set_kernels(True)
+    model.set_kernels("triton")
     out, got = _grads(model, x, t, c, gy)
     assert set(got) == set(ref) and len(ref) > 40
     errs = {"out": rel_err(out, ref_out)} | {n: rel_err(got[n], ref[n]) for n in ref}
@@ -45,34 +48,45 @@ def _compare(device: str, dtype: torch.dtype, tol: float, size=(10, 14), dim=8, 
     assert not bad, f"kernel vs eager U-Net mismatch (tol {tol}): {bad}"
 
 
-def test_unet_kernels_match_eager_cpu_fp32():
+def test_unet_kernels_match_eager_cpu_fp32(monkeypatch):
+    d = dispatch.KernelDispatcher()
+    monkeypatch.setattr(dispatch, "DISPATCHER", d)
     _compare("cpu", torch.float32, tol=1e-4)
+    # Every kernel variant this U-Net uses passed its first-use self-check: the first block (no
+    # LayerNorm, 102 channels), each width, the decoder's concatenated input and the final block
+    # (no time bias), and the attention.
+    verdicts = d.verdicts()
+    assert all(v is None for v in verdicts.values()), verdicts
+    fronts = {(k[3][0], k[2][3] is not None, k[2][6] is not None)
+              for k in verdicts if k[0] == "convnext_front"}
+    assert fronts == {(102, True, False), (8, True, True), (16, True, True), (32, True, True),
+                      (8, False, True)}
+    assert {k[3] for k in verdicts if k[0] == "linear_attention"} == {(32,)}
 
 
 def test_set_kernels_routes_through_the_triton_ops(monkeypatch):
-    """The kernel path must actually call depthdif_hpc.kernels (not silently stay eager)."""
-    import depthdif_hpc.kernels as K
+    """The kernel path must actually call the Triton ops (not silently stay eager)."""
+    calls = {name: 0 for name in dispatch.OPS}
 
-    calls = {"front": 0, "attn": 0}
-    real_front, real_attn = K.convnext_front, K.linear_attention
+    def counted(spec):
+        def kernel(*args):
+            calls[spec.name] += 1
+            return spec.kernel(*args)
 
-    def front(*a, **k):
-        calls["front"] += 1
-        return real_front(*a, **k)
+        return dataclasses.replace(spec, kernel=kernel)
 
-    def attn(*a, **k):
-        calls["attn"] += 1
-        return real_attn(*a, **k)
-
-    monkeypatch.setattr(K, "convnext_front", front)
-    monkeypatch.setattr(K, "linear_attention", attn)
+    d = dispatch.KernelDispatcher([counted(spec) for spec in dispatch.OPS.values()])
+    # Routing only: every variant counts as checked (the checks are tested in
+    # test_kernel_fallback.py and above).
+    monkeypatch.setattr(d, "verdict", lambda *a, **k: None)
+    monkeypatch.setattr(dispatch, "DISPATCHER", d)
     model = UNet(dim=8, out_dim=5, dim_mults=(1, 2), channels=102, coord_emb_dim=6)
-    model.set_kernels(True)
+    model.set_kernels("triton")
     with torch.no_grad():
         model(torch.randn(1, 102, 8, 8), torch.tensor([3]), torch.randn(1, 6))
     # dim_mults (1, 2): 2 down stages x 2 blocks + 2 mid + 1 up stage x 2 + final = 9 blocks;
     # attention: 2 down + mid + 1 up = 4.
-    assert calls == {"front": 9, "attn": 4}
+    assert calls == {"convnext_front": 9, "film": 0, "linear_attention": 4}
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -96,9 +110,9 @@ def test_unet_kernels_bf16_no_less_accurate_than_eager_bf16():
     c = torch.randn(B, 6, device="cuda").bfloat16()
     gy = torch.randn(B, 5, *size, device="cuda").bfloat16()
     ref_out, ref = _grads(model32, x.float(), t, c.float(), gy.float())
-    model.set_kernels(False)
+    model.set_kernels("eager")
     e_out, eager = _grads(model, x, t, c, gy)
-    model.set_kernels(True)
+    model.set_kernels("triton")
     k_out, kern = _grads(model, x, t, c, gy)
     errs = {"out": (rel_err(k_out, ref_out), rel_err(e_out, ref_out))}
     errs |= {n: (rel_err(kern[n], ref[n]), rel_err(eager[n], ref[n])) for n in ref}
