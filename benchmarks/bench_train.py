@@ -53,7 +53,7 @@ def _batch(b: int, size: int, device: torch.device, depth: int = 50) -> dict[str
 
 
 def run_case(cfg, batch_size: int, steps: int, size: int, device: torch.device, store: str | None) -> dict:
-    from depthdif_hpc.model.depthdif import build_model
+    from depthdif_hpc.model.build import build_model
     from depthdif_hpc.model.flops import train_step_flops_per_sample
     from depthdif_hpc.train.optim import build_optimizer
     from depthdif_hpc.train.stream import to_device
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> float:
 
 def test_bench_train_smoke_cpu(capsys):
     """The benchmark runs end to end (tiny CPU configuration) and reports the analytic FLOPs."""
-    from depthdif_hpc.model.depthdif import build_model
+    from depthdif_hpc.model.build import build_model
     from depthdif_hpc.model.flops import train_step_flops_per_sample
 
     assert main(["--smoke", "--kernels", "eager", "--batch", "2"]) > 0

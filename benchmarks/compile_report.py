@@ -255,7 +255,7 @@ def build_preset_model(preset: str, overrides: list[str] | None = None,
                        device: str = "meta") -> tuple[torch.nn.Module, Any]:
     """The preset's DepthDif (three px_space configs) with the Triton kernels on, and its config."""
     from depthdif_hpc.config import load_config
-    from depthdif_hpc.model.depthdif import build_model
+    from depthdif_hpc.model.build import build_model
 
     model_yaml = "model_config_ambient.yaml" if preset == "ambient" else "model_config.yaml"
     cfg = load_config(*(ROOT / "configs/px_space" / f for f in

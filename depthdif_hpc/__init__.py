@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from depthdif_hpc.config import Config, ConfigError, load_config
-    from depthdif_hpc.model.depthdif import DepthDif, build_model
+    from depthdif_hpc.model.build import build_model
+    from depthdif_hpc.model.depthdif import DepthDif
 
 _LAZY = {
     "Config": "depthdif_hpc.config",
     "ConfigError": "depthdif_hpc.config",
     "load_config": "depthdif_hpc.config",
     "DepthDif": "depthdif_hpc.model.depthdif",
-    "build_model": "depthdif_hpc.model.depthdif",
+    "build_model": "depthdif_hpc.model.build",
 }
 
 __all__ = ["Config", "ConfigError", "DepthDif", "build_model", "load_config"]

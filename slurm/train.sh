@@ -185,6 +185,11 @@ if [ "$STOP" = 1 ]; then
   exit 75
 fi
 
+# The trainer writes $RUN_DIR/stopped.json only after the checkpoint of a stop on a signal; one
+# left by an earlier attempt must not make this one requeue.
+STOPPED="$RUN_DIR/stopped.json"
+rm -f "$STOPPED"
+
 # Slurm 22.05 steps do not inherit --cpus-per-task from the job (they get 1 CPU per task, and with
 # CPU binding every trainer on the node would share it): pass it on.
 STEP_CPUS=()
@@ -228,7 +233,14 @@ if [ "$STOP" = 1 ] || [ "$RC" = 75 ]; then
     say "the trainer finished before it could stop: nothing to requeue"
     exit 0
   fi
-  say "trainer stopped after checkpointing (step exit $RC); requeueing job $SLURM_JOB_ID"
+  # torchrun reports a worker's 75 as 1, so the exit code cannot tell a checkpointed stop from a
+  # crash in the final save (disk full, quota, OOM, NaN): the trainer's marker does. Without it a
+  # requeue would only repeat the lost work, up to DDHPC_MAX_REQUEUES times.
+  if [ ! -f "$STOPPED" ]; then
+    say "the trainer stopped without recording a checkpointed stop ($STOPPED missing, step exit $RC): not requeueing; see $LOG_DIR"
+    exit $(( RC == 0 ? 1 : RC ))
+  fi
+  say "trainer stopped after checkpointing (step exit $RC, $(tr -d '\n ' < "$STOPPED")); requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed"
   # The requeue ends this allocation (and this script) from the outside.
   sleep 60

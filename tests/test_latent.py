@@ -44,8 +44,8 @@ def test_autoencoder_model_predict_masks_invalid():
     model = build_model(load_config(AE, overrides=SMALL_AE))
     batch = random_batch()
     out = model.predict(batch)
-    assert out["y_hat"].shape == batch["y"].shape
-    assert torch.isnan(out["y_hat_denorm"][~batch["y_valid_mask"]]).all()
+    assert out.y_hat.shape == batch["y"].shape
+    assert torch.isnan(out.y_hat_denorm[~batch["y_valid_mask"]]).all()
 
 
 def test_autoencoder_predict_is_fp32_under_bf16_autocast_and_scores_every_valid_pixel():
@@ -56,13 +56,13 @@ def test_autoencoder_predict_is_fp32_under_bf16_autocast_and_scores_every_valid_
 
     model = build_model(load_config(AE, overrides=SMALL_AE)).eval()
     batch = random_batch()
-    ref = model.predict(batch)["y_hat_denorm"]
+    ref = model.predict(batch).y_hat_denorm
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.predict(batch)
-    assert out["y_hat_denorm"].dtype == torch.float32
+    assert out.y_hat_denorm.dtype == torch.float32
     valid = batch["y_valid_mask"] > 0.5
     # bf16 rounding of the normalised output only (~0.4% of the value), not of the Kelvin sum
-    assert (out["y_hat_denorm"][valid] - ref[valid]).abs().max() < 0.25
+    assert (out.y_hat_denorm[valid] - ref[valid]).abs().max() < 0.25
     rec = reconstruct(model, batch, ambient=False, sampler="ddpm", log_intermediates=False, generator=None)
     counted = valid.sum(dim=(0, 2, 3)).tolist()
     assert rec["profile"]["count"].tolist() == counted  # x_valid columns are not left out
@@ -97,9 +97,9 @@ def test_latent_training_and_predict(tmp_path):
     for k, v in model.autoencoder.state_dict().items():
         assert torch.equal(v, frozen[k]), k  # the frozen autoencoder did not move
     out = model.eval().predict(batch, sampler="ddim")
-    assert out["y_hat"].shape == (2, 50, 16, 16)  # decoded back to the 50 bands
-    assert torch.isnan(out["y_hat_denorm"][~batch["y_valid_mask"]]).all()
-    assert torch.isfinite(out["y_hat_denorm"][batch["y_valid_mask"]]).all()
+    assert out.y_hat.shape == (2, 50, 16, 16)  # decoded back to the 50 bands
+    assert torch.isnan(out.y_hat_denorm[~batch["y_valid_mask"]]).all()
+    assert torch.isfinite(out.y_hat_denorm[batch["y_valid_mask"]]).all()
 
 
 def test_latent_condition_layout(tmp_path):

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from depthdif_hpc import build_model
-from depthdif_hpc.conditioning import build_condition
 from depthdif_hpc.diffusion.ambient import ambient_stats, further_keep_mask
 from depthdif_hpc.diffusion.masks import masked_mse
+from depthdif_hpc.model.conditioning import build_condition
 from tests.helpers import random_batch, tiny_config
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from depthdif_hpc import build_model
-from depthdif_hpc.inference.postprocess import (
+from depthdif_hpc.model.depthdif import Prediction
+from depthdif_hpc.model.postprocess import (
     gaussian_blur_depthwise,
     gaussian_kernel1d,
     mask_invalid,
@@ -57,15 +58,15 @@ def test_predict_outputs(ambient):
     batch = random_batch()
     out = model.predict(batch, sampler="ddim", return_intermediates=True,
                         generator=torch.Generator().manual_seed(0))
-    assert set(out) >= {"y_hat", "y_hat_denorm", "denoise_samples", "x0_denoise_samples", "sampler"}
-    assert out["y_hat"].shape == (2, 50, 16, 16) and torch.isfinite(out["y_hat"]).all()
-    assert out["sampler"].name == "ddim"
+    assert isinstance(out, Prediction) and out.x0_denoise_samples is not None
+    assert out.y_hat.shape == (2, 50, 16, 16) and torch.isfinite(out.y_hat).all()
+    assert out.sampler.name == "ddim"
     invalid = ~batch["y_valid_mask"]
-    assert torch.isnan(out["y_hat_denorm"][invalid]).all()
-    assert torch.isfinite(out["y_hat_denorm"][~invalid]).all()
-    assert len(out["denoise_samples"]) == out["sampler"].num_steps
+    assert torch.isnan(out.y_hat_denorm[invalid]).all()
+    assert torch.isfinite(out.y_hat_denorm[~invalid]).all()
+    assert len(out.denoise_samples) == out.sampler.num_steps
     # inference conditions on every observation in ambient mode unless configured otherwise
-    torch.testing.assert_close(out["further_valid_mask"], batch["x_valid_mask"].float())
+    torch.testing.assert_close(out.further_valid_mask, batch["x_valid_mask"].float())
 
 
 def test_predict_clamping_keeps_known_pixels_exact():
@@ -75,10 +76,10 @@ def test_predict_clamping_keeps_known_pixels_exact():
     out = model.predict(batch, sampler="ddpm", clamp_known_pixels=True,
                         generator=torch.Generator().manual_seed(0))
     known = batch["x_valid_mask"]
-    assert torch.equal(out["y_hat"][known], batch["x"][known])
+    assert torch.equal(out.y_hat[known], batch["x"][known])
     unclamped = model.predict(batch, sampler="ddpm", clamp_known_pixels=False,
                               generator=torch.Generator().manual_seed(0))
-    assert not torch.equal(unclamped["y_hat"][known], batch["x"][known])
+    assert not torch.equal(unclamped.y_hat[known], batch["x"][known])
 
 
 def test_clamping_skipped_with_warning_for_channel_mismatch():
@@ -92,7 +93,7 @@ def test_clamping_skipped_with_warning_for_channel_mismatch():
         warnings.simplefilter("always")
         out = model.predict(batch, sampler="ddim", clamp_known_pixels=True)
     assert any("clamp_known_pixels skipped" in str(w.message) for w in rec)
-    assert out["y_hat"].shape == (2, 2, 16, 16)
+    assert out.y_hat.shape == (2, 2, 16, 16)
 
 
 def test_predict_requires_keys():

@@ -39,6 +39,10 @@ OPTIMIZER = "optimizer.pt"
 DEEPSPEED_TAG = "deepspeed"  # engine.save_checkpoint(tag=...): the subfolder DeepSpeed writes
 CONFIG = "config.yaml"  # export folders carry the run's config beside the weights
 EMA_SHARDS = "ema_rank_*.safetensors"
+# <run_dir>/stopped.json: written after the checkpoint of a stop on a signal, removed when a run
+# starts. A launcher requeues only when it finds it: any other way out (a crash in the final
+# save, a full disk, a non-finite loss) ends the job instead of repeating the lost work.
+STOPPED = "stopped.json"
 _NAME = re.compile(r"^step_(\d{8,})$")
 
 
@@ -138,6 +142,23 @@ def latest_complete(root: Path, warn=log.warning) -> Path | None:
             return d
         warn(f"ignoring checkpoint {d} (step {step}): {why}; trying an older one")
     return None
+
+
+def mark_stopped(run_dir: Path, info: dict) -> Path:
+    """Record (atomically) that the run checkpointed and stopped on a signal."""
+    path = Path(run_dir) / STOPPED
+    part = path.with_name(STOPPED + ".part")
+    with open(part, "w") as fh:
+        json.dump(info, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(part, path)
+    _fsync_path(path.parent)
+    return path
+
+
+def clear_stopped(run_dir: Path) -> None:
+    (Path(run_dir) / STOPPED).unlink(missing_ok=True)
 
 
 def is_checkpoint(path: Path) -> bool:

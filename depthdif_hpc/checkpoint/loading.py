@@ -10,7 +10,7 @@ import torch
 from depthdif_hpc.checkpoint import layout
 from depthdif_hpc.checkpoint.weights import checkpoint_weights, load_model_weights
 from depthdif_hpc.config import Config, config_from_dict
-from depthdif_hpc.model.depthdif import build_model
+from depthdif_hpc.model.build import build_model
 
 
 def load_model(checkpoint: str | Path, *, use_ema: bool = True,

@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,22 @@ class ShardStream(IterableDataset):
             self._pos[0], self._pos[1] = epoch + 1, 0
 
 
+# What SLURM and the launchers send to stop a job at a step boundary (the trainer's StopSignals).
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn
+    """Loader workers leave the stop signals to the trainer.
+
+    SLURM signals every process of the step, workers included. A forked worker inherits the
+    trainer's handler (harmless: it sets a flag nobody reads), but a spawn or forkserver worker
+    starts with the default actions, so SIGTERM would kill it and the trainer's checkpoint-and-stop
+    would fail on a dead worker instead.
+    """
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 class StreamLoader:
     """DataLoader over a ShardStream that knows its position: resumable mid-epoch.
 
@@ -289,7 +306,8 @@ class StreamLoader:
         kw: dict[str, Any] = {}
         if num_workers > 0:
             kw = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
-                  "multiprocessing_context": multiprocessing_context}
+                  "multiprocessing_context": multiprocessing_context,
+                  "worker_init_fn": ignore_stop_signals}
         self.use_ring = dataset.batched and num_workers > 0 and ring
         self.pin_memory = pin_memory
         if dataset.batched:

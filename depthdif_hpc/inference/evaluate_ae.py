@@ -116,7 +116,7 @@ def evaluate_autoencoder(checkpoint: str | Path, store: str | Path, report: str 
             valid = batch["y_valid_mask"][:b].bool()
             res = model.predict({"y": y.to(device), "y_valid_mask": valid.to(device)})
             # degC in float64: float32 carries only ~3e-5 degC of resolution through Kelvin
-            pred = denormalize_temperature(res["y_hat"].double().cpu()).masked_fill(~valid, float("nan"))
+            pred = denormalize_temperature(res.y_hat.double().cpu()).masked_fill(~valid, float("nan"))
             truth = denormalize_temperature(y.double()).masked_fill(~valid, float("nan"))
             # (B, D, H, W) -> (D, B*H, W): DepthStats sums over the last two axes
             stats.add(pred.numpy().transpose(1, 0, 2, 3).reshape(d, -1, pred.shape[-1]),

@@ -123,7 +123,7 @@ def predict_split(
         rep = {k: v.repeat_interleave(ensemble, dim=0).to(device) for k, v in batch.items()}
         g = torch.Generator(device=device).manual_seed(seed * 7919 + int(batch["sample_id"][0]))
         res = model.predict(rep, sampler=smp, clamp_known_pixels=clamp_known_pixels, generator=g)
-        fields = res["y_hat_denorm"].float().cpu()
+        fields = res.y_hat_denorm.float().cpu()
         fields = fields.view(len(todo), ensemble, *fields.shape[1:])
         mean = fields.mean(dim=1)
         std = fields.std(dim=1, unbiased=True) if ensemble > 1 else torch.zeros_like(mean)

@@ -9,28 +9,43 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from depthdif_hpc.conditioning import build_condition
 from depthdif_hpc.config import (
-    Config,
     ModelConfig,
     NoiseConfig,
     SamplingConfig,
     canonical_parameterization,
 )
+from depthdif_hpc.data.batch import Batch
 from depthdif_hpc.diffusion.ambient import ambient_stats, further_keep_mask
 from depthdif_hpc.diffusion.masks import align_mask, binarize, masked_mse
 from depthdif_hpc.diffusion.samplers import DDPMSampler, make_sampler, reverse_diffusion
 from depthdif_hpc.diffusion.schedules import NoiseSchedule
-from depthdif_hpc.inference.postprocess import gaussian_blur_depthwise, mask_invalid
+from depthdif_hpc.model.conditioning import build_condition
 from depthdif_hpc.model.embeddings import CoordDateEncoder
+from depthdif_hpc.model.postprocess import gaussian_blur_depthwise, mask_invalid
 from depthdif_hpc.model.unet import UNet
 from depthdif_hpc.normalization import denormalize_temperature
 
-Batch = dict[str, torch.Tensor]
+
+@dataclass
+class Prediction:
+    """What `predict` returns for a batch of B samples and G generated bands."""
+
+    y_hat: torch.Tensor  # (B, G, H, W) fp32, normalised units
+    y_hat_denorm: torch.Tensor  # (B, G, H, W) fp32 degC, post-processed, NaN off y_valid_mask
+    sampler: DDPMSampler | None = None  # the sampler that ran (None: no reverse diffusion)
+    denoise_samples: Any = None  # x_t along the reverse chain (return_intermediates)
+    x0_denoise_samples: Any = None  # the x0 estimates along the chain (return_intermediates)
+    # The condition's validity mask as the model saw it (ambient: after the further drop).
+    further_valid_mask: torch.Tensor | None = None
+    # Pixels that are the model's output rather than given (set where the condition does not
+    # say it, e.g. the autoencoder: every valid pixel).
+    generated_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -89,7 +104,7 @@ class DepthDif(nn.Module):
         """Masks, target and condition for one batch (SPEC 2, 6 and 7)."""
         cfg = self.cfg
         g = cfg.generated_channels
-        x = _require(batch, "x")
+        x = require_key(batch, "x")
         if x.ndim != 4:
             raise ValueError(f"batch['x'] must be (B, C, H, W), got {tuple(x.shape)}")
         x = x.float()
@@ -182,10 +197,10 @@ class DepthDif(nn.Module):
         return_intermediates: bool = False,
         intermediate_step_indices: list[int] | None = None,
         generator: torch.Generator | None = None,
-    ) -> dict:
+    ) -> Prediction:
         """SPEC 8.3: condition, sample, denormalise, optional blur, NaN outside y_valid_mask."""
         for key in ("x", "x_valid_mask", "y_valid_mask"):
-            _require(batch, key)
+            require_key(batch, key)
         amb = self.cfg.ambient_occlusion
         p = self.prepare(batch, further_drop=amb.enabled and amb.drop_at_inference, generator=generator)
         if not isinstance(sampler, DDPMSampler):
@@ -223,15 +238,9 @@ class DepthDif(nn.Module):
         if blur.enabled:
             y_hat_denorm = gaussian_blur_depthwise(y_hat_denorm, blur.kernel_size, blur.sigma)
         y_hat_denorm = mask_invalid(y_hat_denorm, batch["y_valid_mask"])
-        return {
-            "y_hat": y_hat,
-            "y_hat_denorm": y_hat_denorm,
-            "y_hat_denorm_for_plot": y_hat_denorm,
-            "denoise_samples": res.denoise_samples,
-            "x0_denoise_samples": res.x0_denoise_samples,
-            "sampler": sampler,
-            "further_valid_mask": p.cond_mask,
-        }
+        return Prediction(y_hat=y_hat, y_hat_denorm=y_hat_denorm, sampler=sampler,
+                          denoise_samples=res.denoise_samples, x0_denoise_samples=res.x0_denoise_samples,
+                          further_valid_mask=p.cond_mask)
 
 
     def to_pixels(self, sample: torch.Tensor) -> torch.Tensor:
@@ -239,29 +248,7 @@ class DepthDif(nn.Module):
         return sample
 
 
-def _require(batch: Batch, key: str) -> torch.Tensor:
+def require_key(batch: Batch, key: str) -> torch.Tensor:
     if key not in batch or batch[key] is None:
         raise KeyError(f"batch is missing required key {key!r} (has {sorted(batch)})")
     return batch[key]
-
-
-def build_model(cfg: Config) -> nn.Module:
-    """The model for a validated config, with kernels routed per `model.kernels`.
-
-    `model.model_type`: cond_px_dif -> DepthDif; latent_cond_dif -> LatentDepthDif (loads the
-    frozen autoencoder); depth_band_ae -> AutoencoderModel. Every one is called as
-    `model(batch) -> (loss, logs)` and has `predict(batch, ...)`.
-    """
-    if cfg.model.model_type == "depth_band_ae":
-        from depthdif_hpc.model.latent import AutoencoderModel
-
-        return AutoencoderModel(cfg.ae)
-    if cfg.model.model_type == "latent_cond_dif":
-        from depthdif_hpc.model.latent import LatentDepthDif, load_autoencoder
-
-        model = LatentDepthDif(cfg.model, cfg.training.noise, cfg.training.validation_sampling,
-                               load_autoencoder(cfg))
-    else:
-        model = DepthDif(cfg.model, cfg.training.noise, cfg.training.validation_sampling)
-    model.model.set_kernels(cfg.model.kernels)
-    return model

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from depthdif_hpc.conditioning import build_condition
 from depthdif_hpc.config import (
     AEConfig,
     Config,
@@ -22,10 +21,12 @@ from depthdif_hpc.config import (
     SamplingConfig,
     load_config,
 )
+from depthdif_hpc.data.batch import Batch
 from depthdif_hpc.diffusion.masks import align_mask, binarize
-from depthdif_hpc.inference.postprocess import mask_invalid
 from depthdif_hpc.model.autoencoder import DepthBandAutoencoder, reconstruction_loss
-from depthdif_hpc.model.depthdif import Batch, DepthDif, Prepared, _require
+from depthdif_hpc.model.conditioning import build_condition
+from depthdif_hpc.model.depthdif import DepthDif, Prediction, Prepared, require_key
+from depthdif_hpc.model.postprocess import mask_invalid
 from depthdif_hpc.normalization import denormalize_temperature
 
 
@@ -47,22 +48,22 @@ class AutoencoderModel(nn.Module):
 
     def loss(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """Same interface as DepthDif.loss (the generator is unused: the objective is deterministic)."""
-        y = _require(batch, "y").float()
+        y = require_key(batch, "y").float()
         valid = batch.get("y_valid_mask") if self.cfg.loss.masked_only else None
         loss = reconstruction_loss(self.autoencoder(y), y, valid, self.cfg.loss.recon_l1_weight,
                                    self.cfg.loss.recon_l2_weight)
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
-    def predict(self, batch: Batch, **_: object) -> dict:
+    def predict(self, batch: Batch, **_: object) -> Prediction:
         """Reconstruct y. `generated_mask`: every valid pixel is the model's output (there is no
         condition), so validation scores all of them."""
         # fp32 before denormalising: under bf16 autocast the ~290 K intermediate would round to
         # about 1 degC steps.
-        y_hat = self.autoencoder(_require(batch, "y").float()).float()
-        valid = _require(batch, "y_valid_mask")
-        return {"y_hat": y_hat, "y_hat_denorm": mask_invalid(denormalize_temperature(y_hat), valid),
-                "generated_mask": valid > 0.5}
+        y_hat = self.autoencoder(require_key(batch, "y").float()).float()
+        valid = require_key(batch, "y_valid_mask")
+        return Prediction(y_hat=y_hat, y_hat_denorm=mask_invalid(denormalize_temperature(y_hat), valid),
+                          generated_mask=valid > 0.5)
 
 
 def load_autoencoder(cfg: Config) -> DepthBandAutoencoder:
@@ -142,7 +143,7 @@ class LatentDepthDif(DepthDif):
 
     def prepare(self, batch: Batch, *, further_drop: bool, generator: torch.Generator | None = None) -> Prepared:
         cfg = self.cfg
-        x = _require(batch, "x")
+        x = require_key(batch, "x")
         z_x = self._encode(x)
         y = batch.get("y")
         z_y = self._encode(y) if y is not None else None

@@ -40,9 +40,11 @@ class Progress:
 
 
 def find_resume(cfg: Config, ckpt_root: Path, *, is_main: bool, world: int, group: Any) -> Path | None:
-    """The checkpoint to resume from (`trainer.resume`), decided on rank 0 and broadcast."""
+    """The checkpoint to resume from (`trainer.resume`), decided on rank 0 and broadcast; a
+    refusal is raised on every rank, so that none is left waiting in a collective."""
     mode = cfg.trainer.resume
     path: Path | None = None
+    refusal: str | None = None
     if is_main:
         layout.remove_stale_temporaries(ckpt_root)
         if mode == "auto":
@@ -51,13 +53,20 @@ def find_resume(cfg: Config, ckpt_root: Path, *, is_main: bool, world: int, grou
             path = Path(mode)
             why = layout.check_complete(path)
             if why is not None:
-                raise ConfigError(f"trainer.resume = {mode!r}: cannot use this checkpoint: {why}")
+                refusal = f"trainer.resume = {mode!r}: cannot use this checkpoint: {why}"
         elif layout.list_checkpoints(ckpt_root):
-            log.warning(f"trainer.resume=none but {ckpt_root} holds checkpoints: starting "
-                        "from step 0 and overwriting them as the run goes")
-    obj = [str(path) if path else None]
+            # A new run among an old run's checkpoints would see its own pruned (the newest by
+            # step number are the old ones) and its first requeue (resume=auto) would continue
+            # the old run under the new config.
+            steps = [s for s, _ in layout.list_checkpoints(ckpt_root)]
+            refusal = (f"trainer.resume = {mode!r} but the run folder {ckpt_root.parent} already holds "
+                       f"checkpoints (steps {steps[0]}..{steps[-1]}): continue it with "
+                       "trainer.resume=auto, or start the new run in another trainer.run_dir")
+    obj = [str(path) if path else None, refusal]
     if world > 1:
         dist.broadcast_object_list(obj, src=0, group=group)
+    if obj[1] is not None:
+        raise ConfigError(obj[1])
     return Path(obj[0]) if obj[0] else None
 
 

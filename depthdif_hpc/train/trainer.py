@@ -41,7 +41,7 @@ from depthdif_hpc.launch_env import (
     resolve_dist_env,
     resolve_threads,
 )
-from depthdif_hpc.model.depthdif import build_model
+from depthdif_hpc.model.build import build_model
 from depthdif_hpc.model.flops import peak_flops, train_step_flops_per_sample
 from depthdif_hpc.train.ema import ShardedEMA, is_zero3_param
 from depthdif_hpc.train.optim import LRController, build_optimizer
@@ -155,6 +155,7 @@ class Trainer:
             self.ctrl_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         if self.is_main:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
+            layout.clear_stopped(self.run_dir)  # a marker of an earlier attempt must not requeue
         acc.wait_for_everyone()
         log.info(f"intra-op threads: {self.threads.count} ({self.threads.source}; OMP_NUM_THREADS was "
                  f"{omp_before if omp_before is not None else 'unset'})")
@@ -368,6 +369,12 @@ class Trainer:
                     self.save_checkpoint(before)
                 else:
                     self.steplog.flush(self.step, self.progress.epoch)
+                if self.is_main:
+                    layout.mark_stopped(self.run_dir, {
+                        "step": self.step, "signal": self.stop.signum,
+                        "checkpoint": layout.step_dir_name(self.step),
+                        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")})
                 return EXIT_PREEMPTED
             if exhausted:
                 it = self._next_epoch()

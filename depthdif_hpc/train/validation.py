@@ -18,7 +18,7 @@ from depthdif_hpc.checkpoint.weights import load_model_weights
 from depthdif_hpc.config import Config
 from depthdif_hpc.data.profiles import GLORYS_DEPTHS
 from depthdif_hpc.metrics import eval_mask, per_depth_error, recon_metrics
-from depthdif_hpc.model.depthdif import build_model
+from depthdif_hpc.model.build import build_model
 from depthdif_hpc.normalization import PLOT_MAX_C, PLOT_MIN_C, denormalize_temperature
 from depthdif_hpc.train.optim import LRController
 from depthdif_hpc.train.steplog import StepLog
@@ -46,7 +46,7 @@ def reconstruct(model: torch.nn.Module, batch: dict[str, Any], *, ambient: bool,
                 log_intermediates: bool, generator: torch.Generator | None) -> dict[str, Any]:
     """Run predict on a device batch and compute the SPEC 8.1 metrics in degC."""
     res = model.predict(batch, sampler=sampler, return_intermediates=log_intermediates, generator=generator)
-    pred_c = res["y_hat_denorm"]
+    pred_c = res.y_hat_denorm
     target_norm = batch["x"] if ambient else batch["y"]
     mask = eval_mask(batch, ambient)
     target_c = denormalize_temperature(target_norm.float()).masked_fill(~mask, float("nan"))
@@ -54,10 +54,10 @@ def reconstruct(model: torch.nn.Module, batch: dict[str, Any], *, ambient: bool,
     # "Generated" pixels: not given to the model. Standard: Y and not A; ambient: A and Y and not A~;
     # a model without a condition (the autoencoder) says itself which pixels it produced.
     x_valid = batch["x_valid_mask"] > 0.5
-    if res.get("generated_mask") is not None:
-        generated = mask & res["generated_mask"]
-    elif ambient and res.get("further_valid_mask") is not None:
-        generated = mask & ~(res["further_valid_mask"] > 0.5)
+    if res.generated_mask is not None:
+        generated = mask & res.generated_mask
+    elif ambient and res.further_valid_mask is not None:
+        generated = mask & ~(res.further_valid_mask > 0.5)
     else:
         generated = mask & ~x_valid
     profile = per_depth_error(pred_c, target_c, generated)
@@ -125,8 +125,8 @@ def figures(batch: dict[str, Any], rec: dict[str, Any], out_dir: Path, step: int
     figs["val/depth_error_profile"] = fig2
 
     res = rec["result"]
-    if log_intermediates and res.get("x0_denoise_samples") is not None:
-        frames = res["x0_denoise_samples"]
+    if log_intermediates and res.x0_denoise_samples is not None:
+        frames = res.x0_denoise_samples
         frames = frames if isinstance(frames, torch.Tensor) else torch.stack(list(frames))
         # frames: (S, B, G, H, W) of x0 estimates along the reverse chain (normalised units)
         s = frames.shape[0]

@@ -239,3 +239,29 @@ def test_pinned_batches(tiny_store, workers):
     for a, b in zip(ref, ld, strict=True):
         for k in a:
             assert b[k].is_pinned() and torch.equal(a[k], b[k]), k
+
+
+def test_forkserver_workers_survive_the_stop_signals(tiny_store):
+    """SLURM signals every process of the step: spawn/forkserver workers do not inherit the
+    trainer's handlers, and must not die of SIGTERM while the trainer checkpoints."""
+    import os
+    import signal
+
+    import psutil
+
+    from depthdif_hpc.data.stream import StreamLoader
+
+    ds = ShardStream(tiny_store, "train", shuffle=False, batch_size=2, batched=True)
+    loader = StreamLoader(ds, num_workers=1, multiprocessing_context="forkserver",
+                          persistent_workers=True)
+    it = iter(loader)
+    first = next(it)
+    # forkserver workers are children of the fork server, itself a child of this process
+    workers = [p for p in psutil.Process().children(recursive=True) if p.ppid() != os.getpid()]
+    assert workers, "no forkserver worker found"
+    for p in workers:
+        os.kill(p.pid, signal.SIGUSR1)
+        os.kill(p.pid, signal.SIGTERM)
+    rest = list(it)  # a killed worker: "DataLoader worker (pid ...) exited unexpectedly"
+    assert 1 + len(rest) == len(loader) and first["x"].shape[0] == 2
+    assert all(p.is_running() for p in workers)

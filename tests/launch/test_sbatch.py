@@ -70,17 +70,39 @@ def _check_resumed_exactly(reference_run, env, job, run_dir, log):
     assert_same_weights(final_weights(run_dir), final_weights(reference_run["run_dir"]))
 
 
+def _signal_batch(env, job):
+    """The time-limit warning (--signal=B:USR1@180), delivered by hand."""
+    out = run(["scancel", "--signal=USR1", "--batch", job], env=env)
+    assert out.returncode == 0, out.stderr
+
+
 def test_sbatch_checkpoint_signal_requeues_and_resumes(reference_run, tiny_store, tmp_path):
-    """The time-limit warning (--signal=B:USR1@180), delivered by hand: checkpoint, self-requeue."""
-
-    def signal_batch(env, job):
-        out = run(["scancel", "--signal=USR1", "--batch", job], env=env)
-        assert out.returncode == 0, out.stderr
-
-    job, run_dir, log = _interrupted_run(reference_run, tiny_store, tmp_path, signal_batch)
+    """The time-limit warning: checkpoint, self-requeue, exact resume."""
+    job, run_dir, log = _interrupted_run(reference_run, tiny_store, tmp_path, _signal_batch)
     print(log)
     assert "checkpoint signal received" in log and f"requeueing job {job}" in log, log
+    assert '"signal":10' in log  # the trainer's stopped.json, quoted by the script
     _check_resumed_exactly(reference_run, reference_run["env"], job, run_dir, log)
+    assert not (run_dir / "stopped.json").exists()  # the resumed attempt cleared it
+
+
+def test_sbatch_failed_checkpoint_of_a_stop_is_not_requeued(reference_run, tiny_store, tmp_path):
+    """A crash while checkpointing the stop (on a cluster: a full disk, a quota, an OOM; here a
+    file standing where the save's temporary folder goes) ends the job FAILED: a requeue would
+    only repeat the lost work, up to DDHPC_MAX_REQUEUES times."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for step in range(1, MAX_STEPS + 1):
+        (ckpts / f".tmp-step_{step:08d}").write_text("in the way")
+    job, run_dir, log = _interrupted_run(reference_run, tiny_store, tmp_path, _signal_batch)
+    print(log)
+    assert "checkpoint signal received" in log, log
+    assert "not requeueing" in log and f"requeueing job {job}" not in log, log
+    states = [x["state"] for x in sacct_records(reference_run["env"], job)]
+    assert states == ["FAILED"], (states, log)
+    assert not (run_dir / "stopped.json").exists()
+    assert "NotADirectoryError" in rank_log(run_dir, 0) + log + "".join(
+        p.read_text() for p in (tmp_path / "logs").rglob("*.log"))
 
 
 def test_sbatch_scontrol_requeue_preemption(reference_run, tiny_store, tmp_path):

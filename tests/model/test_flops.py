@@ -116,7 +116,7 @@ def test_tiny_unet_equals_sum_of_hand_counted_parts():
 
 def test_whole_model_adds_the_coordinate_mlp_and_train_step_is_3x():
     torch.manual_seed(0)
-    from depthdif_hpc.model.depthdif import build_model
+    from depthdif_hpc.model.build import build_model
 
     model = build_model(tiny_config(ambient=True))
     e = model.coord_mlp.net[-1].out_features

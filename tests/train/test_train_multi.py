@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from depthdif_hpc.checkpoint.export import export
 from depthdif_hpc.config import load_config
-from depthdif_hpc.model.depthdif import build_model
+from depthdif_hpc.model.build import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "worker.py"

@@ -134,6 +134,22 @@ def test_truncated_checkpoint_is_ignored(tmp_path):
     assert [r["step"] for r in steps(run)] == [1, 2, 3, 4]
 
 
+def test_new_run_in_a_used_run_folder_is_refused(tmp_path, capsys):
+    """trainer.resume=none among an old run's checkpoints: refused, and nothing is touched."""
+    run = tmp_path / "run"
+    assert _run(run, "trainer.max_steps=2") == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    log_before = (run / "steps.jsonl").read_text()
+    assert _run(run, "trainer.max_steps=4", "trainer.resume=none", "training.lr=5e-4") == 2
+    err = capsys.readouterr().err
+    assert "trainer.resume = 'none'" in err and "already holds checkpoints (steps 2..2)" in err, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert (run / "steps.jsonl").read_text() == log_before
+    # auto continues the old run
+    assert _run(run, "trainer.max_steps=4") == 0
+    assert [r["step"] for r in steps(run)] == [1, 2, 3, 4]
+
+
 def test_nonfinite_loss_stops_with_step_and_sample_ids(tmp_path, capsys):
     run = tmp_path / "run"
     from memdata import MemoryStream
@@ -182,7 +198,7 @@ def test_warm_start_and_export(tmp_path):
     # Warm start from the export and from the checkpoint folder: weights only, fresh run at step 0.
     from helpers import tiny_config
 
-    from depthdif_hpc.model.depthdif import build_model
+    from depthdif_hpc.model.build import build_model
 
     for src in (written["model"], run / "checkpoints" / "step_00000002", out):
         m = build_model(tiny_config())

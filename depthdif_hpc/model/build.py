@@ -1,0 +1,27 @@
+"""`build_model(cfg)`: the model a validated config describes, with its kernels routed."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from depthdif_hpc.config import Config
+from depthdif_hpc.model.depthdif import DepthDif
+from depthdif_hpc.model.latent import AutoencoderModel, LatentDepthDif, load_autoencoder
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The model for a validated config, with kernels routed per `model.kernels`.
+
+    `model.model_type`: cond_px_dif -> DepthDif; latent_cond_dif -> LatentDepthDif (loads the
+    frozen autoencoder); depth_band_ae -> AutoencoderModel. Every one is called as
+    `model(batch) -> (loss, logs)` and has `predict(batch, ...)`.
+    """
+    if cfg.model.model_type == "depth_band_ae":
+        return AutoencoderModel(cfg.ae)
+    if cfg.model.model_type == "latent_cond_dif":
+        model = LatentDepthDif(cfg.model, cfg.training.noise, cfg.training.validation_sampling,
+                               load_autoencoder(cfg))
+    else:
+        model = DepthDif(cfg.model, cfg.training.noise, cfg.training.validation_sampling)
+    model.model.set_kernels(cfg.model.kernels)
+    return model
