@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# Schema. Defaults are the reference constructor defaults (SPEC 9.1/9.2) unless noted.
+# Schema. Defaults are the reference constructor defaults (docs/model.md#configuration-presets)
+# unless noted.
 # --------------------------------------------------------------------------------------------
 
 
@@ -37,7 +38,8 @@ class AmbientOcclusionConfig:
     shared_spatial_mask: bool = True
     min_kept_observed_pixels: int = 1
     require_x0_parameterization: bool = True
-    # Project decision (SPEC top): inference conditions on every observation unless asked.
+    # Project decision (docs/model.md#project-decisions): inference conditions on every observation
+    # unless asked.
     drop_at_inference: bool = False
     # Reference behaviour at sampling time: the noisy branch is not masked.
     mask_noisy_branch_at_inference: bool = False
@@ -75,7 +77,8 @@ class UNetConfig:
 
 @dataclass
 class LatentConfig:
-    """Latent workflow (SPEC 9.4): diffusion in the depth-band autoencoder's latent space."""
+    """Latent workflow (docs/model.md#latent-workflow): diffusion in the depth-band autoencoder's
+    latent space."""
 
     ae_config_path: str | None = None  # YAML with the `ae` section the checkpoint was trained with
     ae_checkpoint: str | None = None  # trained autoencoder weights (required for latent_cond_dif)
@@ -89,7 +92,8 @@ class LatentConfig:
 class ModelConfig:
     # cond_px_dif | latent_cond_dif | depth_band_ae (train the latent workflow's autoencoder)
     model_type: str = "cond_px_dif"
-    # Warm start: weights only (SPEC load_checkpoint); resuming a run is trainer.resume.
+    # Warm start: weights only (docs/model.md#checkpoint-compatibility); resuming a run is
+    # trainer.resume.
     load_checkpoint: str | None = None
     generated_channels: int = 1
     condition_channels: int = 1

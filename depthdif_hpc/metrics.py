@@ -1,4 +1,5 @@
-"""Reconstruction metrics in degC over valid pixels (SPEC 8.1, with the project's fix).
+"""Reconstruction metrics in degC over valid pixels (docs/metrics.md#reconstruction-metrics, with
+the project's fix).
 
 Pixels are *selected* (boolean indexing) instead of multiplying NaN-holding tensors by zero
 masks, so an invalid pixel can never turn a band's metric into NaN. Shared by the trainer's
@@ -15,7 +16,8 @@ import torch
 
 
 def eval_mask(batch: dict, ambient: bool) -> torch.Tensor:
-    """SPEC 8.1 eval mask: the task mask of SPEC 7 without the land mask, (B, D, H, W) bool."""
+    """Eval mask (docs/metrics.md#full-reconstruction): the loss support of
+    docs/model.md#loss-supports without the land mask, (B, D, H, W) bool."""
     y_valid = batch["y_valid_mask"] > 0.5
     if ambient:
         return (batch["x_valid_mask"] > 0.5) & y_valid

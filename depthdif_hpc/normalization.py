@@ -1,4 +1,4 @@
-"""Global temperature z-score shared by eo, x and y (SPEC 1).
+"""Global temperature z-score shared by eo, x and y (docs/model.md#normalization).
 
 The statistics are in Kelvin; inputs and outputs of the public functions are in degrees Celsius.
 """

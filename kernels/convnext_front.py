@@ -1,6 +1,6 @@
 """Fused ConvNeXt block front: LN_c((dwconv7x7(x) + b + time_bias) * (1 + s) + beta).
 
-Math (per sample b, channel c, pixel p; LN over channels as in SPEC 3.1):
+Math (per sample b, channel c, pixel p; LN over channels as in docs/model.md#building-blocks):
     h0 = sum_k w[c, k] x[c, p + off_k] + bias[c] (+ time_bias[b, c])
     h1 = h0 * (1 + s[b, c]) + beta[b, c]                      (FiLM, optional)
     y  = (h1 - mean_c h1) * rstd * g[c] + lnb[c]               (LN, optional)

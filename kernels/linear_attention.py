@@ -1,4 +1,5 @@
-"""Linear attention with a spatial softmax on k (SPEC 3.1), forward and backward in Triton.
+"""Linear attention with a spatial softmax on k (docs/model.md#building-blocks), forward and
+backward in Triton.
 
 Per (batch, head), with q, k, v of shape (d, N) and P = softmax_n(k):
     ctx[d, e] = sum_n P[d, n] v[e, n]            out[e, n] = scale * sum_d ctx[d, e] q[d, n]

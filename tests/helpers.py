@@ -22,7 +22,8 @@ def tiny_config(*, ambient: bool = False, overrides: list[str] | None = None) ->
 
 def random_batch(b: int = 2, d: int = 50, h: int = 16, w: int = 16, seed: int = 0,
                  obs_frac: float = 0.05) -> dict[str, torch.Tensor]:
-    """A batch with the SPEC 1 contract: sparse observed columns, a land strip, coords, dates."""
+    """A batch with the contract of docs/model.md#batch-contract: sparse observed columns, a land
+    strip, coords, dates."""
     g = torch.Generator().manual_seed(seed)
     # Low-rank structure (a few spatial modes times depth profiles), like a real ocean column.
     modes = torch.randn(b, 3, h, w, generator=g)

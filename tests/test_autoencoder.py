@@ -15,7 +15,7 @@ def test_shapes(down):
 
 
 def test_reference_layout_parameter_count():
-    ae = DepthBandAutoencoder()  # SPEC 9.4 defaults
+    ae = DepthBandAutoencoder()  # defaults of docs/model.md#latent-workflow
     convs = [m for m in ae.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size[0]) for c in convs] == [
         (50, 64, 3), (64, 96, 3), (96, 128, 3), (128, 12, 1),

@@ -32,7 +32,7 @@ def test_unet_variant_counts():
     assert n_params(UNet(96, 50, channels=102, coord_emb_dim=None)) == 126_641_252
     unet32 = UNet(32, 50, channels=102, coord_emb_dim=32)
     assert n_params(unet32) + n_params(CoordDateEncoder(32)) == 14_706_448
-    # per-part counts of SPEC 3.3
+    # per-part counts of docs/model.md#parameter-counts
     u = UNet(96, 50, channels=102, coord_emb_dim=96)
     assert n_params(u.time_mlp) == 74_208
     assert [n_params(d) for d in u.downs] == [949_086, 3_129_888, 12_121_152, 38_249_856]

@@ -96,7 +96,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(sd, dict):
         raise ValueError(f"{p}: expected a state dict, got {type(sd).__name__}")
-    # Reference Lightning checkpoints nest the process one level deeper (SPEC 13): model.model.*
+    # Reference Lightning checkpoints nest the process one level deeper
+    # (docs/model.md#checkpoint-compatibility): model.model.*
     if any(k.startswith("model.model.") for k in sd):
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     return sd

@@ -1,4 +1,5 @@
-"""The 0.1 degree patch grid (SPEC 11.3) and bilinear interpolation onto patch pixels.
+"""The 0.1 degree patch grid (docs/model.md#patch-grid) and bilinear interpolation onto patch
+pixels.
 
 The global grid is 1800 x 3600 pixels with origin (-180, 90); tile starts are multiples of the
 stride plus, always, the last start that still fits, so a tile id is stable for any region.
@@ -47,7 +48,8 @@ class Tile:
         return wrap_lon(self.left + self.res / 2 + self.res * np.arange(self.size))
 
     def centre(self) -> tuple[float, float]:
-        """[lat, lon] as SPEC 1: mean of the lat bounds, circular mean of the edge lons."""
+        """[lat, lon] as in docs/model.md#batch-contract: mean of the lat bounds, circular mean of
+        the edge lons."""
         lat = (self.top + self.bottom) / 2
         a, b = math.radians(self.left), math.radians(self.right)
         lon = math.degrees(math.atan2(math.sin(a) + math.sin(b), math.cos(a) + math.cos(b)))

@@ -1,10 +1,10 @@
-"""Vertical alignment of in-situ profiles onto the 50 GLORYS depths and rasterisation (SPEC 11.2, 11.4)."""
+"""Vertical alignment of in-situ profiles onto the 50 GLORYS depths and rasterisation (docs/model.md#vertical-alignment)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-# The 50 GLORYS12 depth levels in metres (SPEC 11.5).
+# The 50 GLORYS12 depth levels in metres (docs/model.md#depth-levels).
 GLORYS_DEPTHS = np.array([
     0.494, 1.541, 2.646, 3.819, 5.078, 6.441, 7.93, 9.573, 11.405, 13.468,
     15.81, 18.495, 21.599, 25.211, 29.444, 34.434, 40.344, 47.373, 55.764, 65.808,
@@ -17,7 +17,8 @@ GLORYS_DEPTHS = np.array([
 
 def align_profile(depth: np.ndarray, temp: np.ndarray,
                   levels: np.ndarray = GLORYS_DEPTHS) -> np.ndarray:
-    """One profile -> temperature at `levels` (NaN where not accepted), SPEC 11.2.
+    """One profile -> temperature at `levels` (NaN where not accepted); see
+    docs/model.md#vertical-alignment.
 
     Finite pairs with depth >= 0 are sorted and duplicate depths averaged; each level inside
     [min, max] observed depth is linearly interpolated and accepted only if the nearest

@@ -1,4 +1,4 @@
-"""Readers for the three source formats as the providers ship them (SPEC 11.1).
+"""Readers for the three source formats as the providers ship them (docs/model.md#data-sources).
 
 * `GridSource`: a set of gridded NetCDF files, GLORYS-like `thetao(time, depth, lat, lon)` or
   OSTIA-like `analysed_sst(time, lat, lon)`, CF-packed or not; lat/latitude, lon/longitude,
@@ -67,7 +67,8 @@ def yyyymmdd_to_day(value: int | str) -> int:
 
 
 def contract_date(day: int) -> int:
-    """YYYYMMDD for the batch contract: Feb 29 maps to Feb 28 (non-leap calendar, SPEC 1)."""
+    """YYYYMMDD for the batch contract: Feb 29 maps to Feb 28 (non-leap calendar,
+    docs/model.md#batch-contract)."""
     v = day_to_yyyymmdd(day)
     return v - 1 if v % 10000 == 229 else v
 

@@ -67,7 +67,8 @@ class Quantizer:
         return out
 
     def norm_affine(self) -> tuple[np.float32, np.float32]:
-        """(a, b) with normalised temperature = a * code + b (SPEC 1 z-score), for code >= 1."""
+        """(a, b) with normalised temperature = a * code + b (the z-score of
+        docs/model.md#normalization), for code >= 1."""
         a = self.step / TEMP_STD_K
         b = (self.tmin - self.step + KELVIN_OFFSET - TEMP_MEAN_K) / TEMP_STD_K
         return np.float32(a), np.float32(b)

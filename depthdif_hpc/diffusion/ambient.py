@@ -1,4 +1,4 @@
-"""Ambient-occlusion further corruption (SPEC 6), fully on the device.
+"""Ambient-occlusion further corruption (docs/model.md#ambient-occlusion), fully on the device.
 
 A = observed support, K = Bernoulli keep mask (keep prob 1 - delta), A~ = A * K, then a per-sample
 guard tops A~ up to n_min = min(min_kept, |A|) elements by choosing n_min - |A~| random entries

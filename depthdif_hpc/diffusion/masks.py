@@ -1,4 +1,5 @@
-"""Mask binarisation/alignment (SPEC 1) and the masked MSE (SPEC 5.3)."""
+"""Mask binarisation/alignment (docs/model.md#mask-handling) and the masked MSE
+(docs/model.md#masked-mse)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Reverse-process samplers (SPEC 5.4-5.7): DDPM (sigma^2 = beta) and DDIM with the tau map.
+"""Reverse-process samplers (docs/model.md#samplers): DDPM (sigma^2 = beta) and DDIM with the tau
+map.
 
 A sampler owns the model-step schedule of the chain (`timesteps`, descending) and the update
 rule; `reverse_diffusion` runs the shared loop with optional known-pixel clamping and

@@ -1,4 +1,4 @@
-"""Noise schedules (SPEC 5.1) and the per-step quantities derived from them."""
+"""Noise schedules (docs/model.md#noise-schedules) and the per-step quantities derived from them."""
 
 from __future__ import annotations
 

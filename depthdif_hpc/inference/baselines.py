@@ -1,4 +1,4 @@
-"""Baselines the model is evaluated against (issue 7), all in degC on (B, D, H, W) fields.
+"""Baselines the model is evaluated against (docs/metrics.md#baselines), all in degC on (B, D, H, W) fields.
 
 * `idw`: inverse-distance weighting of the observed profiles, per depth level.
 * `Climatology`: the training-set mean per depth and day of year (a circular window of days).

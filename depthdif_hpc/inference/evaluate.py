@@ -9,8 +9,8 @@ Supports (per depth level):
 * `hidden`: ocean pixels (y_valid) that the condition did not contain, scored against y;
 * `withheld`: observed profile values that predict hid from the condition (--withhold-fraction),
   scored against the observations themselves;
-Also: PSNR/SSIM as in SPEC 8.1 (depthdif_hpc.metrics) and the ensemble spread-skill ratio.
-Writes DIR/report.md, DIR/metrics.json and PNG figures.
+Also: PSNR/SSIM as in docs/metrics.md#reconstruction-metrics (depthdif_hpc.metrics) and the ensemble
+spread-skill ratio. Writes DIR/report.md, DIR/metrics.json and PNG figures.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def _markdown(r: dict, depth_m: np.ndarray, figs: list[Path], pred_path, store) 
         lines.append(f"| {depth_m[k]:.1f} | " + " | ".join(row) + " |")
     lines += ["", "Model RMSE below the baseline's at: " + ", ".join(
         f"{m} {v['depths']}/{v['of']} depths" for m, v in r["model_better_than"].items()), ""]
-    lines += ["## Image metrics (SPEC 8.1)", "", "| method | PSNR (dB) | SSIM |", "|---|---:|---:|"]
+    lines += ["## Image metrics (docs/metrics.md#reconstruction-metrics)", "", "| method | PSNR (dB) | SSIM |", "|---|---:|---:|"]
     for m in METHODS:
         lines.append(f"| {m} | {fmt(r['psnr'].get(m, math.nan))} | {fmt(r['ssim'].get(m, 0.0))} |")
     if "spread_skill" in r:

@@ -1,12 +1,12 @@
 """`python -m depthdif_hpc.inference.evaluate_ae --checkpoint RUN_OR_CKPT --store STORE [--split val] --report DIR`.
 
-Scores the latent workflow's depth-band autoencoder (model.model_type=depth_band_ae, SPEC 9.4):
-every sample of a split is streamed through `make_dataloader`, its full temperature field y is
-encoded and decoded, and the reconstruction is compared with y in degC over the valid (ocean,
-above the sea floor) pixels: RMSE, MAE and bias per depth level and overall, plus PSNR/SSIM as
-in SPEC 8.1 and the compression ratio (50 depth bands -> latent channels, and the spatial
-factor). Writes DIR/report.md (a table per depth, in metres), DIR/metrics.json and
-DIR/rmse_per_depth.png.
+Scores the latent workflow's depth-band autoencoder (model.model_type=depth_band_ae,
+docs/model.md#latent-workflow): every sample of a split is streamed through `make_dataloader`, its
+full temperature field y is encoded and decoded, and the reconstruction is compared with y in degC
+over the valid (ocean, above the sea floor) pixels: RMSE, MAE and bias per depth level and overall,
+plus PSNR/SSIM as in docs/metrics.md#reconstruction-metrics and the compression ratio (50 depth
+bands -> latent channels, and the spatial factor). Writes DIR/report.md (a table per depth, in
+metres), DIR/metrics.json and DIR/rmse_per_depth.png.
 
 RUN_OR_CKPT is anything `depthdif_hpc.checkpoint.loading.load_model` reads: a run folder (its
 newest complete checkpoint), a checkpoint folder or an export folder. Extra `key=value`

@@ -1,4 +1,4 @@
-"""Depth-band autoencoder of the latent workflow (SPEC 9.4).
+"""Depth-band autoencoder of the latent workflow (docs/model.md#latent-workflow).
 
 It compresses the 50 depth bands of a temperature field to a few latent channels per pixel
 (optionally also downsampling space by a power of two). Layers are 3x3 conv + GELU, with 1x1

@@ -1,4 +1,5 @@
-"""Condition assembly (SPEC 2): [eo | data | any-depth validity mask], in that order."""
+"""Condition assembly (docs/model.md#condition-assembly): [eo | data | any-depth validity mask], in
+that order."""
 
 from __future__ import annotations
 

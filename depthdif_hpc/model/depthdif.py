@@ -1,8 +1,8 @@
 """The DepthDif conditional diffusion model: U-Net + coord/date encoder + objective + sampling.
 
-This is the eager reference path of SPEC 2, 5, 6 and 8.3. State-dict layout: `model.*` is the
-U-Net and `coord_mlp.*` the outer coordinate/date MLP (the reference nests both one level
-deeper, under `model.`).
+This is the eager reference path of docs/model.md (condition assembly, objectives, ambient
+occlusion, samplers, inference). State-dict layout: `model.*` is the U-Net and `coord_mlp.*` the
+outer coordinate/date MLP (the reference nests both one level deeper, under `model.`).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class DepthDif(nn.Module):
 
     def prepare(self, batch: Batch, *, further_drop: bool,
                 generator: torch.Generator | None = None) -> Prepared:
-        """Masks, target and condition for one batch (SPEC 2, 6 and 7)."""
+        """Masks, target and condition for one batch (docs/model.md#loss-supports)."""
         cfg = self.cfg
         g = cfg.generated_channels
         x = require_key(batch, "x")
@@ -158,7 +158,8 @@ class DepthDif(nn.Module):
         return self.loss(batch, generator)
 
     def loss(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """p_loss (SPEC 5.3) on a batch; returns the scalar loss and device-side log values."""
+        """p_loss (docs/model.md#objectives) on a batch; returns the scalar loss and device-side log
+        values."""
         p = self.prepare(batch, further_drop=True, generator=generator)
         if p.target is None:
             raise ValueError("standard mode needs batch['y'] as the diffusion target")
@@ -198,7 +199,8 @@ class DepthDif(nn.Module):
         intermediate_step_indices: list[int] | None = None,
         generator: torch.Generator | None = None,
     ) -> Prediction:
-        """SPEC 8.3: condition, sample, denormalise, optional blur, NaN outside y_valid_mask."""
+        """Inference (docs/model.md#inference): condition, sample, denormalise, optional blur, NaN
+        outside y_valid_mask."""
         for key in ("x", "x_valid_mask", "y_valid_mask"):
             require_key(batch, key)
         amb = self.cfg.ambient_occlusion

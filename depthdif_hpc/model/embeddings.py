@@ -1,4 +1,4 @@
-"""Timestep embedding and the coordinate/date encodings used for FiLM (SPEC 4)."""
+"""Timestep embedding and the coordinate/date encodings used for FiLM (docs/model.md#embeddings)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-# Non-leap cumulative month offsets; Feb 29 is mapped to Feb 28 upstream (SPEC 1).
+# Non-leap cumulative month offsets; Feb 29 is mapped to Feb 28 upstream
+# (docs/model.md#batch-contract).
 _MONTH_OFFSET = (0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334)
 _MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 

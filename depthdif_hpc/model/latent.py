@@ -1,4 +1,5 @@
-"""Latent workflow (SPEC 9.4): train the depth-band autoencoder, then diffuse in its latent.
+"""Latent workflow (docs/model.md#latent-workflow): train the depth-band autoencoder, then diffuse
+in its latent.
 
 Both models keep the package-wide interface: `model(batch) -> (loss, logs)` for training and
 `model.predict(batch, ...)` for inference, so the trainer, predict and evaluate need no special

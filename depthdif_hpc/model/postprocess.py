@@ -1,4 +1,5 @@
-"""Inference post-processing (SPEC 8.3): depthwise Gaussian blur and NaN masking."""
+"""Inference post-processing (docs/model.md#post-processing): depthwise Gaussian blur and NaN
+masking."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ConvNeXt U-Net denoiser with linear attention (SPEC 3.2), quirks included.
+"""The ConvNeXt U-Net denoiser with linear attention (docs/model.md#u-net-layout), quirks included.
 
 Quirks kept on purpose, because they fix parameter names and shapes of reference checkpoints:
 the first block has no LayerNorm, the final block has no time MLP (but has FiLM), the

@@ -1,4 +1,5 @@
-"""AdamW and the learning-rate controller (SPEC 9.2: warm-up, ReduceLROnPlateau; cosine option).
+"""AdamW and the learning-rate controller (docs/model.md#training: warm-up, ReduceLROnPlateau;
+cosine option).
 
 The LR is set by hand on the optimizer's param groups before every optimizer step instead of
 through a torch LRScheduler: the same code then works on a plain optimizer, an Accelerate
@@ -17,7 +18,7 @@ from depthdif_hpc.config import Config
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over all parameters, PyTorch defaults except weight decay (SPEC 9.2)."""
+    """AdamW over all parameters, PyTorch defaults except weight decay (docs/model.md#training)."""
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach keeps the update to a few kernel launches; fused is CUDA-only in some versions.
     return torch.optim.AdamW(params, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay,

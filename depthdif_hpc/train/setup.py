@@ -16,7 +16,7 @@ from depthdif_hpc.config import Config, ConfigError
 
 
 def resolve_precision(cfg: Config) -> str:
-    """'bf16' or 'fp32' (SPEC project decision: bf16 on GPUs, fp32 on CPU)."""
+    """'bf16' or 'fp32' (project decision, docs/model.md#precision: bf16 on GPUs, fp32 on CPU)."""
     p = cfg.trainer.precision
     if p == "auto":
         return "bf16" if torch.cuda.is_available() else "fp32"
@@ -76,11 +76,12 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     bf16["enabled"] = precision == "bf16"
     ds.setdefault("fp16", {})["enabled"] = False
     if precision == "bf16":
-        # Gradients are accumulated in fp32 across micro-batches (issue 5, item 1).
+        # Gradients are accumulated in fp32 across micro-batches: summing bf16 micro-batch
+        # gradients would lose the small ones.
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"{path}: remove the 'optimizer'/'scheduler' sections: the trainer builds AdamW "
-                          "and controls the learning rate itself (SPEC 9.2)")
+                          "and controls the learning rate itself (docs/model.md#training)")
     # Torch AdamW with CPU offload must not be swapped for DeepSpeed's compiled CPU Adam.
     ds.setdefault("zero_force_ds_cpu_optimizer", False)
     ds.setdefault("steps_per_print", 10**9)
@@ -141,7 +142,7 @@ def make_accelerator(cfg: Config, world_size: int) -> tuple[Any, str, dict | Non
 
         ds_cfg = deepspeed_config(cfg, world_size, precision)
         # What `accelerate launch --use_deepspeed` sets; without it torchrun/srun runs fall back
-        # to DDP silently (STACK_NOTES). cpu=True must not be passed: it drops the plugin.
+        # to DDP silently. cpu=True must not be passed: it drops the plugin.
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         kwargs["deepspeed_plugin"] = _Plugin(hf_ds_config=ds_cfg, zero3_init_flag=False)
     else:

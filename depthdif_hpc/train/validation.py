@@ -1,5 +1,6 @@
 """Validation: the stochastic loss on every rank, and a full reverse-diffusion reconstruction of
-the cached first validation batch on global rank 0 with degC metrics and figures (SPEC 8.1)."""
+the cached first validation batch on global rank 0 with degC metrics and figures
+(docs/metrics.md#full-reconstruction)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from depthdif_hpc.train.stream import DataFactory, to_device, wrap_stream
 
 log = logging.getLogger("depthdif_hpc.train")
 
-LOSS_CKPT_NONFINITE = 1e9  # SPEC 7: val/loss_ckpt replaces NaN/inf by 1e9
+LOSS_CKPT_NONFINITE = 1e9  # val/loss_ckpt replaces NaN/inf by 1e9 (docs/metrics.md#validation-loss)
 
 
 def slice_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
@@ -44,7 +45,8 @@ def slice_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
 
 def reconstruct(model: torch.nn.Module, batch: dict[str, Any], *, ambient: bool, sampler: str,
                 log_intermediates: bool, generator: torch.Generator | None) -> dict[str, Any]:
-    """Run predict on a device batch and compute the SPEC 8.1 metrics in degC."""
+    """Run predict on a device batch and compute the metrics of
+    docs/metrics.md#reconstruction-metrics in degC."""
     res = model.predict(batch, sampler=sampler, return_intermediates=log_intermediates, generator=generator)
     pred_c = res.y_hat_denorm
     target_norm = batch["x"] if ambient else batch["y"]
@@ -264,7 +266,7 @@ class Validator:
 
             for fig in figs.values():
                 plt.close(fig)
-        except Exception as exc:  # SPEC 8.1: a failed reconstruction logs placeholders
+        except Exception as exc:  # logs placeholders (docs/metrics.md#full-reconstruction)
             log.exception(f"full reconstruction failed at step {step}: {exc}")
             for k in ("recon_mse_full_recon", "recon_psnr_full_recon", "recon_ssim_full_recon"):
                 metrics[f"val/{k}"] = 0.0

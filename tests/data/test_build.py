@@ -74,7 +74,7 @@ def test_round_trip_matches_independent_interpolation(tiny_store):
             both = np.isfinite(eo) & np.isfinite(eo_ref)
             assert both.sum() > 0.99 * np.isfinite(eo_ref).sum()
             assert np.abs(eo[both] - eo_ref[both]).max() <= bound + 2e-4
-            # The streamed tensors are the same values, normalised (SPEC 1).
+            # The streamed tensors are the same values, normalised (docs/model.md#normalization).
             if split == "train":
                 item = ds.decoder.decode(i, fields, g[split]["obs"][i], m)
                 yt = denormalize_temperature(item["y"]).numpy()

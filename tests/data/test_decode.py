@@ -19,7 +19,8 @@ _KEYS = {f.name: f.dtype for f in FIELDS}
 
 
 def _reference_sample(store: Path, split: str, i: int) -> dict[str, np.ndarray]:
-    """Sample i decoded independently of decode.py: zarr + Quantizer.decode_c + SPEC 1 z-score."""
+    """Sample i decoded independently of decode.py: zarr + Quantizer.decode_c + the z-score of
+    docs/model.md#normalization."""
     import zarr
 
     from depthdif_hpc.data.store import meta_coords, quantizer_from

@@ -1,4 +1,5 @@
-"""Patch grid (SPEC 11.3): candidates, centres, land-fraction filter and forced regions."""
+"""Patch grid (docs/model.md#patch-grid): candidates, centres, land-fraction filter and forced
+regions."""
 
 from __future__ import annotations
 

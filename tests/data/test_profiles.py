@@ -1,4 +1,5 @@
-"""Vertical alignment (SPEC 11.2) against hand-worked profiles, and rasterisation."""
+"""Vertical alignment (docs/model.md#vertical-alignment) against hand-worked profiles, and
+rasterisation."""
 
 from __future__ import annotations
 
