@@ -35,7 +35,7 @@ def _cfg(preset: str, kernels: str, tiny: bool, store: str | None):
     files = [ROOT / "configs/px_space" / model_yaml, ROOT / "configs/px_space/training_config.yaml"]
     over = [f"model.kernels={kernels}"]
     if tiny:
-        over += ["model.unet.dim=8", "model.unet.dim_mults=[1,2]", "training.noise.num_timesteps=20"]
+        over += ["model.unet.dim=8", "model.unet.dim_mults=[1,2]", "model.noise.num_timesteps=20"]
     if store:
         over += [f"dataset.store={store}"]
     return load_config(*files, overrides=over)

@@ -1,27 +1,70 @@
 """One typed config tree, loaded from YAML files and overrides, validated once at start-up.
 
 `load_config(*paths, overrides=[...])` merges the files in order into the schema below, then the
-`key=value` overrides. Unknown keys, wrong types and impossible values are `ConfigError`s that
-name the dotted key and the file (or override) that set it. The result is a plain `Config`
-dataclass tree that the rest of the package receives.
+`key=value` overrides. Unknown keys, wrong types, values outside a choice (the `Literal` fields)
+and impossible values are `ConfigError`s that name the dotted key and the file (or override) that
+set it. The result is a plain `Config` dataclass tree that the rest of the package receives.
+
+Each section states its own rules in a `check()` method beside its fields; `validate_config`
+walks the tree and adds only the rules that tie sections together.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 # omegaconf is imported by the loading functions only: the schema (and the model built from it)
 # must import on machines that have torch and triton but not the training stack.
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
     from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
     """A config value or key that cannot be used; the message names key and source."""
+
+
+# --------------------------------------------------------------------------------------------
+# Choices. OmegaConf refuses any other value with the list of allowed ones; the modules that
+# implement a choice take their registry's names from here (tests keep them in step).
+# --------------------------------------------------------------------------------------------
+
+ModelType = Literal["cond_px_dif", "latent_cond_dif", "depth_band_ae"]
+KernelMode = Literal["eager", "triton", "auto"]
+CoordEncoding = Literal["unit_sphere", "sincos", "raw"]
+DateEncoding = Literal["day_of_year_sincos"]
+ScheduleName = Literal["linear", "quadratic", "sigmoid", "cosine"]
+SamplerName = Literal["ddpm", "ddim"]
+Precision = Literal["auto", "bf16", "fp32"]
+Distributed = Literal["ddp", "deepspeed"]
+MatmulPrecision = Literal["highest", "high", "medium"]
+PlateauMode = Literal["min", "max"]
+ThresholdMode = Literal["rel", "abs"]
+Compressor = Literal["lz4", "lz4hc", "zstd", "zlib", "blosclz"]
+ByteShuffle = Literal["shuffle", "noshuffle", "bitshuffle"]
+AEType = Literal["depth_band_ae"]
+
+Problems = Iterator[tuple[str, Any, str]]  # (key relative to the section, value, why)
+
+
+def _positive(key: str, value: float | None, strict: bool = True) -> Problems:
+    if value is not None and (value < 0 or (strict and value == 0)):
+        yield key, value, "must be > 0" if strict else "must be >= 0"
+
+
+def _within(key: str, value: float, lo: float, hi: float) -> Problems:
+    if not lo <= value <= hi:
+        yield key, value, f"must be in [{lo}, {hi}]"
+
+
+def _power_of_two(key: str, value: int) -> Problems:
+    if value < 1 or value & (value - 1):
+        yield key, value, "must be a power of two >= 1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,12 +87,21 @@ class AmbientOcclusionConfig:
     # Reference behaviour at sampling time: the noisy branch is not masked.
     mask_noisy_branch_at_inference: bool = False
 
+    def check(self) -> Problems:
+        if not 0.0 <= self.further_drop_prob < 1.0:
+            yield "further_drop_prob", self.further_drop_prob, "must be in [0, 1)"
+        yield from _positive("min_kept_observed_pixels", self.min_kept_observed_pixels, strict=False)
+
 
 @dataclass
 class GaussianBlurConfig:
     enabled: bool = False
     sigma: float = 0.35
     kernel_size: int = 3
+
+    def check(self) -> Problems:
+        yield from _positive("kernel_size", self.kernel_size, strict=False)
+        yield from _positive("sigma", self.sigma, strict=False)
 
 
 @dataclass
@@ -60,10 +112,13 @@ class PostProcessConfig:
 @dataclass
 class CoordConditioningConfig:
     enabled: bool = False
-    encoding: str = "unit_sphere"  # unit_sphere | sincos | raw
+    encoding: CoordEncoding = "unit_sphere"
     include_date: bool = True
-    date_encoding: str = "day_of_year_sincos"
+    date_encoding: DateEncoding = "day_of_year_sincos"
     embed_dim: int | None = None  # None -> unet.dim
+
+    def check(self) -> Problems:
+        yield from _positive("embed_dim", self.embed_dim)
 
 
 @dataclass
@@ -73,6 +128,13 @@ class UNetConfig:
     with_time_emb: bool = True
     output_mean_scale: bool = False
     residual: bool = False
+
+    def check(self) -> Problems:
+        yield from _positive("dim", self.dim)
+        if self.dim % 2:
+            yield "dim", self.dim, "must be even (sinusoidal time embedding halves it)"
+        if not self.dim_mults or any(k <= 0 for k in self.dim_mults):
+            yield "dim_mults", self.dim_mults, "must be a non-empty list of positive ints"
 
 
 @dataclass
@@ -85,13 +147,49 @@ class LatentConfig:
     freeze_autoencoder: bool = True
     latent_channels: int = 12
     spatial_downsample: int = 1
-    eo_in_pixel_space: bool = True
+
+    def check(self) -> Problems:
+        yield from _power_of_two("spatial_downsample", self.spatial_downsample)
+
+
+@dataclass
+class NoiseConfig:
+    """The forward process (docs/model.md#noise-schedules): part of the model, since sampling a
+    trained checkpoint needs the same schedule."""
+
+    num_timesteps: int = 1000
+    schedule: ScheduleName = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+
+    def check(self) -> Problems:
+        yield from _positive("num_timesteps", self.num_timesteps)
+        if not 0.0 < self.beta_start < self.beta_end < 1.0:
+            yield ("beta_start", self.beta_start,
+                   f"need 0 < beta_start < beta_end < 1 (beta_end = {self.beta_end}); checked for "
+                   "every schedule, cosine included")
+
+
+@dataclass
+class SamplingConfig:
+    """The model's default reverse process (docs/model.md#samplers): predict, evaluation and
+    the validation reconstruction all start from it."""
+
+    sampler: SamplerName = "ddpm"
+    ddim_num_timesteps: int = 200
+    ddim_eta: float = 0.0
+    ddim_temperature: float = 1.0
+
+    def check(self) -> Problems:
+        yield from _positive("ddim_num_timesteps", self.ddim_num_timesteps)
+        yield from _positive("ddim_eta", self.ddim_eta, strict=False)
+        yield from _positive("ddim_temperature", self.ddim_temperature)
 
 
 @dataclass
 class ModelConfig:
-    # cond_px_dif | latent_cond_dif | depth_band_ae (train the latent workflow's autoencoder)
-    model_type: str = "cond_px_dif"
+    # depth_band_ae trains the latent workflow's autoencoder
+    model_type: ModelType = "cond_px_dif"
     # Warm start: weights only (docs/model.md#checkpoint-compatibility); resuming a run is
     # trainer.resume.
     load_checkpoint: str | None = None
@@ -102,33 +200,46 @@ class ModelConfig:
     condition_use_valid_mask: bool = True
     clamp_known_pixels: bool = True
     mask_loss_with_valid_pixels: bool = False
-    parameterization: str = "epsilon"
-    log_intermediates: bool = False
-    # eager | triton | auto (Triton on CUDA, eager elsewhere)
-    kernels: str = "eager"
+    parameterization: str = "epsilon"  # see PARAMETERIZATION_ALIASES
+    # auto: Triton on CUDA after each kernel's first-use check, eager elsewhere
+    kernels: KernelMode = "eager"
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     ambient_occlusion: AmbientOcclusionConfig = field(default_factory=AmbientOcclusionConfig)
     post_process: PostProcessConfig = field(default_factory=PostProcessConfig)
     coord_conditioning: CoordConditioningConfig = field(default_factory=CoordConditioningConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
 
-
-@dataclass
-class NoiseConfig:
-    num_timesteps: int = 1000
-    schedule: str = "linear"  # linear | quadratic | sigmoid | cosine
-    beta_start: float = 1e-4
-    beta_end: float = 2e-2
-
-
-@dataclass
-class SamplingConfig:
-    sampler: str = "ddpm"  # ddpm | ddim
-    ddim_num_timesteps: int = 200
-    ddim_eta: float = 0.0
-    ddim_temperature: float = 1.0
-    log_intermediates: bool = False
-    max_full_reconstruction_samples: int = 4
+    def check(self) -> Problems:
+        try:
+            param = canonical_parameterization(self.parameterization)
+        except ValueError as exc:
+            yield "parameterization", self.parameterization, str(exc)
+            return
+        yield from _positive("generated_channels", self.generated_channels)
+        yield from _positive("condition_channels", self.condition_channels)
+        if self.condition_use_valid_mask:
+            yield from _positive("condition_mask_channels", self.condition_mask_channels)
+        amb = self.ambient_occlusion
+        if amb.enabled and amb.require_x0_parameterization and param != "x0":
+            yield ("parameterization", self.parameterization,
+                   "ambient occlusion (model.ambient_occlusion.enabled) requires the x0 "
+                   "parameterization while require_x0_parameterization is true")
+        if self.unet.residual and self.condition_channels != 0:
+            yield ("unet.residual", self.unet.residual,
+                   "adds the raw input to the output, which needs input channels "
+                   f"({self.generated_channels + self.condition_channels}) == output channels "
+                   f"({self.generated_channels})")
+        if self.model_type == "latent_cond_dif":
+            lat = self.latent
+            if self.generated_channels != lat.latent_channels:
+                yield ("generated_channels", self.generated_channels,
+                       f"the latent model generates model.latent.latent_channels = {lat.latent_channels} channels")
+            if lat.spatial_downsample != 1 and self.condition_include_eo:
+                yield ("condition_include_eo", True,
+                       f"EO stays at pixel resolution, so it cannot join a latent downsampled by "
+                       f"{lat.spatial_downsample}")
 
 
 @dataclass
@@ -136,8 +247,10 @@ class TrainingConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     seed: int = 0
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
-    validation_sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def check(self) -> Problems:
+        yield from _positive("lr", self.lr)
+        yield from _positive("weight_decay", self.weight_decay, strict=False)
 
 
 @dataclass
@@ -148,12 +261,18 @@ class EMAConfig:
     update_every: int = 1
     evaluate_with_ema: bool = True
 
+    def check(self) -> Problems:
+        yield from _positive("start_step", self.start_step, strict=False)
+        if not 0.0 < self.decay < 1.0:
+            yield "decay", self.decay, "must be in (0, 1)"
+        yield from _positive("update_every", self.update_every)
+
 
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
     max_epochs: int = 1500
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: Precision = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     gradient_clip_val: float = 1.0
     gradient_accumulation_steps: int = 1
     log_every_n_steps: int = 25
@@ -164,12 +283,12 @@ class TrainerConfig:
     resume: str = "auto"  # auto | none | <checkpoint dir>
     # The run folder itself (checkpoints/, tb/, config.yaml, steps.jsonl); stable across requeues.
     run_dir: str = "runs/depthdif"
-    distributed: str = "ddp"  # ddp | deepspeed
+    distributed: Distributed = "ddp"
     deepspeed_config: str | None = None
     # Optional cross-checks, refused at start-up when they disagree with the run:
     zero_stage: int | None = None  # must equal zero_optimization.stage of deepspeed_config
     global_batch_size: int | None = None  # must equal batch_size * accumulation * world size
-    matmul_precision: str = "high"
+    matmul_precision: MatmulPrecision = "high"
     # Intra-op CPU threads of each trainer process. null: the CPUs this process may use (its
     # affinity mask, capped by SLURM_CPUS_ON_NODE) divided by the processes on its node. The
     # trainer applies it itself, whatever launched it, and ignores OMP_NUM_THREADS: torchrun sets
@@ -178,11 +297,27 @@ class TrainerConfig:
     intra_op_threads: int | None = None
     val_at_epoch_end: bool = True
     full_reconstruction: bool = True  # rank-0 reverse diffusion of the cached val batch
+    full_reconstruction_samples: int = 2  # taken from the first validation batch
+    log_intermediates: bool = False  # figures of the reconstruction's reverse chain
     progress_bar: bool = True  # rank 0, only when stderr is a terminal
     # Each rank appends {"step", "ids"} to logs/samples_rank_NNNNN.jsonl: which samples it trained
     # on at every step (an audit of the data split across ranks and nodes, kept exact on resume).
     record_sample_ids: bool = False
     ema: EMAConfig = field(default_factory=EMAConfig)
+
+    def check(self) -> Problems:
+        for key in ("max_steps", "gradient_accumulation_steps", "log_every_n_steps",
+                    "val_every_n_steps", "checkpoint_every_n_steps", "keep_last_checkpoints",
+                    "full_reconstruction_samples"):
+            yield from _positive(key, getattr(self, key))
+        yield from _positive("gradient_clip_val", self.gradient_clip_val, strict=False)
+        if self.distributed == "deepspeed" and not self.deepspeed_config:
+            yield ("deepspeed_config", self.deepspeed_config,
+                   "trainer.distributed=deepspeed needs a DeepSpeed config file (configs/deepspeed/zero2.json, ...)")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            yield "zero_stage", self.zero_stage, "must be 0, 1, 2 or 3"
+        yield from _positive("global_batch_size", self.global_batch_size)
+        yield from _positive("intra_op_threads", self.intra_op_threads)
 
 
 @dataclass
@@ -191,16 +326,20 @@ class WarmupConfig:
     steps: int = 1000
     start_ratio: float = 0.1
 
+    def check(self) -> Problems:
+        yield from _positive("steps", self.steps, strict=False)
+        yield from _within("start_ratio", self.start_ratio, 0.0, 1.0)
+
 
 @dataclass
 class ReduceOnPlateauConfig:
     enabled: bool = False
     monitor: str = "val/loss_ckpt"
-    mode: str = "min"
+    mode: PlateauMode = "min"
     factor: float = 0.5
     patience: int = 10
     threshold: float = 1e-4
-    threshold_mode: str = "rel"
+    threshold_mode: ThresholdMode = "rel"
     cooldown: int = 0
     min_lr: float = 0.0
     eps: float = 1e-8
@@ -217,6 +356,10 @@ class SchedulerConfig:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     reduce_on_plateau: ReduceOnPlateauConfig = field(default_factory=ReduceOnPlateauConfig)
     cosine: CosineConfig = field(default_factory=CosineConfig)
+
+    def check(self) -> Problems:
+        if self.reduce_on_plateau.enabled and self.cosine.enabled:
+            yield "cosine.enabled", True, "cannot be combined with reduce_on_plateau"
 
 
 @dataclass
@@ -235,6 +378,12 @@ class DataloaderConfig:
     # different ones each epoch); DDP needs equal batch counts on all ranks.
     even_ranks: bool = True
 
+    def check(self) -> Problems:
+        yield from _positive("batch_size", self.batch_size)
+        yield from _positive("val_batch_size", self.val_batch_size)
+        yield from _positive("num_workers", self.num_workers, strict=False)
+        yield from _positive("shuffle_buffer", self.shuffle_buffer, strict=False)
+
 
 @dataclass
 class ForceIncludeRegion:
@@ -244,6 +393,11 @@ class ForceIncludeRegion:
     lat_min: float = -90.0
     lat_max: float = 90.0
     max_land_fraction: float = 0.6
+
+    def check(self) -> Problems:
+        if not self.lat_min < self.lat_max:
+            yield "lat_min", self.lat_min, f"region {self.name!r} needs lat_min < lat_max"
+        yield from _within("max_land_fraction", self.max_land_fraction, 0.0, 1.0)
 
 
 @dataclass
@@ -256,6 +410,21 @@ class GridConfig:
     # Optional [lon_min, lon_max, lat_min, lat_max]: keep only tiles inside it (empty = all
     # tiles the sources cover).
     bbox: list[float] = field(default_factory=list)
+
+    def check(self) -> Problems:
+        yield from _positive("tile_size", self.tile_size)
+        if self.tile_size % 8:
+            yield "tile_size", self.tile_size, "must be divisible by 8 (the U-Net halves it 3 times)"
+        yield from _positive("patch_stride", self.patch_stride)
+        yield from _positive("resolution_deg", self.resolution_deg)
+        yield from _within("max_land_fraction", self.max_land_fraction, 0.0, 1.0)
+        if self.patch_stride > self.tile_size:
+            yield "patch_stride", self.patch_stride, "must be <= tile_size (gaps between tiles)"
+        if round(180 / self.resolution_deg) < self.tile_size:
+            yield "tile_size", self.tile_size, "larger than the global grid"
+        if self.bbox and (len(self.bbox) != 4 or not self.bbox[2] < self.bbox[3]):
+            yield ("bbox", self.bbox,
+                   "must be [lon_min, lon_max, lat_min, lat_max] with lat_min < lat_max")
 
 
 @dataclass
@@ -273,6 +442,9 @@ class SamplingWindowConfig:
     argo_temp_var_name: str = "TEMP"
     argo_depth_var_name: str = "DEPH_CORRECTED"
 
+    def check(self) -> Problems:
+        yield from _positive("temporal_window_days", self.temporal_window_days)
+
 
 @dataclass
 class SelectionConfig:
@@ -281,6 +453,14 @@ class SelectionConfig:
     # Optional inclusive date range "YYYY-MM-DD" of the samples to build.
     start_date: str | None = None
     end_date: str | None = None
+
+    def check(self) -> Problems:
+        for key in ("start_date", "end_date"):
+            v = getattr(self, key)
+            if v is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+                yield key, v, "must be YYYY-MM-DD"
+        if self.start_date and self.end_date and self.start_date > self.end_date:
+            yield "end_date", self.end_date, f"is before start_date {self.start_date}"
 
 
 @dataclass
@@ -291,10 +471,19 @@ class StoreLayoutConfig:
     quant_step_c: float = 0.001  # uint16 temperature step, degC; error bound = step / 2
     quant_min_c: float = -5.0  # code 1 = this temperature; code 0 = invalid
     max_obs_pixels: int = 256  # observed pixels kept per sample (x is stored as columns)
-    compressor: str = "lz4"  # Blosc cname: lz4 | lz4hc | zstd | zlib | blosclz
+    compressor: Compressor = "lz4"  # Blosc cname
     clevel: int = 5
-    shuffle: str = "shuffle"  # shuffle | noshuffle | bitshuffle (measured: docs/data_store.md)
+    shuffle: ByteShuffle = "shuffle"  # measured: docs/data_store.md
     checksum: bool = True  # crc32c on every inner chunk (catches silent corruption; ~5% of decode)
+
+    def check(self) -> Problems:
+        yield from _positive("shard_samples", self.shard_samples)
+        yield from _positive("quant_step_c", self.quant_step_c)
+        yield from _positive("max_obs_pixels", self.max_obs_pixels)
+        yield from _within("clevel", self.clevel, 0, 9)
+        if self.quant_min_c + 65534 * self.quant_step_c < 40.0:
+            yield ("quant_step_c", self.quant_step_c,
+                   f"uint16 codes from {self.quant_min_c} degC must reach at least 40 degC")
 
 
 @dataclass
@@ -321,7 +510,6 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str | None = None
     wandb_entity: str | None = None
-    log_images_every_n_steps: int = 200
 
 
 @dataclass
@@ -335,13 +523,21 @@ class AELossConfig:
 class AEConfig:
     """The depth-band autoencoder of the latent workflow (configs/lat_space/ae_config.yaml)."""
 
-    model_type: str = "depth_band_ae"
+    model_type: AEType = "depth_band_ae"
     in_channels: int = 50
     latent_channels: int = 12
     spatial_downsample: int = 1
     encoder_hidden_channels: list[int] = field(default_factory=lambda: [64, 96, 128])
     decoder_hidden_channels: list[int] = field(default_factory=lambda: [128, 96, 64])
     loss: AELossConfig = field(default_factory=AELossConfig)
+
+    def check(self) -> Problems:
+        yield from _positive("in_channels", self.in_channels)
+        yield from _positive("latent_channels", self.latent_channels)
+        yield from _power_of_two("spatial_downsample", self.spatial_downsample)
+        if not self.encoder_hidden_channels or not self.decoder_hidden_channels:
+            yield ("encoder_hidden_channels", self.encoder_hidden_channels,
+                   "encoder and decoder need >= 1 layer")
 
 
 @dataclass
@@ -383,16 +579,86 @@ def _flat_keys(node: Any, prefix: str = "") -> list[str]:
     return [prefix]
 
 
+# Keys that moved (old dotted key -> new) or went away (-> None). A file using an old key gets a
+# hint; a config saved in an older checkpoint is carried over (`config_from_dict`).
+MOVED_KEYS: dict[str, str | None] = {
+    "training.noise": "model.noise",
+    "training.validation_sampling.sampler": "model.sampling.sampler",
+    "training.validation_sampling.ddim_num_timesteps": "model.sampling.ddim_num_timesteps",
+    "training.validation_sampling.ddim_eta": "model.sampling.ddim_eta",
+    "training.validation_sampling.ddim_temperature": "model.sampling.ddim_temperature",
+    "training.validation_sampling.log_intermediates": "trainer.log_intermediates",
+    "training.validation_sampling.max_full_reconstruction_samples": "trainer.full_reconstruction_samples",
+    "model.log_intermediates": None,
+    "model.latent.eo_in_pixel_space": None,
+    "logging.log_images_every_n_steps": None,
+}
+
+
+def _moved_hint(key: str) -> str:
+    for old, new in MOVED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            if new is None:
+                return f" ('{old}' was removed: nothing reads it)"
+            return f" ('{old}' moved to '{new}')"
+    return ""
+
+
 def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
     msg = str(exc).splitlines()[0]
-    hint = ""
-    if "not in" in msg or "Key '" in msg:
+    hint = _moved_hint(key)
+    if not hint and ("not in" in msg or "Key '" in msg):
         known = [k for k in _SCHEMA_KEYS if k.count(".") == key.count(".")]
         close = difflib.get_close_matches(key, known, n=1)
         if close:
             hint = f" (did you mean '{close[0]}'?)"
     return ConfigError(f"{source}: bad config key '{key}': {msg}{hint}")
+
+
+def _migrate(data: dict) -> dict:
+    """A saved config (nested dict) with MOVED_KEYS applied."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            flat[prefix] = node
+
+    walk(data, "")
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        for old, new in MOVED_KEYS.items():
+            if key == old or key.startswith(old + "."):
+                key = None if new is None else new + key[len(old):]
+                break
+        if key is None:
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _apply_overrides(merged: DictConfig, overrides: list[str] | None,
+                     origins: dict[str, str]) -> DictConfig:
+    """`key=value` overrides, in order, onto a merged config; records where each key came from."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, f"override '{item}'") from exc
+        origins[item.split("=", 1)[0].strip()] = f"override '{item}'"
+    return merged
 
 
 _SCHEMA_KEYS: list[str] = []
@@ -425,15 +691,7 @@ def load_config(*paths: str | Path, overrides: list[str] | None = None) -> Confi
             raise _explain(exc, str(path)) from exc
         for key in _flat_keys(OmegaConf.to_container(loaded, resolve=False)):
             origins[key] = str(path)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        key = item.split("=", 1)[0].strip()
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as exc:
-            raise _explain(exc, f"override '{item}'") from exc
-        origins[key] = f"override '{item}'"
+    merged = _apply_overrides(merged, overrides, origins)
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
@@ -473,193 +731,58 @@ def to_yaml(cfg: Config) -> str:
 
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
-    """Inverse of `to_dict` (checkpoints carry their config this way), plus `key=value` overrides."""
+    """Inverse of `to_dict` (checkpoints carry their config this way), plus `key=value` overrides.
+
+    Configs saved by an older version are carried over to the current keys (MOVED_KEYS).
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
-    origins = {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as exc:
-            raise _explain(exc, f"override '{item}'") from exc
-        origins[item.split("=", 1)[0].strip()] = f"override '{item}'"
+    origins: dict[str, str] = {}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(_migrate(data)))
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, "saved config") from exc
+    merged = _apply_overrides(merged, overrides, origins)
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate_config(cfg, origins)
     return cfg
 
 
 # --------------------------------------------------------------------------------------------
-# Validation of values that types alone do not catch
+# Validation: every section's own rules, then the rules that tie sections together
 # --------------------------------------------------------------------------------------------
 
 
+def _section_problems(node: Any, prefix: str) -> Iterator[tuple[str, Any, str]]:
+    """Every section's `check()` in schema order, with keys made absolute."""
+    if hasattr(node, "check"):
+        for key, value, why in node.check():
+            yield f"{prefix}.{key}" if prefix else key, value, why
+    for f in fields(node):
+        child = getattr(node, f.name)
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        if is_dataclass(child):
+            yield from _section_problems(child, path)
+        elif isinstance(child, list):
+            for i, item in enumerate(child):
+                if is_dataclass(item):
+                    yield from _section_problems(item, f"{path}.{i}")
+
+
+def _cross_section_problems(cfg: Config) -> Iterator[tuple[str, Any, str]]:
+    n = cfg.trainer.full_reconstruction_samples
+    if cfg.trainer.full_reconstruction and n > cfg.dataloader.val_batch_size:
+        yield ("trainer.full_reconstruction_samples", n,
+               f"exceeds dataloader.val_batch_size = {cfg.dataloader.val_batch_size} (the samples "
+               "come from the first validation batch)")
+
+
 def validate_config(cfg: Config, origins: dict[str, str]) -> None:
-    def fail(key: str, value: Any, why: str) -> None:
+    """Raise ConfigError for the first problem, naming the key and the file/override that set it."""
+    for key, value, why in (*_section_problems(cfg, ""), *_cross_section_problems(cfg)):
         where = origins.get(key) or _nearest_origin(key, origins) or "defaults"
         raise ConfigError(f"{where}: {key} = {value!r}: {why}")
-
-    def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-        if value not in allowed:
-            fail(key, value, f"must be one of {list(allowed)}")
-
-    def positive(key: str, value: float, strict: bool = True) -> None:
-        if value < 0 or (strict and value == 0):
-            fail(key, value, "must be > 0" if strict else "must be >= 0")
-
-    m, t, tr = cfg.model, cfg.training, cfg.trainer
-    choice("model.model_type", m.model_type, ("cond_px_dif", "latent_cond_dif", "depth_band_ae"))
-    _validate_latent(cfg, fail, choice, positive)
-    choice("model.kernels", m.kernels, ("eager", "triton", "auto"))
-    try:
-        param = canonical_parameterization(m.parameterization)
-    except ValueError as exc:
-        fail("model.parameterization", m.parameterization, str(exc))
-    for key in ("generated_channels", "condition_channels"):
-        positive(f"model.{key}", getattr(m, key))
-    if m.condition_use_valid_mask:
-        positive("model.condition_mask_channels", m.condition_mask_channels)
-    amb = m.ambient_occlusion
-    if amb.enabled and amb.require_x0_parameterization and param != "x0":
-        fail("model.parameterization", m.parameterization,
-             "ambient occlusion (model.ambient_occlusion.enabled) requires the x0 "
-             "parameterization while require_x0_parameterization is true")
-    if not 0.0 <= amb.further_drop_prob < 1.0:
-        fail("model.ambient_occlusion.further_drop_prob", amb.further_drop_prob, "must be in [0, 1)")
-    positive("model.ambient_occlusion.min_kept_observed_pixels", amb.min_kept_observed_pixels, strict=False)
-    blur = m.post_process.gaussian_blur
-    positive("model.post_process.gaussian_blur.kernel_size", blur.kernel_size, strict=False)
-    positive("model.post_process.gaussian_blur.sigma", blur.sigma, strict=False)
-    cc = m.coord_conditioning
-    choice("model.coord_conditioning.encoding", cc.encoding, ("unit_sphere", "sincos", "raw"))
-    choice("model.coord_conditioning.date_encoding", cc.date_encoding, ("day_of_year_sincos",))
-    if cc.embed_dim is not None:
-        positive("model.coord_conditioning.embed_dim", cc.embed_dim)
-    u = m.unet
-    positive("model.unet.dim", u.dim)
-    if u.dim % 2:
-        fail("model.unet.dim", u.dim, "must be even (sinusoidal time embedding halves it)")
-    if not u.dim_mults or any(k <= 0 for k in u.dim_mults):
-        fail("model.unet.dim_mults", u.dim_mults, "must be a non-empty list of positive ints")
-    if u.residual and m.condition_channels != 0:
-        fail("model.unet.residual", u.residual,
-             "adds the raw input to the output, which needs input channels "
-             f"({m.generated_channels + m.condition_channels}) == output channels "
-             f"({m.generated_channels})")
-
-    n = t.noise
-    positive("training.noise.num_timesteps", n.num_timesteps)
-    choice("training.noise.schedule", n.schedule, ("linear", "quadratic", "sigmoid", "cosine"))
-    if not 0.0 < n.beta_start < n.beta_end < 1.0:
-        fail("training.noise.beta_start", n.beta_start,
-             f"need 0 < beta_start < beta_end < 1 (beta_end = {n.beta_end}); checked for every "
-             "schedule, cosine included")
-    positive("training.lr", t.lr)
-    positive("training.weight_decay", t.weight_decay, strict=False)
-    vs = t.validation_sampling
-    choice("training.validation_sampling.sampler", vs.sampler, ("ddpm", "ddim"))
-    positive("training.validation_sampling.ddim_num_timesteps", vs.ddim_num_timesteps)
-    positive("training.validation_sampling.ddim_eta", vs.ddim_eta, strict=False)
-    positive("training.validation_sampling.ddim_temperature", vs.ddim_temperature)
-
-    choice("trainer.precision", tr.precision, ("auto", "bf16", "fp32"))
-    choice("trainer.distributed", tr.distributed, ("ddp", "deepspeed"))
-    for key in ("max_steps", "gradient_accumulation_steps", "log_every_n_steps",
-                "val_every_n_steps", "checkpoint_every_n_steps", "keep_last_checkpoints"):
-        positive(f"trainer.{key}", getattr(tr, key))
-    positive("trainer.gradient_clip_val", tr.gradient_clip_val, strict=False)
-    if tr.distributed == "deepspeed" and not tr.deepspeed_config:
-        fail("trainer.deepspeed_config", tr.deepspeed_config,
-             "trainer.distributed=deepspeed needs a DeepSpeed config file (configs/deepspeed/zero2.json, ...)")
-    if tr.zero_stage is not None and tr.zero_stage not in (0, 1, 2, 3):
-        fail("trainer.zero_stage", tr.zero_stage, "must be 0, 1, 2 or 3")
-    if tr.global_batch_size is not None:
-        positive("trainer.global_batch_size", tr.global_batch_size)
-    if tr.intra_op_threads is not None:
-        positive("trainer.intra_op_threads", tr.intra_op_threads)
-    positive("trainer.ema.start_step", tr.ema.start_step, strict=False)
-    if not 0.0 < tr.ema.decay < 1.0:
-        fail("trainer.ema.decay", tr.ema.decay, "must be in (0, 1)")
-    positive("trainer.ema.update_every", tr.ema.update_every)
-
-    s = cfg.scheduler
-    positive("scheduler.warmup.steps", s.warmup.steps, strict=False)
-    if not 0.0 <= s.warmup.start_ratio <= 1.0:
-        fail("scheduler.warmup.start_ratio", s.warmup.start_ratio, "must be in [0, 1]")
-    if s.reduce_on_plateau.enabled and s.cosine.enabled:
-        fail("scheduler.cosine.enabled", True, "cannot be combined with reduce_on_plateau")
-
-    d = cfg.dataloader
-    positive("dataloader.batch_size", d.batch_size)
-    positive("dataloader.val_batch_size", d.val_batch_size)
-    positive("dataloader.num_workers", d.num_workers, strict=False)
-
-    g = cfg.dataset.grid
-    positive("dataset.grid.tile_size", g.tile_size)
-    if g.tile_size % 8:
-        fail("dataset.grid.tile_size", g.tile_size, "must be divisible by 8 (the U-Net halves it 3 times)")
-    positive("dataset.grid.patch_stride", g.patch_stride)
-    positive("dataset.grid.resolution_deg", g.resolution_deg)
-    if not 0.0 <= g.max_land_fraction <= 1.0:
-        fail("dataset.grid.max_land_fraction", g.max_land_fraction, "must be in [0, 1]")
-    positive("dataset.sampling.temporal_window_days", cfg.dataset.sampling.temporal_window_days)
-    if g.patch_stride > g.tile_size:
-        fail("dataset.grid.patch_stride", g.patch_stride, "must be <= tile_size (gaps between tiles)")
-    if round(180 / g.resolution_deg) < g.tile_size:
-        fail("dataset.grid.tile_size", g.tile_size, "larger than the global grid")
-    if g.bbox and (len(g.bbox) != 4 or not g.bbox[2] < g.bbox[3]):
-        fail("dataset.grid.bbox", g.bbox, "must be [lon_min, lon_max, lat_min, lat_max] with lat_min < lat_max")
-    for i, r in enumerate(g.force_include_regions):
-        if not r.lat_min < r.lat_max:
-            fail(f"dataset.grid.force_include_regions.{i}", r.name, "needs lat_min < lat_max")
-        if not 0.0 <= r.max_land_fraction <= 1.0:
-            fail(f"dataset.grid.force_include_regions.{i}.max_land_fraction", r.max_land_fraction,
-                 "must be in [0, 1]")
-    sel = cfg.dataset.selection
-    for key in ("start_date", "end_date"):
-        v = getattr(sel, key)
-        if v is not None:
-            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
-                fail(f"dataset.selection.{key}", v, "must be YYYY-MM-DD")
-    if sel.start_date and sel.end_date and sel.start_date > sel.end_date:
-        fail("dataset.selection.end_date", sel.end_date, f"is before start_date {sel.start_date}")
-    lay = cfg.dataset.layout
-    positive("dataset.layout.shard_samples", lay.shard_samples)
-    positive("dataset.layout.quant_step_c", lay.quant_step_c)
-    positive("dataset.layout.max_obs_pixels", lay.max_obs_pixels)
-    choice("dataset.layout.compressor", lay.compressor, ("lz4", "lz4hc", "zstd", "zlib", "blosclz"))
-    choice("dataset.layout.shuffle", lay.shuffle, ("bitshuffle", "shuffle", "noshuffle"))
-    if not 0 <= lay.clevel <= 9:
-        fail("dataset.layout.clevel", lay.clevel, "must be in [0, 9]")
-    if lay.quant_min_c + 65534 * lay.quant_step_c < 40.0:
-        fail("dataset.layout.quant_step_c", lay.quant_step_c,
-             f"uint16 codes from {lay.quant_min_c} degC must reach at least 40 degC")
-    positive("dataloader.shuffle_buffer", d.shuffle_buffer, strict=False)
-
-
-def _validate_latent(cfg: Config, fail, choice, positive) -> None:
-    a, m = cfg.ae, cfg.model
-    choice("ae.model_type", a.model_type, ("depth_band_ae",))
-    positive("ae.in_channels", a.in_channels)
-    positive("ae.latent_channels", a.latent_channels)
-    for key, value in (("ae.spatial_downsample", a.spatial_downsample),
-                       ("model.latent.spatial_downsample", m.latent.spatial_downsample)):
-        if value < 1 or value & (value - 1):
-            fail(key, value, "must be a power of two >= 1")
-    if not a.encoder_hidden_channels or not a.decoder_hidden_channels:
-        fail("ae.encoder_hidden_channels", a.encoder_hidden_channels, "encoder and decoder need >= 1 layer")
-    if m.model_type != "latent_cond_dif":
-        return
-    lat = m.latent
-    if m.generated_channels != lat.latent_channels:
-        fail("model.generated_channels", m.generated_channels,
-             f"the latent model generates model.latent.latent_channels = {lat.latent_channels} channels")
-    if lat.spatial_downsample != 1 and lat.eo_in_pixel_space and m.condition_include_eo:
-        fail("model.latent.eo_in_pixel_space", True,
-             f"EO stays at pixel resolution, so it cannot join a latent downsampled by {lat.spatial_downsample}")
 
 
 def _nearest_origin(key: str, origins: dict[str, str]) -> str | None:

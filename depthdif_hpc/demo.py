@@ -55,8 +55,8 @@ def train_overrides(store: Path, run_dir: Path, steps: int) -> list[str]:
         f"trainer.checkpoint_every_n_steps={max(steps // 4, 1)}", "trainer.limit_val_batches=2",
         "trainer.log_every_n_steps=25", "dataloader.batch_size=8", "dataloader.val_batch_size=4",
         "dataloader.num_workers=1", "dataloader.pin_memory=false",
-        "training.validation_sampling.sampler=ddim", "training.validation_sampling.ddim_num_timesteps=10",
-        "training.validation_sampling.max_full_reconstruction_samples=2",
+        "model.sampling.sampler=ddim", "model.sampling.ddim_num_timesteps=10",
+        "trainer.full_reconstruction_samples=2",
     ]
 
 

@@ -16,7 +16,7 @@ def tiny_config(*, ambient: bool = False, overrides: list[str] | None = None) ->
     preset = PRESET_AMBIENT if ambient else PRESET_STANDARD
     return load_config(preset, TRAINING, overrides=[
         "model.unet.dim=8", "model.unet.dim_mults=[1,2]", "model.kernels=eager",
-        "training.noise.num_timesteps=20", *(overrides or []),
+        "model.noise.num_timesteps=20", *(overrides or []),
     ])
 
 

@@ -37,7 +37,7 @@ def _latent_cfg(ckpt, ae_yaml, latent=4):
         f"model.latent.ae_checkpoint={ckpt}", f"model.latent.ae_config_path={ae_yaml}",
         f"model.latent.latent_channels={latent}", f"model.generated_channels={latent}",
         f"model.condition_channels={latent + 2}", "model.unet.dim=8", "model.unet.dim_mults=[1,2]",
-        "training.noise.num_timesteps=10", "model.kernels=eager"])
+        "model.noise.num_timesteps=10", "model.kernels=eager"])
 
 
 def test_autoencoder_model_predict_masks_invalid():
@@ -73,7 +73,7 @@ def test_autoencoder_header_command_configs_load():
     """The command in ae_config.yaml's header (ae config + the data config) is a valid config."""
     cfg = load_config(AE, "configs/px_space/data_config.yaml")
     assert cfg.model.model_type == "depth_band_ae"
-    assert cfg.dataloader.val_batch_size >= cfg.training.validation_sampling.max_full_reconstruction_samples
+    assert cfg.dataloader.val_batch_size >= cfg.trainer.full_reconstruction_samples
 
 
 def test_latent_training_and_predict(tmp_path):

@@ -19,9 +19,8 @@ def build_model(cfg: Config) -> nn.Module:
     if cfg.model.model_type == "depth_band_ae":
         return AutoencoderModel(cfg.ae)
     if cfg.model.model_type == "latent_cond_dif":
-        model = LatentDepthDif(cfg.model, cfg.training.noise, cfg.training.validation_sampling,
-                               load_autoencoder(cfg))
+        model = LatentDepthDif(cfg.model, load_autoencoder(cfg))
     else:
-        model = DepthDif(cfg.model, cfg.training.noise, cfg.training.validation_sampling)
+        model = DepthDif(cfg.model)
     model.model.set_kernels(cfg.model.kernels)
     return model

@@ -16,8 +16,6 @@ from torch import nn
 
 from depthdif_hpc.config import (
     ModelConfig,
-    NoiseConfig,
-    SamplingConfig,
     canonical_parameterization,
 )
 from depthdif_hpc.data.batch import Batch
@@ -62,11 +60,9 @@ class Prepared:
 
 
 class DepthDif(nn.Module):
-    def __init__(self, model: ModelConfig, noise: NoiseConfig, sampling: SamplingConfig) -> None:
+    def __init__(self, model: ModelConfig) -> None:
         super().__init__()
         self.cfg = model
-        self.noise_cfg = noise
-        self.sampling_cfg = sampling
         self.parameterization = canonical_parameterization(model.parameterization)
         amb = model.ambient_occlusion
         if amb.enabled and amb.require_x0_parameterization and self.parameterization != "x0":
@@ -86,7 +82,8 @@ class DepthDif(nn.Module):
         self.coord_mlp = (
             CoordDateEncoder(embed_dim, cc.encoding, cc.include_date, cc.date_encoding) if cc.enabled else None
         )
-        self.schedule = NoiseSchedule(noise.schedule, noise.num_timesteps, noise.beta_start, noise.beta_end)
+        n = model.noise
+        self.schedule = NoiseSchedule(n.schedule, n.num_timesteps, n.beta_start, n.beta_end)
 
     # ------------------------------------------------------------------ pieces
 
@@ -179,8 +176,8 @@ class DepthDif(nn.Module):
     # ------------------------------------------------------------------ sampling
 
     def make_sampler(self, name: str | None = None, **overrides: float) -> DDPMSampler:
-        s = self.sampling_cfg
-        n = self.noise_cfg
+        s = self.cfg.sampling
+        n = self.cfg.noise
         kwargs = dict(ddim_num_timesteps=s.ddim_num_timesteps, ddim_eta=s.ddim_eta,
                       ddim_temperature=s.ddim_temperature)
         kwargs.update(overrides)

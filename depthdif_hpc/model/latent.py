@@ -18,8 +18,6 @@ from depthdif_hpc.config import (
     AEConfig,
     Config,
     ModelConfig,
-    NoiseConfig,
-    SamplingConfig,
     load_config,
 )
 from depthdif_hpc.data.batch import Batch
@@ -116,11 +114,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 class LatentDepthDif(DepthDif):
     """Conditional diffusion on autoencoder latents: target enc(y), condition [eo | enc(x) | mask]."""
 
-    def __init__(self, model: ModelConfig, noise: NoiseConfig, sampling: SamplingConfig,
-                 autoencoder: DepthBandAutoencoder) -> None:
+    def __init__(self, model: ModelConfig, autoencoder: DepthBandAutoencoder) -> None:
         if model.ambient_occlusion.enabled:
             raise ValueError("ambient occlusion is not supported in the latent workflow")
-        super().__init__(model, noise, sampling)
+        super().__init__(model)
         self.autoencoder = autoencoder
         if model.latent.freeze_autoencoder:
             self.autoencoder.requires_grad_(False)

@@ -101,11 +101,6 @@ def check_world(cfg: Config, world_size: int) -> None:
     if tr.distributed == "ddp" and tr.zero_stage not in (None, 0):
         raise ConfigError(f"trainer.zero_stage = {tr.zero_stage} needs trainer.distributed=deepspeed "
                           "(it is 'ddp')")
-    n = cfg.training.validation_sampling.max_full_reconstruction_samples
-    if n > dl.val_batch_size:
-        raise ConfigError(f"training.validation_sampling.max_full_reconstruction_samples = {n} exceeds "
-                          f"dataloader.val_batch_size = {dl.val_batch_size} (the samples come from the "
-                          "first validation batch)")
 
 
 def make_accelerator(cfg: Config, world_size: int) -> tuple[Any, str, dict | None]:

@@ -43,7 +43,7 @@ def slice_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
     return out
 
 
-def reconstruct(model: torch.nn.Module, batch: dict[str, Any], *, ambient: bool, sampler: str,
+def reconstruct(model: torch.nn.Module, batch: dict[str, Any], *, ambient: bool, sampler: str | None,
                 log_intermediates: bool, generator: torch.Generator | None) -> dict[str, Any]:
     """Run predict on a device batch and compute the metrics of
     docs/metrics.md#reconstruction-metrics in degC."""
@@ -205,7 +205,7 @@ class Validator:
                 if i >= cfg.trainer.limit_val_batches:
                     break
                 if i == 0 and self.recon_batch is None and self.is_main:
-                    n = cfg.training.validation_sampling.max_full_reconstruction_samples
+                    n = cfg.trainer.full_reconstruction_samples
                     self.recon_batch = slice_batch(batch, n)
                 dev = to_device(batch, self.device)
                 with self.autocast():
@@ -241,7 +241,6 @@ class Validator:
     def _reconstruct(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """Rank 0: reverse diffusion of the cached batch, degC metrics, figures."""
         cfg = self.cfg
-        vs = cfg.training.validation_sampling
         ambient = cfg.model.ambient_occlusion.enabled
         rgen = torch.Generator(device=self.device)
         rgen.manual_seed(cfg.training.seed + 17)
@@ -251,8 +250,8 @@ class Validator:
         t0 = time.perf_counter()
         try:
             with self.autocast():
-                rec = reconstruct(model, dev, ambient=ambient, sampler=vs.sampler,
-                                  log_intermediates=vs.log_intermediates, generator=rgen)
+                rec = reconstruct(model, dev, ambient=ambient, sampler=None,
+                                  log_intermediates=cfg.trainer.log_intermediates, generator=rgen)
             for k, v in rec["metrics"].items():
                 metrics[f"val/{k}"] = v
             for k, v in enumerate(rec["profile"]["mae"]):
@@ -260,7 +259,7 @@ class Validator:
             for k, v in enumerate(rec["profile"]["rmse"]):
                 metrics[f"val_band_rmse/recon_rmse_generated_deg_band_{k}"] = float(v)
             figs = figures(dict(dev), rec, self.out_dir, step, ambient=ambient,
-                           log_intermediates=vs.log_intermediates)
+                           log_intermediates=cfg.trainer.log_intermediates)
             self.steplog.figures(figs, step)
             import matplotlib.pyplot as plt
 

@@ -14,8 +14,8 @@ from depthdif_hpc.train.cli import main as train_main
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["dataloader.batch_size=4", "dataloader.num_workers=0", "dataloader.pin_memory=false",
           "trainer.ema.enabled=false", "trainer.limit_val_batches=1", "model.kernels=eager",
-          "training.validation_sampling.sampler=ddim", "training.validation_sampling.ddim_num_timesteps=2",
-          "training.validation_sampling.max_full_reconstruction_samples=1"]
+          "model.sampling.sampler=ddim", "model.sampling.ddim_num_timesteps=2",
+          "trainer.full_reconstruction_samples=1"]
 
 
 def test_autoencoder_then_latent_diffusion_then_predict_and_evaluate(tiny_store, tmp_path):
@@ -42,7 +42,7 @@ def test_autoencoder_then_latent_diffusion_then_predict_and_evaluate(tiny_store,
         "trainer.checkpoint_every_n_steps=4", f"model.latent.ae_checkpoint={ae_ckpt}",
         f"model.latent.ae_config_path={ae_yaml}", "model.latent.latent_channels=4",
         "model.generated_channels=4", "model.condition_channels=6", "model.unet.dim=8",
-        "model.unet.dim_mults=[1,2]", "training.noise.num_timesteps=10", *COMMON])
+        "model.unet.dim_mults=[1,2]", "model.noise.num_timesteps=10", *COMMON])
     assert code == 0
     _, model = load_model(lat_run)
     assert isinstance(model, LatentDepthDif)

@@ -18,7 +18,7 @@ SLURM_CONF = STATE_DIR / "etc" / "slurm.conf"
 # A tiny ambient model on the synthetic store: 8 training samples of 32x32, 2 per rank per step.
 TINY = [
     "model.unet.dim=8", "model.unet.dim_mults=[1,2]", "model.kernels=eager",
-    "training.noise.num_timesteps=20", "training.lr=1e-3",
+    "model.noise.num_timesteps=20", "training.lr=1e-3",
     "dataloader.batch_size=2", "dataloader.val_batch_size=2", "dataloader.num_workers=0",
     "dataloader.persistent_workers=false", "dataloader.pin_memory=false",
     "scheduler.warmup.steps=2", "trainer.log_every_n_steps=1",

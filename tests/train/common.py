@@ -10,7 +10,7 @@ AMBIENT = ["--config", "configs/px_space/model_config_ambient.yaml", "--config",
            "configs/px_space/training_config.yaml"]
 TINY = [
     "model.unet.dim=8", "model.unet.dim_mults=[1,2]", "model.kernels=eager",
-    "training.noise.num_timesteps=20", "training.lr=1e-3",
+    "model.noise.num_timesteps=20", "training.lr=1e-3",
     "dataloader.batch_size=2", "dataloader.val_batch_size=2",
     "scheduler.warmup.steps=2", "trainer.log_every_n_steps=2",
     "trainer.val_every_n_steps=1000", "trainer.checkpoint_every_n_steps=1000",
