@@ -12,6 +12,7 @@ walks the tree and adds only the rules that tie sections together.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -556,6 +557,25 @@ class Config:
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+
+
+def config_dir() -> Path:
+    """The configs shipped with the package: px_space/, lat_space/, deepspeed/, accelerate/.
+
+    DDHPC_CONFIG_DIR when set; else the copy a wheel carries as package data
+    (depthdif_hpc/configs); else the top-level configs/ of a source checkout (editable install or
+    PYTHONPATH).
+    """
+    env = os.environ.get("DDHPC_CONFIG_DIR")
+    if env:
+        return Path(env)
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "configs", package.parent / "configs"):
+        if (candidate / "px_space").is_dir():
+            return candidate
+    raise ConfigError(f"the shipped configs are neither in {package / 'configs'} (a wheel) nor in "
+                      f"{package.parent / 'configs'} (a checkout); set DDHPC_CONFIG_DIR")
+
 
 PARAMETERIZATION_ALIASES = {"epsilon": "epsilon", "eps": "epsilon", "noise": "epsilon",
                             "x0": "x0", "xstart": "x0"}

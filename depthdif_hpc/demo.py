@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from depthdif_hpc.config import load_config
+from depthdif_hpc.config import config_dir, load_config
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs" / "px_space"
+CONFIGS = config_dir() / "px_space"
 TILE = 64
 
 

@@ -151,9 +151,10 @@ def test_choices_match_the_owners_registries():
     """A choice the config accepts is one its owner implements, and the other way round."""
     from typing import get_args
 
+    from depthdif_hpc.kernels.dispatch import KERNEL_MODES
+
     from depthdif_hpc import config as c
     from depthdif_hpc.diffusion.schedules import SCHEDULES
-    from depthdif_hpc.kernels.dispatch import KERNEL_MODES
     from depthdif_hpc.model.embeddings import COORD_ENCODING_DIMS, DATE_ENCODING_DIMS
 
     assert set(get_args(c.ScheduleName)) == set(SCHEDULES)

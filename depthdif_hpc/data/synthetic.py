@@ -29,6 +29,7 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,18 @@ from .readers import day_to_yyyymmdd, yyyymmdd_to_day
 EARTH_KM = 6371.0
 GLORYS_RES = 1 / 12
 OSTIA_RES = 0.05
+
+
+def _optional(module: str, name: str) -> Any:
+    """A name from the synthetic ocean's own dependencies (the `synthetic` extra), which the
+    package itself does not need."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise ImportError(f"the synthetic ocean needs {module.split('.')[0]} "
+                          "(pip install 'depthdif-hpc[synthetic]')") from exc
 
 
 @dataclass
@@ -99,14 +112,14 @@ class SyntheticOcean:
 
     @staticmethod
     def land(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
-        from global_land_mask import globe
+        globe = _optional("global_land_mask", "globe")
 
         lat = np.clip(lat, -89.999, 89.999)
         lon = (lon + 180.0) % 360.0 - 180.0
         return globe.is_land(lat, lon)
 
     def _floor_grid(self) -> np.ndarray:
-        from scipy.ndimage import distance_transform_edt
+        distance_transform_edt = _optional("scipy.ndimage", "distance_transform_edt")
 
         la, lo = np.meshgrid(self.g_lat, self.g_lon, indexing="ij")
         land = self.land(la, lo)

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from depthdif_hpc.config import config_dir
 
+# Relative to the shipped configs (depthdif_hpc.config.config_dir), as slurm/train.sh names them.
 PRESETS = {
-    "standard": "configs/px_space/model_config.yaml",
-    "ambient": "configs/px_space/model_config_ambient.yaml",
+    "standard": "px_space/model_config.yaml",
+    "ambient": "px_space/model_config_ambient.yaml",
 }
-COMMON = ("configs/px_space/training_config.yaml", "configs/px_space/data_config.yaml")
+COMMON = ("px_space/training_config.yaml", "px_space/data_config.yaml")
 
 
-def preset_configs(preset: str, root: Path = ROOT) -> list[Path]:
+def preset_configs(preset: str, root: Path | None = None) -> list[Path]:
+    """The preset's config files under `root` (default: the shipped configs)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)}")
+    root = config_dir() if root is None else root
     files = [root / PRESETS[preset], *(root / c for c in COMMON)]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -61,7 +64,7 @@ def override_value(overrides: list[str], key: str) -> str | None:
 
 
 def trainer_argv(preset: str, configs: list[str], overrides: list[str], *, run_dir: str | Path,
-                 restart: int = 0, root: Path = ROOT) -> list[str]:
+                 restart: int = 0, root: Path | None = None) -> list[str]:
     argv: list[str] = []
     for f in [*preset_configs(preset, root), *configs]:
         argv += ["--config", str(f)]
