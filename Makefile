@@ -13,7 +13,7 @@ endif
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean wheelhouse
 
 install: $(STAMP)
 
@@ -43,6 +43,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check depthdif_hpc kernels tests benchmarks
+
+# Wheels of what the lent GPU machine's image lacks (CPython 3.12 x86-64, no network there), into
+# an ignored folder that a GPU run carries; benchmarks/gpu_run.sh installs them offline
+# (docs/gpu_run.md).
+WHEELHOUSE ?= .wheelhouse
+wheelhouse: $(STAMP)
+	$(PY) benchmarks/wheelhouse.py --out $(WHEELHOUSE)
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -1,0 +1,1473 @@
+"""Stages of `benchmarks/gpu_run.sh`: one process per stage, rows appended to CSVs in --out.
+
+    python benchmarks/gpu_stages.py STAGE --out DIR --work DIR [--rehearsal]
+
+STAGE is one of deps, env, parity, calls, calls_compile, step, step_compile, profile, latent,
+trainer (measure; exit status 0 = the stage did what it says) or report (render report.md and
+the headline lines of summary.txt from the CSVs). gpu_run.sh runs them in order of value, each
+under its own time limit, and docs/gpu_run.md says what each one measures and writes.
+
+On a CUDA machine every stage runs the real shapes (ambient preset, 128 x 128, batch 48).
+--rehearsal runs the same code on the CPU with the Triton interpreter and tiny shapes, so that
+CI exercises every stage's wiring; its numbers time the interpreter, not the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import gc
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One CSV per kind of result; gpu_run.sh adds summary.txt, report.md and log.txt (8 files).
+TABLES: dict[str, list[str]] = {
+    "env": ["key", "value"],
+    "parity": ["kernel", "case", "mix", "tensor", "dtype", "err_kernel", "err_eager", "tol", "ok",
+               "note"],
+    "calls": ["kind", "call", "sites", "per_step", "batch", "shape", "dtypes", "impl", "fwd_ms",
+              "fwdbwd_ms", "bwd_ms", "speedup_fwdbwd", "note"],
+    "steps": ["stage", "preset", "mode", "objective", "batch", "height", "width", "step_ms",
+              "samples_per_s", "peak_mem_gib", "gflop_per_sample", "mfu", "warmup_s",
+              "loss_first", "loss_last", "note"],
+    "profile": ["mode", "batch", "class", "device_ms", "share", "kernels", "top_kernel"],
+}
+PRESETS = {
+    "ambient": ["configs/px_space/model_config_ambient.yaml", "configs/px_space/training_config.yaml"],
+    "latent": ["configs/lat_space/model_config.yaml", "configs/lat_space/training_config.yaml"],
+}
+DATA_CONFIG = "configs/px_space/data_config.yaml"
+# Modules the trainer and the synthetic store builder import beyond the GPU image.
+TRAINER_MODULES = ("omegaconf", "zarr", "numcodecs", "google_crc32c", "deepspeed", "submitit",
+                   "netCDF4", "cftime", "global_land_mask")
+# What the env stage reports (import name -> distribution name).
+PACKAGES = {"numpy": "numpy", "accelerate": "accelerate", "omegaconf": "omegaconf", "zarr": "zarr",
+            "numcodecs": "numcodecs", "google_crc32c": "google-crc32c", "deepspeed": "deepspeed",
+            "submitit": "submitit", "netCDF4": "netCDF4", "global_land_mask": "global-land-mask",
+            "yaml": "PyYAML", "xarray": "xarray", "scipy": "scipy", "tensorboard": "tensorboard",
+            "safetensors": "safetensors", "skimage": "scikit-image", "pytest": "pytest",
+            "xdist": "pytest-xdist"}
+COMPILE_MODES = ("compile", "triton+compile")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run: the real ones on a GPU, tiny ones in the CPU rehearsal."""
+
+    rehearsal: bool
+    batch: int  # per-call timings and training steps start here (halved on OOM)
+    px: int  # pixel-space patch side
+    parity_batch: int
+    unet_parity_px: int
+    tiny: dict = field(default_factory=dict)  # config overrides (nested dict)
+    warmup_steps: int = 3
+    timed_steps: int = 10
+    compile_backend: str = "inductor"
+    trainer_steps: int = 50
+    trainer_batch: int = 32
+    trainer_tile: int = 128
+    # Train days of the trainer's synthetic store (4 tiles a day, 2017) and its one val day.
+    trainer_dates: tuple[str, str] = ("2017-12-08", "2018-01-01")
+
+    @classmethod
+    def make(cls, rehearsal: bool) -> Plan:
+        if not rehearsal:
+            return cls(False, batch=48, px=128, parity_batch=2, unet_parity_px=64)
+        # aot_eager: dynamo + AOTAutograd + the custom ops' fake kernels, as on the GPU, without
+        # inductor's C++ code generation (minutes on 2 cores).
+        # 8 x 8 pixels, one sample: the interpreter costs ~0.4 s per program instance of the
+        # front kernels, and the self-check of each kernel variant runs at the call's size.
+        return cls(True, batch=1, px=8, parity_batch=1, unet_parity_px=8,
+                   tiny={"model": {"unet": {"dim": 8, "dim_mults": [1]}}},
+                   warmup_steps=1, timed_steps=1, compile_backend="aot_eager",
+                   trainer_steps=10, trainer_batch=2, trainer_tile=32,
+                   trainer_dates=("2017-12-30", "2018-01-03"))
+
+
+# ============================================================================ small helpers
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def append(out: Path, table: str, row: dict[str, Any]) -> None:
+    """One row into out/<table>.csv (header written with the first row); flushed at once so
+    a stage stopped by its time limit keeps what it measured."""
+    path = out / f"{table}.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=TABLES[table], extrasaction="raise")
+        if new:
+            w.writeheader()
+        w.writerow({k: _fmt(row.get(k)) for k in TABLES[table]})
+
+
+def read(out: Path, table: str) -> list[dict[str, str]]:
+    path = out / f"{table}.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def fnum(v: str | None) -> float | None:
+    try:
+        return float(v) if v not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def dname(dtype: Any) -> str:
+    return {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(
+        str(dtype), str(dtype).removeprefix("torch."))
+
+
+def module_version(mod: str) -> str | None:
+    """Version of an importable module (its distribution's), None when it is not importable."""
+    try:
+        if importlib.util.find_spec(mod) is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    from importlib import metadata
+
+    try:
+        return metadata.version(PACKAGES.get(mod, mod))
+    except metadata.PackageNotFoundError:
+        try:
+            return str(getattr(importlib.import_module(mod), "__version__", "present"))
+        except Exception:  # noqa: BLE001 - present but broken: say so
+            return "present (import fails)"
+
+
+# ============================================================================ config and models
+
+
+def _scalar(text: str) -> Any:
+    t = text.strip()
+    if t in ("null", "~", ""):
+        return None
+    if t in ("true", "false"):
+        return t == "true"
+    if t.startswith("[") and t.endswith("]"):
+        return [_scalar(p) for p in t[1:-1].split(",") if p.strip()]
+    if t[0] in "'\"" and t[-1] == t[0]:
+        return t[1:-1]
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    return t
+
+
+def mini_yaml(text: str) -> dict:
+    """The YAML subset of the project's model/training configs (nested mappings, scalars, flow
+    lists, comments): the GPU image may lack PyYAML when it runs from a plain checkout."""
+    root: dict = {}
+    stack: list[tuple[int, dict]] = [(-1, root)]
+    for raw in text.splitlines():
+        line = raw.split(" #")[0].rstrip() if not raw.lstrip().startswith("#") else ""
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        key, _, value = line.strip().partition(":")
+        while stack[-1][0] >= indent:
+            stack.pop()
+        parent = stack[-1][1]
+        if value.strip():
+            parent[key.strip()] = _scalar(value)
+        else:
+            parent[key.strip()] = child = {}
+            stack.append((indent, child))
+    return root
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        import yaml
+    except ImportError:
+        return mini_yaml(path.read_text())
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _dotted(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out += _dotted(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={json.dumps(v) if isinstance(v, list) else v}")
+    return out
+
+
+def _apply(obj: Any, data: dict, where: str) -> None:
+    for k, v in data.items():
+        if not hasattr(obj, k):
+            raise KeyError(f"{where}{k}: not in the config schema")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur) and isinstance(v, dict):
+            _apply(cur, v, f"{where}{k}.")
+        else:
+            setattr(obj, k, v)
+
+
+def load_cfg(files: list[str], extra: dict) -> tuple[Any, str]:
+    """(Config, how it was read): the project's loader, or without omegaconf (a plain GPU image)
+    the YAML applied onto the schema's dataclasses (no validation; the trainer stage, which
+    needs the loader anyway, validates the real thing)."""
+    from depthdif_hpc import config as C
+
+    try:
+        return C.load_config(*(ROOT / f for f in files), overrides=_dotted(extra)), "load_config"
+    except ModuleNotFoundError as exc:
+        if exc.name != "omegaconf":
+            raise
+    merged: dict = {}
+    for f in files:
+        merged = _merge(merged, load_yaml(ROOT / f))
+    merged = _merge(merged, extra)
+    cfg = C.Config()
+    _apply(cfg, merged, "")
+    return cfg, "YAML onto the schema (no omegaconf)"
+
+
+@dataclass
+class Workload:
+    """A model, a synthetic batch maker and the training objective, as the trainer runs them."""
+
+    preset: str
+    objective: str
+    model: Any  # torch.nn.Module: what the optimizer trains and what FLOPs are counted on
+    unet: Any  # the U-Net inside it (kernel routing, torch.compile)
+    make_batch: Callable[[int, int], dict]
+    loss: Callable[[dict], Any]
+
+
+def synthetic_batch(b: int, size: int, device: Any, depth: int = 50, seed: int = 0) -> dict:
+    """A store-like batch: dense y, ~2% observed Argo columns in x, EO, masks, coords, date."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(b, depth, size, size, generator=g)
+    cols = torch.rand(b, 1, size, size, generator=g) < 0.02
+    cols[:, :, size // 2, size // 2] = True  # never an empty observation set
+    x_valid = cols.expand(b, depth, size, size).clone()
+    lat = torch.rand(b, generator=g) * 60 - 30
+    lon = torch.rand(b, generator=g) * 360 - 180
+    batch = {"x": y * x_valid, "y": y, "eo": y[:, :1].clone(), "x_valid_mask": x_valid,
+             "y_valid_mask": torch.ones(b, depth, size, size, dtype=torch.bool),
+             "land_mask": torch.ones(b, 1, size, size), "coords": torch.stack([lat, lon], 1),
+             "date": torch.full((b,), 20180115, dtype=torch.int64)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def workload(preset: str, plan: Plan, device: Any, work: Path) -> Workload:
+    """The preset's model as `build_model` makes it (the trainer's path), on `device`. The
+    latent preset gets an autoencoder with random weights, saved under `work` as the checkpoint
+    it loads: a step costs the same whatever the weights, and no trained one is needed."""
+    import torch
+
+    from depthdif_hpc import build_model
+
+    cfg, how = load_cfg(PRESETS[preset], plan.tiny)
+    if preset == "latent":
+        lat = cfg.model.latent
+        ae_cfg, _ = load_cfg([lat.ae_config_path], {})
+        if how != "load_config":  # reading the AE config again would need the loader
+            cfg.ae, lat.ae_config_path = ae_cfg.ae, None
+        path = work / "random_autoencoder.pt"
+        torch.save(build_model(ae_cfg).state_dict(), path)
+        lat.ae_checkpoint = str(path)
+    model = build_model(cfg).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    return Workload(preset, f"{type(model).__name__}.loss (config: {how})", model, model.model,
+                    lambda b, size: synthetic_batch(b, size, device),
+                    lambda batch: model(batch, generator=gen)[0])
+
+
+def autocast(device: Any) -> Any:
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def oom_error() -> type[BaseException]:
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def raise_recompile_limits() -> None:
+    """torch.compile of one function at many shapes: dynamo's default of 8 recompiles would
+    silently fall back to eager for the rest."""
+    import torch._dynamo as dyn
+
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(dyn.config, knob):
+            setattr(dyn.config, knob, 512)
+
+
+# ============================================================================ timing
+
+
+class Bench:
+    """Median time of fn() in ms. CUDA: events around each repetition, the L2 cache flushed
+    (a buffer twice its size zeroed) before each, gradients of `grads` reset outside the timed
+    region. CPU (rehearsal): wall clock, a few repetitions."""
+
+    def __init__(self, device: Any, rep_ms: float = 150.0, warmup_ms: float = 40.0) -> None:
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.rep_ms, self.warmup_ms = rep_ms, warmup_ms
+        self.flush = None
+        if self.cuda:
+            props = torch.cuda.get_device_properties(device)
+            l2 = int(getattr(props, "L2_cache_size", 0) or 64 * 2**20)
+            self.flush = torch.empty(max(2 * l2, 64 * 2**20) // 4, dtype=torch.int32, device=device)
+
+    def __call__(self, fn: Callable[[], Any], grads: tuple = ()) -> float:
+        import torch
+
+        def reset() -> None:
+            for t in grads:
+                t.grad = None
+
+        if not self.cuda:  # the rehearsal: one untimed, one timed run (wiring, not numbers)
+            reset()
+            fn()
+            reset()
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        reset()
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            reset()
+            fn()
+        torch.cuda.synchronize()
+        est = max((time.perf_counter() - t0) * 1e3 / 3, 1e-3)
+        for _ in range(max(1, min(50, int(self.warmup_ms / est)))):
+            reset()
+            fn()
+        n = max(5, min(200, int(self.rep_ms / est)))
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(n)]
+        for s, e in ev:
+            reset()
+            self.flush.zero_()
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in ev)
+
+
+# ============================================================================ kernel calls
+
+FRONT_ARGS = ("x", "dw_weight", "dw_bias", "time_bias", "film_scale", "film_shift", "ln_weight",
+              "ln_bias")
+
+
+@dataclass
+class Call:
+    """One distinct kernel call of a U-Net forward: what selects a compiled kernel (shape and
+    argument dtypes, absent arguments) and where the model makes it."""
+
+    kind: str  # front | attention
+    shape: tuple[int, ...]  # front: (C, H, W); attention: (heads, d, H, W)
+    dtypes: tuple[str | None, ...]  # per tensor argument, None when the model passes None
+    extra: float  # eps (front) or scale (attention)
+    sites: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "front":
+            c, h, w = self.shape
+            flags = [f for f, i in (("noLN", 6), ("noTB", 3), ("noFiLM", 4)) if self.dtypes[i] is None]
+            if self.dtypes[0] != "bf16":
+                flags.append(f"x {self.dtypes[0]}")
+            return f"front C{c} {h}x{w}" + (f" ({', '.join(flags)})" if flags else "")
+        heads, d, h, w = self.shape
+        return f"attention N{h * w} ({h}x{w}, {heads}x{d})"
+
+    def dtype_text(self) -> str:
+        names = FRONT_ARGS if self.kind == "front" else ("q", "k", "v")
+        return " ".join(f"{n}={d}" for n, d in zip(names, self.dtypes, strict=True) if d is not None)
+
+
+def record_calls(unet: Any, batch: int, px: int, device: Any) -> list[Call]:
+    """Every distinct front / attention kernel call of one U-Net forward under bf16 autocast,
+    as the model's layers hand them to the kernel dispatcher (the process-wide `DISPATCHER` of
+    depthdif_hpc.kernels.dispatch, swapped for a recorder that runs the eager reference), with
+    the module that made each call: dtypes and absent arguments are the model's own."""
+    import torch
+    from depthdif_hpc.kernels import dispatch as kernel_dispatch
+
+    from depthdif_hpc.model.layers import ConvNextBlock, LinearAttention
+
+    site = [""]
+    site_hw: dict[str, tuple[int, int]] = {}
+    calls: dict[tuple, Call] = {}
+
+    def recorder(op: str, mode: str, *args: Any) -> Any:
+        if op == "convnext_front":
+            key = ("front", tuple(args[0].shape[1:]),
+                   tuple(dname(a.dtype) if a is not None else None for a in args[:8]))
+            extra = float(args[8]) if len(args) > 8 else 1e-5
+            ref = impls("front")[1]
+        elif op == "linear_attention":
+            heads, d, n = args[0].shape[1:]
+            key = ("attention", (heads, d, *site_hw.get(site[0], (n, 1))),
+                   tuple(dname(a.dtype) for a in args[:3]))
+            extra = float(args[3])
+            ref = impls("attention")[1]
+        else:
+            raise ValueError(f"record_calls: unexpected kernel op {op!r}")
+        calls.setdefault(key, Call(key[0], key[1], key[2], extra)).sites.append(site[0])
+        return ref(*args)
+
+    hooks = []
+    for name, m in unet.named_modules():
+        if isinstance(m, ConvNextBlock | LinearAttention):
+            def pre(mod: Any, args: tuple, name: str = name) -> None:
+                site[0] = name
+                site_hw[name] = tuple(args[0].shape[-2:])
+            hooks.append(m.register_forward_pre_hook(pre))
+    c_dim = _coord_dim(unet)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, unet.channels, px, px, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    c = torch.randn(batch, c_dim, generator=g).to(device) if c_dim else None
+    real = kernel_dispatch.DISPATCHER
+    kernel_dispatch.DISPATCHER = recorder
+    unet.set_kernels("triton")
+    try:
+        with torch.no_grad(), autocast(device):
+            unet(x, t, c)
+    finally:
+        kernel_dispatch.DISPATCHER = real
+        for h in hooks:
+            h.remove()
+    if not calls:
+        raise RuntimeError("record_calls: the U-Net made no call through the kernel DISPATCHER")
+    return list(calls.values())
+
+
+def representative(calls: list[Call]) -> list[Call]:
+    """One call per kind of compiled kernel variant (the op, its absent arguments and the dtype
+    of x: the first block, a regular block, the final block, attention): what the rehearsal
+    runs, every code path at a fraction of the interpreter's time."""
+    seen: dict[tuple, Call] = {}
+    for c in calls:
+        seen.setdefault((c.kind, tuple(d is None for d in c.dtypes), c.dtypes[0]), c)
+    return list(seen.values())
+
+
+def _coord_dim(unet: Any) -> int | None:
+    from depthdif_hpc.model.layers import ConvNextBlock
+
+    for m in unet.modules():
+        if isinstance(m, ConvNextBlock) and m.coord_mlp is not None:
+            return m.coord_mlp[-1].in_features
+    return None
+
+
+DT = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def call_inputs(call: Call, batch: int, mix: str, device: Any, seed: int = 0) -> list[Any]:
+    """Leaf tensors (requires_grad) for `call` at `batch`; mix "training" keeps the recorded
+    dtypes, "fp32"/"bf16" puts every tensor in that dtype. Attention q, k, v are the channel
+    thirds of one qkv tensor, as the model's to_qkv(x).chunk(3) makes them; the leaf returned
+    for attention is that qkv tensor."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def dt(i: int) -> Any:
+        return getattr(torch, DT[call.dtypes[i] if mix == "training" else mix])
+
+    def r(shape: tuple, i: int, std: float = 1.0, mean: float = 0.0) -> Any:
+        if call.dtypes[i] is None:
+            return None
+        t = torch.randn(*shape, generator=g) * std + mean
+        return t.to(device, dt(i)).requires_grad_(True)
+
+    if call.kind == "front":
+        C, H, W = call.shape
+        return [r((batch, C, H, W), 0), r((C, 1, 7, 7), 1, 1 / 7), r((C,), 2, 0.5),
+                r((batch, C), 3, 0.5), r((batch, C), 4, 0.3), r((batch, C), 5, 0.3),
+                r((C,), 6, 0.2, 1.0), r((C,), 7, 0.2)]
+    heads, d, H, W = call.shape
+    return [r((batch, 3 * heads * d, H, W), 0)]
+
+
+def call_fn(call: Call, impl: Callable[..., Any]) -> Callable[[list[Any]], Any]:
+    """inputs -> impl's output for this call (attention: q, k, v split from the qkv leaf)."""
+    if call.kind == "front":
+        return lambda inp: impl(*inp, call.extra)
+    heads, d, H, W = call.shape
+
+    def attn(inp: list[Any]) -> Any:
+        qkv = inp[0]
+        q, k, v = (t.reshape(qkv.shape[0], heads, d, H * W) for t in qkv.chunk(3, dim=1))
+        return impl(q, k, v, call.extra)
+
+    return attn
+
+
+def impls(kind: str) -> tuple[Callable, Callable]:
+    """(Triton kernel, eager reference) of a call kind."""
+    from depthdif_hpc import kernels as K
+
+    if kind == "front":
+        return K.convnext_front, K.convnext_front_reference
+    return K.linear_attention, K.linear_attention_reference
+
+
+def ambient_unet(plan: Plan, device: Any) -> Any:
+    """The ambient preset's U-Net alone (parity, call recording)."""
+    from depthdif_hpc import build_model
+
+    cfg, _ = load_cfg(PRESETS["ambient"], plan.tiny)
+    return build_model(cfg).model.to(device)
+
+
+# ============================================================================ stages
+
+
+@dataclass
+class Ctx:
+    out: Path
+    work: Path
+    plan: Plan
+    device: Any
+
+
+def stage_deps(ctx: Ctx) -> int:
+    """Install the wheelhouse (make wheelhouse) offline into WORK/site, which gpu_run.sh has put
+    on PYTHONPATH, when the modules the trainer needs are missing here."""
+    modules = [m for m in os.environ.get("DEPS_MODULES", ",".join(TRAINER_MODULES)).split(",") if m]
+    missing = [m for m in modules if module_version(m) is None]
+    if not missing:
+        log(f"deps: all present ({', '.join(modules)}): nothing to install")
+        return 0
+    wheelhouse = Path(os.environ.get("WHEELHOUSE", ROOT / ".wheelhouse"))
+    wheels = sorted(wheelhouse.glob("*.whl"))
+    if not wheels:
+        log(f"deps: missing {missing} and no wheels in {wheelhouse} (build them with "
+            "`make wheelhouse` and carry .wheelhouse): the trainer stage will fail")
+        return 1
+    site = ctx.work / "site"
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+           "--no-cache-dir", "--disable-pip-version-check", "--target", str(site), *map(str, wheels)]
+    log("deps: " + " ".join(cmd[:11]) + f" <{len(wheels)} wheels>")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    log(r.stdout + r.stderr)
+    if r.returncode != 0:
+        log(f"deps: pip failed ({r.returncode})")
+        return 1
+    # A fresh interpreter: this one cached the state of sys.path entries before the install.
+    probe = subprocess.run([sys.executable, "-c", "import " + ", ".join(missing)],
+                           capture_output=True, text=True)
+    ok = probe.returncode == 0
+    log(f"deps: {len(wheels)} wheels installed into {site} in {time.perf_counter() - t0:.1f} s; "
+        f"import {', '.join(missing)}: {'ok' if ok else 'FAILED'}\n{probe.stderr[-3000:]}")
+    return 0 if ok else 1
+
+
+def stage_env(ctx: Ctx) -> int:
+    import numpy
+    import torch
+    import triton
+
+    rows: list[tuple[str, Any]] = [
+        ("mode", "rehearsal (CPU, Triton interpreter)" if ctx.plan.rehearsal else "gpu"),
+        ("date_utc", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+        ("commit", _commit()),
+        ("host", platform.node()), ("cpus", os.cpu_count()),
+        ("python", platform.python_version()), ("torch", torch.__version__),
+        ("cuda", torch.version.cuda), ("triton", triton.__version__), ("numpy", numpy.__version__),
+        ("triton_interpret", os.environ.get("TRITON_INTERPRET", "")),
+    ]
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        rows += [("device", torch.cuda.get_device_name(0)), ("capability", f"{p.major}.{p.minor}"),
+                 ("memory_gib", round(p.total_memory / 2**30, 1)), ("sms", p.multi_processor_count),
+                 ("l2_mib", round(getattr(p, "L2_cache_size", 0) / 2**20, 1)),
+                 ("cudnn", torch.backends.cudnn.version())]
+        smi = _run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem,"
+                    "power.limit", "--format=csv,noheader"])
+        rows.append(("driver, max SM MHz, max mem MHz, power limit", smi))
+    else:
+        rows.append(("device", f"cpu ({platform.processor() or platform.machine()})"))
+    for mod in PACKAGES:
+        v = module_version(mod)
+        where = ""
+        if v is not None:
+            spec = importlib.util.find_spec(mod)
+            origin = str(spec.origin or "") if spec else ""
+            where = " (wheelhouse)" if str(ctx.work / "site") in origin else ""
+        rows.append((f"pkg {mod}", f"{v}{where}" if v else "absent"))
+    import depthdif_hpc.kernels as K
+
+    rows.append(("depthdif_hpc.kernels", str(Path(K.__file__).resolve().parent)))
+    rows.append(("config loader", "omegaconf" if module_version("omegaconf") else
+                 "absent: YAML read onto the schema"))
+    for k in ("BUDGET_S", "STAGES"):
+        rows.append((k.lower(), os.environ.get(k, "")))
+    for k, v in rows:
+        append(ctx.out, "env", {"key": k, "value": v})
+        log(f"{k:45s} {v}")
+    return 0
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        return (r.stdout.strip() or r.stderr.strip()).replace("\n", " | ")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({type(exc).__name__})"
+
+
+def _commit() -> str:
+    got = _run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    if got and " " not in got and "fatal" not in got:
+        dirty = _run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
+        return got + (" (modified files)" if dirty and "unavailable" not in dirty else "")
+    return os.environ.get("DD_COMMIT", "unknown (no git; pass DD_COMMIT)")
+
+
+def _parity_row(ctx: Ctx, kernel: str, case: str, mix: str, tensor: str, dtype: str,
+                err_k: float, err_e: float | None, tol: float | None, ok: bool,
+                note: str = "") -> bool:
+    append(ctx.out, "parity", {"kernel": kernel, "case": case, "mix": mix, "tensor": tensor,
+                               "dtype": dtype, "err_kernel": err_k, "err_eager": err_e, "tol": tol,
+                               "ok": ok, "note": note})
+    if not ok:
+        log(f"PARITY FAIL {kernel} {case} {mix} {tensor} ({dtype}): {err_k:.3g} vs tol {tol} {note}")
+    return ok
+
+
+def _guarded(ctx: Ctx, kernel: str, case: str, mix: str, fn: Callable[[], int]) -> int:
+    """fn() (the number of failing tensors), or one failing 'error' row if it raises (a compile
+    error, a launch failure, a failed self-check): the other cases still run."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        _parity_row(ctx, kernel, case, mix, "error", "", math.nan, None, None, False,
+                    f"{type(exc).__name__}: {str(exc)[:300]}")
+        free_memory()
+        return 1
+
+
+def _op_parity(ctx: Ctx, kernel_name: str, case: str, mix: str, kernel: Callable,
+               reference: Callable, inputs: list[Any], names: list[str], eager_autocast: bool) -> int:
+    """Kernel vs the eager reference in fp64 on the same (rounded) inputs, output and every
+    gradient; also the eager reference run as the model would run it (under autocast for the
+    training mix), for scale. Tolerance: _testing.TOL of the lowest precision involved."""
+    import torch
+    from depthdif_hpc.kernels._testing import TOL, rel_err
+
+    leaves = [t for t in inputs if t is not None]
+    out = kernel(inputs)
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    out.backward(dy)
+    ref_in = [t.detach().double().requires_grad_(True) if t is not None else None for t in inputs]
+    ref = reference(ref_in)
+    ref.backward(dy.double())
+    eag_in = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    ctxm = autocast(ctx.device) if eager_autocast else contextlib.nullcontext()
+    with ctxm:
+        eag = reference(eag_in)
+    eag.backward(dy.to(eag.dtype))
+    tol = max(TOL[t.dtype] for t in leaves)
+    bad = 0
+    checks = [("out", out, ref, eag, out.dtype)]
+    checks += [(f"d{n}", t.grad, r.grad, e.grad, t.dtype)
+               for n, t, r, e in zip(names, inputs, ref_in, eag_in, strict=True) if t is not None]
+    for tensor, got, want, eager, dtype in checks:
+        if got is None:
+            bad += not _parity_row(ctx, kernel_name, case, mix, tensor, dname(dtype), math.inf,
+                                   None, tol, False)
+            continue
+        err = rel_err(got, want)
+        ok = math.isfinite(err) and err <= tol
+        bad += not _parity_row(ctx, kernel_name, case, mix, tensor, dname(dtype), err,
+                               rel_err(eager, want) if eager is not None else None, tol, ok)
+    return bad
+
+
+def stage_parity(ctx: Ctx) -> int:
+    """fp32, bf16 and the training mix of every kernel against its eager reference (fp64),
+    forward and gradients, on every distinct call of the ambient U-Net; then the whole U-Net
+    under bf16 autocast, kernels vs eager, against an fp32 reference."""
+    import torch
+
+    from depthdif_hpc import kernels as K
+
+    torch.manual_seed(0)
+    plan = ctx.plan
+    unet = ambient_unet(plan, ctx.device)
+    calls = record_calls(unet, 1, plan.px, ctx.device)
+    log(f"parity: {len(calls)} distinct kernel calls in the ambient U-Net")
+    if plan.rehearsal:
+        calls = representative(calls)
+    bad = 0
+    B = plan.parity_batch
+    # Pure bf16 says nothing under the interpreter (it truncates instead of rounding): the
+    # rehearsal keeps fp32 and the training mix, which exercise every code path.
+    mixes = ("fp32", "training") if plan.rehearsal else ("fp32", "bf16", "training")
+    for call in calls:
+        kern, ref = impls(call.kind)
+        for mix in mixes:
+            inputs = call_inputs(call, B, mix, ctx.device, seed=len(call.sites))
+            names = list(FRONT_ARGS) if call.kind == "front" else ["qkv"]
+            kname = "convnext_front" if call.kind == "front" else "linear_attention"
+            case = f"{call.label} B{B}"
+            bad += _guarded(ctx, kname, case, mix, lambda: _op_parity(
+                ctx, kname, case, mix, call_fn(call, kern), call_fn(call, ref),  # noqa: B023
+                inputs, names, eager_autocast=mix == "training"))  # noqa: B023
+    # FiLM is fused into the front in the model; its standalone kernel is checked at the ambient
+    # U-Net's first width.
+    C, side = (8, 8) if plan.rehearsal else (96, 32)
+    for mix in mixes[:-1]:
+        dtype = torch.float32 if mix == "fp32" else torch.bfloat16
+        g = torch.Generator().manual_seed(3)
+        inputs = [(torch.randn(*s, generator=g) * sd).to(ctx.device, dtype).requires_grad_(True)
+                  for s, sd in (((B, C, side, side), 1.0), ((B, C), 0.3), ((B, C), 0.3))]
+        case = f"film C{C} {side}x{side} B{B}"
+        bad += _guarded(ctx, "film", case, mix, lambda: _op_parity(
+            ctx, "film", case, dname(dtype), lambda i: K.film(*i),  # noqa: B023
+            lambda i: K.film_reference(*i), inputs, ["x", "scale", "shift"],  # noqa: B023
+            eager_autocast=False))
+    bad += _guarded(ctx, "unet", "unet", "autocast", lambda: _unet_autocast_parity(ctx, unet))
+    log(f"parity: {bad} tensors out of tolerance")
+    return 1 if bad else 0
+
+
+def _unet_autocast_parity(ctx: Ctx, unet: Any) -> int:
+    """The U-Net as training runs it (fp32 parameters, bf16 autocast) with kernels, and eagerly,
+    against fp32 eager without TF32. Each tensor (output, input gradient, every parameter
+    gradient) must be within max(2 x the eager error, 2e-2), the rule of tests/kernels. The
+    rehearsal runs it in fp32: the interpreter's bf16 truncation would be measured, not the
+    kernels."""
+    import torch
+    from depthdif_hpc.kernels._testing import rel_err
+
+    B, px = ctx.plan.parity_batch, ctx.plan.unet_parity_px
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, unet.channels, px, px, generator=g).to(ctx.device)
+    t = torch.randint(0, 1000, (B,), generator=g).to(ctx.device)
+    c_dim = _coord_dim(unet)
+    c = torch.randn(B, c_dim, generator=g).to(ctx.device) if c_dim else None
+    gy = torch.randn(B, unet.out_dim, px, px, generator=g).to(ctx.device)
+
+    def run(mode: str, amp: bool) -> dict[str, Any]:
+        unet.set_kernels(mode)
+        unet.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        if not amp:
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            with autocast(ctx.device) if amp else contextlib.nullcontext():
+                out = unet(xx, t, c)
+            out.float().backward(gy)
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
+        res = {"out": out.detach().float(), "d<input>": xx.grad.detach().float()}
+        res |= {f"d{n}": p.grad.detach().float().clone() for n, p in unet.named_parameters()
+                if p.grad is not None}
+        return res
+
+    amp = not ctx.plan.rehearsal
+    ref, eager, kern = run("eager", False), run("eager", amp), run("triton", amp)
+    case = f"unet {sum(p.numel() for p in unet.parameters())} params B{B} {px}x{px}"
+    mix = "autocast bf16" if amp else "fp32"
+    bad = 0
+    for name in ref:
+        ek, ee = rel_err(kern[name], ref[name]), rel_err(eager[name], ref[name])
+        tol = max(2 * ee, 2e-2)
+        ok = math.isfinite(ek) and ek <= tol
+        bad += not _parity_row(ctx, "unet", case, mix, name, "fp32", ek, ee, tol, ok)
+    return bad
+
+
+def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
+    """Per-call timings of every distinct front / attention call of the ambient U-Net at the
+    plan's batch under bf16 autocast: the Triton kernel and the eager reference (calls), or
+    torch.compile of the eager reference (calls_compile). Forward and forward + backward."""
+    import torch
+
+    plan = ctx.plan
+    unet = ambient_unet(plan, ctx.device)
+    calls = record_calls(unet, 1, plan.px, ctx.device)
+    if plan.rehearsal:
+        calls = representative(calls)
+    del unet
+    free_memory()
+    bench = Bench(ctx.device)
+    if compiled:
+        raise_recompile_limits()
+    B = plan.batch
+    failed = 0
+    for call in calls:
+        kern, ref = impls(call.kind)
+        chosen = {"compile": None} if compiled else {"eager": ref, "triton": kern}
+        for impl, fn in chosen.items():
+            if impl == "compile":
+                torch._dynamo.reset()
+                fn = torch.compile(ref, dynamic=False, backend=plan.compile_backend)
+            note = ""
+            try:
+                f_ms, fb_ms = _time_call(call, fn, B, ctx.device, bench)
+            except oom_error():
+                f_ms = fb_ms = math.nan
+                note = "out of memory"
+            except Exception as exc:  # noqa: BLE001 - a failing impl must not hide the others
+                traceback.print_exc()
+                f_ms = fb_ms = math.nan
+                note = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+                failed += 1
+            free_memory()
+            append(ctx.out, "calls", {
+                "kind": call.kind, "call": call.label, "sites": " ".join(call.sites),
+                "per_step": len(call.sites), "batch": B, "shape": "x".join(map(str, call.shape)),
+                "dtypes": call.dtype_text(), "impl": impl, "fwd_ms": f_ms, "fwdbwd_ms": fb_ms,
+                "bwd_ms": fb_ms - f_ms, "note": note})
+            log(f"{call.label:44s} {impl:8s} fwd {f_ms:9.3f} ms  fwd+bwd {fb_ms:9.3f} ms  "
+                f"x{len(call.sites)} {note}")
+    _add_speedups(ctx.out)
+    return 1 if failed else 0
+
+
+def _time_call(call: Call, impl: Callable, batch: int, device: Any, bench: Bench
+               ) -> tuple[float, float]:
+    """(forward ms, forward + backward ms) of one implementation of a call under autocast."""
+    import torch
+
+    inputs = call_inputs(call, batch, "training", device)
+    leaves = tuple(t for t in inputs if t is not None)
+    run = call_fn(call, impl)
+
+    def fwd() -> Any:
+        with autocast(device):
+            return run(inputs)
+
+    dy = torch.randn_like(fwd())
+
+    def fwdbwd() -> None:
+        fwd().backward(dy)
+
+    return bench(fwd), bench(fwdbwd, leaves)
+
+
+def _add_speedups(out: Path) -> None:
+    """speedup_fwdbwd = eager fwd+bwd / this impl's, once the eager row of a call exists."""
+    rows = read(out, "calls")
+    eager = {r["call"]: fnum(r["fwdbwd_ms"]) for r in rows if r["impl"] == "eager"}
+    for r in rows:
+        e, m = eager.get(r["call"]), fnum(r["fwdbwd_ms"])
+        r["speedup_fwdbwd"] = _fmt(e / m) if e and m and not math.isnan(m) else ""
+    (out / "calls.csv").unlink()
+    for r in rows:
+        append(out, "calls", r)
+
+
+def _train_step(w: Workload, mode: str, plan: Plan, device: Any) -> Callable[[dict], Any]:
+    """One optimizer step as the trainer takes it: bf16 autocast, backward, clip at 1.0, AdamW
+    (foreach, the trainer's optimizer), with kernels and torch.compile per `mode`."""
+    import torch
+
+    w.unet.set_kernels("triton" if mode in ("triton", "triton+compile") else "eager")
+    if mode in COMPILE_MODES:
+        raise_recompile_limits()
+        w.unet.compile(dynamic=False, backend=plan.compile_backend)
+    params = [p for p in w.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=True)
+
+    def step(batch: dict) -> Any:
+        opt.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = w.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+@dataclass
+class StepResult:
+    batch: int
+    step_ms: float
+    peak_gib: float | None
+    warmup_s: float
+    loss_first: float
+    loss_last: float
+    note: str
+    step: Callable[[dict], Any] | None = None
+    data: dict | None = None
+    workload: Workload | None = None
+
+
+def measure_step(preset: str, mode: str, ctx: Ctx, start_batch: int,
+                 keep: bool = False, timed: bool = True) -> StepResult:
+    """Median step time at the largest batch <= start_batch that fits (halving on OOM);
+    timed=False: the warm-up steps only (the profile stage times one step itself)."""
+    import torch
+
+    plan = ctx.plan
+    cuda = ctx.device.type == "cuda"
+    b, notes = start_batch, []
+    px = plan.px
+    while True:
+        torch.manual_seed(0)
+        w = workload(preset, plan, ctx.device, ctx.work)
+        oom = False
+        try:
+            step = _train_step(w, mode, plan, ctx.device)
+            data = w.make_batch(b, px)
+            t0 = time.perf_counter()
+            first = float(step(data))
+            for _ in range(plan.warmup_steps - 1):
+                step(data)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            warm = time.perf_counter() - t0
+            times, last = [], first
+            for _ in range(plan.timed_steps if timed else 0):
+                if cuda:
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    loss = step(data)
+                    e.record()
+                    e.synchronize()
+                    times.append(s.elapsed_time(e))
+                else:
+                    t1 = time.perf_counter()
+                    loss = step(data)
+                    times.append((time.perf_counter() - t1) * 1e3)
+                last = float(loss)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            res = StepResult(b, statistics.median(times) if times else math.nan, peak, warm, first,
+                             last, "; ".join(notes))
+            if keep:
+                res.step, res.data, res.workload = step, data, w
+            return res
+        except oom_error():
+            oom = True
+        if oom:
+            del w
+            step = data = None  # noqa: F841 - drop the references the failed attempt holds
+            free_memory()
+            if b <= 1:
+                raise RuntimeError(f"{preset} {mode}: out of memory even at batch 1")
+            notes.append(f"OOM at batch {b}")
+            log(f"{preset} {mode}: out of memory at batch {b}, retrying at {b // 2}")
+            b //= 2
+
+
+def _flops_and_mfu(model: Any, height: int, width: int, samples_per_s: float,
+                   device: Any) -> tuple[float | None, float | None, str]:
+    """GFLOP per training sample and MFU (bf16 dense peak) from depthdif_hpc.model.flops."""
+    import torch
+
+    try:
+        from depthdif_hpc.model.flops import mfu, train_step_flops_per_sample
+
+        fps = train_step_flops_per_sample(model, height, width)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        return fps / 1e9, mfu(samples_per_s, fps, name, torch.bfloat16), ""
+    except Exception as exc:  # noqa: BLE001 - the timing stands without an MFU figure
+        return None, None, f"no FLOP count: {type(exc).__name__}: {exc}"
+
+
+def _step_row(ctx: Ctx, stage: str, preset: str, mode: str, r: StepResult, objective: str,
+              model: Any, px: int, note: str = "") -> dict:
+    sps = r.batch / (r.step_ms / 1e3)
+    gflop, m, fnote = _flops_and_mfu(model, px, px, sps, ctx.device)
+    row = {"stage": stage, "preset": preset, "mode": mode, "objective": objective,
+           "batch": r.batch, "height": px, "width": px, "step_ms": r.step_ms, "samples_per_s": sps,
+           "peak_mem_gib": r.peak_gib, "gflop_per_sample": gflop, "mfu": m,
+           "warmup_s": r.warmup_s, "loss_first": r.loss_first, "loss_last": r.loss_last,
+           "note": "; ".join(n for n in (r.note, fnote, note) if n)}
+    append(ctx.out, "steps", row)
+    mfu_text = f"MFU {100 * m:.1f}%" if m is not None else "MFU n/a"
+    log(f"STEP {preset} {mode:15s} B{r.batch}: {r.step_ms:9.2f} ms  {sps:8.2f} samples/s  "
+        f"peak {r.peak_gib if r.peak_gib is not None else float('nan'):6.2f} GiB  {mfu_text}  "
+        f"warm-up {r.warmup_s:.1f} s  loss {r.loss_first:.4g} -> {r.loss_last:.4g}")
+    return row
+
+
+def stage_step(ctx: Ctx, modes: tuple[str, ...]) -> int:
+    """Whole training steps of the ambient preset per mode, at the largest batch <= 48."""
+    failed = 0
+    for mode in modes:
+        try:
+            r = measure_step("ambient", mode, ctx, ctx.plan.batch, keep=True)
+            w = r.workload
+            if not (math.isfinite(r.loss_first) and math.isfinite(r.loss_last)):
+                failed += 1
+                log(f"STEP ambient {mode}: non-finite loss")
+            _step_row(ctx, "step", "ambient", mode, r, w.objective, w.model, ctx.plan.px)
+        except Exception as exc:  # noqa: BLE001 - one mode failing must not hide the others
+            failed += 1
+            traceback.print_exc()
+            append(ctx.out, "steps", {"stage": "step", "preset": "ambient", "mode": mode,
+                                      "note": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
+        finally:
+            r = w = None
+            _reset_compile()
+            free_memory()
+    return 1 if failed else 0
+
+
+def _reset_compile() -> None:
+    import torch
+
+    torch._dynamo.reset()
+
+
+def _batch_of(ctx: Ctx, preset: str, mode: str) -> int:
+    """The batch an earlier stage found to fit for this preset and mode, else the plan's."""
+    for r in read(ctx.out, "steps"):
+        if r["preset"] == preset and r["mode"] == mode and r["stage"] in ("step", "latent") \
+                and r["batch"]:
+            return int(r["batch"])
+    return ctx.plan.batch
+
+
+# Kernel classes of the profile, in matching order (first match wins).
+CLASSES = ("triton front", "triton attention", "optimizer", "conv", "gemm", "norm/reduce",
+           "elementwise", "other")
+_KEYWORDS = {
+    "optimizer": ("adam", "multi_tensor", "foreach", "clip_grad"),
+    "conv": ("conv", "cudnn", "fprop", "dgrad", "wgrad", "nchwtonhwc", "nhwctonchw", "depthwise",
+             "winograd", "implicit_gemm"),
+    "gemm": ("gemm", "nvjet", "cublas", "cutlass", "aten::mm", "aten::bmm", "aten::addmm",
+             "matmul", "einsum", "triton_tem"),
+    "norm/reduce": ("norm", "welford", "reduce", "softmax", "triton_red", "triton_per",
+                    "aten::var", "aten::mean", "aten::sum", "aten::std"),
+    "elementwise": ("elementwise", "triton_poi", "copy", "cat", "fill", "gelu", "add", "mul",
+                    "div", "sub", "where", "pow", "sqrt", "neg", "exp", "clamp", "masked",
+                    "index", "zero", "rand", "abs", "sin", "cos", "to_copy", "_to"),
+}
+
+
+def kernel_names() -> dict[str, set[str]]:
+    """Names of the project's Triton kernels per class (as they appear in a GPU profile)."""
+    def jit(module: str) -> set[str]:
+        mod = importlib.import_module(f"depthdif_hpc.kernels.{module}")
+        # @triton.jit objects (JITFunction; InterpretedFunction under the interpreter).
+        return {getattr(v, "__name__", k) for k, v in vars(mod).items()
+                if any(c.__name__ == "KernelInterface" for c in type(v).__mro__)}
+
+    return {"triton front": jit("convnext_front") | jit("film"),
+            "triton attention": jit("linear_attention")}
+
+
+def classify(name: str, names: dict[str, set[str]]) -> str:
+    """The class of a profiled kernel (GPU) or op (CPU rehearsal) name."""
+    low = name.lower()
+    # CPU profiles name the custom ops and their autograd nodes (depthdif_hpc::convnext_front_bwd,
+    # GeneratedBackwardFor_depthdif_hpc_convnext_front_fwd_default); GPU profiles the kernels.
+    if name in names["triton front"] or "depthdif_hpc" in low and ("convnext_front" in low or "film" in low):
+        return "triton front"
+    if name in names["triton attention"] or "depthdif_hpc" in low and "linear_attention" in low:
+        return "triton attention"
+    for cls in ("optimizer", "conv", "gemm", "norm/reduce", "elementwise"):
+        if any(k in low for k in _KEYWORDS[cls]):
+            return cls
+    return "other"
+
+
+def stage_profile(ctx: Ctx) -> int:
+    """Device time of one training step by kernel class, eager and Triton (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ctx.device.type == "cuda"
+    names = kernel_names()
+    for mode in ("eager", "triton"):
+        r = measure_step("ambient", mode, ctx, _batch_of(ctx, "ambient", mode), keep=True,
+                         timed=False)
+        act = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+        with profile(activities=act) as prof:
+            r.step(r.data)
+            if cuda:
+                torch.cuda.synchronize()
+        agg = {c: [0.0, set(), ("", 0.0)] for c in CLASSES}
+        for ev in prof.key_averages():
+            if cuda:
+                if "cuda" not in str(getattr(ev, "device_type", "")).lower():
+                    continue
+                us = getattr(ev, "self_device_time_total", None)
+                us = us if us is not None else getattr(ev, "self_cuda_time_total", 0.0)
+            else:
+                us = ev.self_cpu_time_total
+            if us <= 0:
+                continue
+            cls = classify(ev.key, names)
+            a = agg[cls]
+            a[0] += us
+            a[1].add(ev.key)
+            if us > a[2][1]:
+                a[2] = (ev.key, us)
+        total = sum(a[0] for a in agg.values()) or 1.0
+        log(f"PROFILE ambient {mode} B{r.batch}: {total / 1e3:.2f} ms of "
+            f"{'device' if cuda else 'CPU op'} time in one step")
+        for cls in CLASSES:
+            us, keys, top = agg[cls]
+            append(ctx.out, "profile", {"mode": mode, "batch": r.batch, "class": cls,
+                                        "device_ms": us / 1e3, "share": us / total,
+                                        "kernels": len(keys), "top_kernel": top[0][:120]})
+            log(f"   {cls:18s} {us / 1e3:9.2f} ms  {100 * us / total:5.1f}%  {len(keys):4d} names  "
+                f"top: {top[0][:80]}")
+        for sort in (("self_device_time_total", "self_cuda_time_total") if cuda
+                     else ("self_cpu_time_total",)):
+            with contextlib.suppress(Exception):
+                log(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=70))
+                break
+        r = None
+        free_memory()
+    return 0
+
+
+def stage_latent(ctx: Ctx) -> int:
+    """The latent preset's step (frozen autoencoder + 12-channel diffusion) against the pixel-
+    space (ambient) step, per mode, at the batch the pixel step used."""
+    failed = 0
+    for mode in ("eager", "triton"):
+        b = _batch_of(ctx, "ambient", mode)
+        px_row = next((r for r in read(ctx.out, "steps") if r["stage"] == "step"
+                       and r["mode"] == mode and r["batch"] == str(b)), None)
+        try:
+            if px_row is None:  # the step stage did not run: measure the pixel step here
+                r = measure_step("ambient", mode, ctx, b, keep=True)
+                px_row = _step_row(ctx, "step", "ambient", mode, r, r.workload.objective,
+                                   r.workload.model, ctx.plan.px)
+                b = r.batch
+                r = None
+                free_memory()
+            lr = measure_step("latent", mode, ctx, b, keep=True)
+            px_ms = fnum(px_row["step_ms"]) if int(px_row["batch"]) == lr.batch else None
+            speed = f"{px_ms / lr.step_ms:.2f}x faster per step than pixel space (ambient, " \
+                    f"{px_ms:.2f} ms at B{lr.batch})" if px_ms else "no pixel-space row at this batch"
+            _step_row(ctx, "latent", "latent", mode, lr, lr.workload.objective, lr.workload.model,
+                      ctx.plan.px, note=speed)
+            log(f"LATENT {mode} B{lr.batch}: {speed}")
+        except Exception as exc:  # noqa: BLE001
+            failed += 1
+            traceback.print_exc()
+            append(ctx.out, "steps", {"stage": "latent", "preset": "latent", "mode": mode,
+                                      "note": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
+        finally:
+            lr = None
+            free_memory()
+    return 1 if failed else 0
+
+
+def trainer_command(store: Path, run_dir: Path, plan: Plan, batch: int, steps: int) -> list[str]:
+    """The real entry point, ambient preset, DeepSpeed ZeRO-2, bf16 (fp32 on the CPU)."""
+    cfgs = [a for f in (*PRESETS["ambient"], DATA_CONFIG) for a in ("--config", f)]
+    over = [f"dataset.store={store}", f"trainer.run_dir={run_dir}", "trainer.resume=none",
+            "trainer.distributed=deepspeed", "trainer.deepspeed_config=configs/deepspeed/zero2.json",
+            f"trainer.precision={'fp32' if plan.rehearsal else 'bf16'}",
+            f"trainer.max_steps={steps}", f"dataloader.batch_size={batch}",
+            f"trainer.log_every_n_steps={max(1, steps // 10)}",
+            "trainer.val_every_n_steps=100000000",
+            "trainer.val_at_epoch_end=false", "trainer.checkpoint_every_n_steps=100000000",
+            "trainer.full_reconstruction=false", "trainer.progress_bar=false",
+            # A short run from scratch: the preset's 2000-step warm-up would keep the learning
+            # rate at ~1/5 for all of it, so the loss could not be seen to fall.
+            "scheduler.warmup.enabled=false"]
+    if plan.rehearsal:
+        over += ["dataloader.num_workers=0", "training.lr=1e-3", "trainer.intra_op_threads=1",
+                 *_dotted(plan.tiny)]
+    else:
+        over += ["dataloader.num_workers=6"]
+    return [sys.executable, "-m", "depthdif_hpc.train", *cfgs, *over]
+
+
+def stage_trainer(ctx: Ctx) -> int:
+    """A synthetic store, then `python -m depthdif_hpc.train` (ambient preset, DeepSpeed ZeRO-2,
+    bf16) for a few dozen steps: steps/s, a finite and falling loss, a checkpoint written."""
+    plan = ctx.plan
+    from depthdif_hpc.data.store import read_manifest
+    from depthdif_hpc.data.synthetic import build_tiny_store
+
+    t0 = time.perf_counter()
+    start, end = plan.trainer_dates
+    store = build_tiny_store(ctx.work / "trainer_data", tile_size=plan.trainer_tile, start=start,
+                             end=end, workers=min(8, os.cpu_count() or 1))
+    n_train = read_manifest(store)["splits"]["train"]["n_samples"]
+    log(f"trainer: store {store} ({n_train} training samples, {plan.trainer_tile} px) "
+        f"in {time.perf_counter() - t0:.1f} s")
+    batch = min(int(os.environ.get("TRAINER_BATCH", plan.trainer_batch)), n_train)
+    fit = _batch_of(ctx, "ambient", "triton")
+    if fit < plan.batch:  # the step stage ran out of memory above `fit`: so would the trainer
+        batch = min(batch, fit)
+    steps = int(os.environ.get("TRAINER_STEPS", plan.trainer_steps))
+    run_dir = ctx.work / "trainer_run"
+    cmd = trainer_command(store, run_dir, plan, batch, steps)
+    log("trainer: " + " ".join(cmd))
+    t1 = time.perf_counter()
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    wall = time.perf_counter() - t1
+    recs = []
+    steplog = run_dir / "steps.jsonl"
+    if steplog.exists():
+        recs = [json.loads(line) for line in steplog.read_text().splitlines() if line.strip()]
+    problems = [] if rc == 0 else [f"exit {rc}"]
+    losses = [float(r["loss"]) for r in recs]
+    if len(recs) != steps:
+        problems.append(f"{len(recs)} of {steps} steps logged")
+    if not losses or not all(math.isfinite(v) for v in losses):
+        problems.append("non-finite loss")
+    k = max(2, len(losses) // 5)
+    first, last = (statistics.fmean(losses[:k]), statistics.fmean(losses[-k:])) if losses else (math.nan,) * 2
+    if not last < first:
+        problems.append(f"loss did not fall (mean of first {k} {first:.4g}, last {k} {last:.4g})")
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir() and any(p.iterdir()))
+    if not ckpts or not ckpts[-1].name.endswith(f"{steps:08d}"):
+        problems.append(f"no checkpoint of step {steps} ({[p.name for p in ckpts]})")
+    # Throughput from the trainer's own log windows (every trainer.log_every_n_steps steps a
+    # record carries step_time_s, samples_per_s, peak_mem_gib and, on a known GPU, mfu), the
+    # first window left out: Triton compile, kernel self-checks, cuDNN autotuning, loader start.
+    windows, prev = [], 0
+    for r in recs:
+        if "step_time_s" in r:
+            windows.append((int(r["step"]) - prev, r))
+            prev = int(r["step"])
+    timed = windows[1:] or windows
+    secs = sum(n * float(r["step_time_s"]) for n, r in timed)
+    steps_timed = sum(n for n, _ in timed)
+    step_s = secs / steps_timed if steps_timed else math.nan
+    sps = sum(n * float(r["step_time_s"]) * float(r["samples_per_s"]) for n, r in timed) / secs \
+        if secs else math.nan
+    peak = max((float(r.get("peak_mem_gib") or 0) for _, r in windows), default=None)
+    wait = sum(n * float(r.get("data_wait_s_per_step", 0)) for n, r in timed) / secs if secs else math.nan
+    mfus = [float(r["mfu"]) for _, r in timed if r.get("mfu") is not None]
+    if not windows:
+        problems.append("no throughput record in steps.jsonl")
+    gflop, m, fnote = None, (statistics.fmean(mfus) if mfus else None), ""
+    if math.isfinite(sps):
+        with contextlib.suppress(Exception):
+            w = workload("ambient", plan, _cpu(), ctx.work)
+            gflop, m2, fnote = _flops_and_mfu(w.model, plan.trainer_tile, plan.trainer_tile, sps,
+                                              ctx.device)
+            m = m if m is not None else m2
+    note = (f"deepspeed zero2, {'fp32' if plan.rehearsal else 'bf16'}, {1 / step_s:.3f} steps/s, "
+            f"data wait {100 * wait:.1f}%, process {wall:.0f} s, checkpoint "
+            f"{ckpts[-1].name if ckpts else 'none'}" + (f"; {fnote}" if fnote else "")
+            + ("; PROBLEMS: " + "; ".join(problems) if problems else ""))
+    append(ctx.out, "steps", {
+        "stage": "trainer", "preset": "ambient", "mode": "trainer", "objective":
+        "python -m depthdif_hpc.train", "batch": batch, "height": plan.trainer_tile,
+        "width": plan.trainer_tile, "step_ms": step_s * 1e3, "samples_per_s": sps,
+        "peak_mem_gib": peak, "gflop_per_sample": gflop, "mfu": m, "warmup_s": None,
+        "loss_first": first, "loss_last": last, "note": note})
+    log(f"TRAINER B{batch}: {1 / step_s:.3f} steps/s, {sps:.2f} samples/s, loss {first:.4g} -> "
+        f"{last:.4g}, {note}")
+    return 1 if problems else 0
+
+
+def _cpu() -> Any:
+    import torch
+
+    return torch.device("cpu")
+
+
+# ============================================================================ report
+
+
+def stage_report(out: Path, summary: Path) -> int:
+    """report.md from the CSVs, and headline lines appended to summary.txt (printed last)."""
+    env = {r["key"]: r["value"] for r in read(out, "env")}
+    stage_lines = summary.read_text().splitlines() if summary.exists() else []
+    heads = headlines(out)
+    md = [f"# GPU run: {env.get('device', '?')}", "",
+          f"{env.get('mode', '?')}; torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, "
+          f"triton {env.get('triton', '?')}, Python {env.get('python', '?')}; commit "
+          f"{env.get('commit', '?')}; {env.get('date_utc', '?')}", "", "## Stages", "", "```",
+          *stage_lines, "```", "", "## Headlines", "", *[f"* {h}" for h in heads], ""]
+    md += _md_section("Environment", read(out, "env"), ["key", "value"])
+    parity = read(out, "parity")
+    failed = [r for r in parity if r["ok"] != "yes"]
+    worst = sorted((r for r in parity if r["kernel"] != "unet"),
+                   key=lambda r: -(fnum(r["err_kernel"]) or 0) / (fnum(r["tol"]) or 1))[:15]
+    md += _md_section(f"Parity: {len(parity) - len(failed)} of {len(parity)} tensors within "
+                      "tolerance; failures", failed, TABLES["parity"])
+    md += _md_section("Parity: the 15 op tensors closest to their tolerance", worst, TABLES["parity"])
+    md += _md_section("Per-call timings (ms, median, L2 flushed)", read(out, "calls"),
+                      ["call", "per_step", "batch", "dtypes", "impl", "fwd_ms", "fwdbwd_ms",
+                       "speedup_fwdbwd", "note"])
+    md += _md_section("Training steps", read(out, "steps"),
+                      ["stage", "preset", "mode", "batch", "step_ms", "samples_per_s",
+                       "peak_mem_gib", "gflop_per_sample", "mfu", "warmup_s", "loss_first",
+                       "loss_last", "note"])
+    md += _md_section("Device time of one step by kernel class", read(out, "profile"),
+                      TABLES["profile"])
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    with summary.open("a") as f:
+        f.write("".join(f"{h}\n" for h in heads))
+    return 0
+
+
+def _md_section(title: str, rows: list[dict[str, str]], cols: list[str]) -> list[str]:
+    lines = [f"## {title}", ""]
+    if not rows:
+        return lines + ["(none)", ""]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r.get(c, "").replace("|", "/") for c in cols) + " |" for r in rows]
+    return lines + [""]
+
+
+def headlines(out: Path) -> list[str]:
+    """The few numbers worth quoting, from whatever the stages wrote."""
+    lines = []
+    parity = read(out, "parity")
+    if parity:
+        bad = [r for r in parity if r["ok"] != "yes"]
+        mixes = sorted({r["mix"] for r in parity})
+        lines.append(f"PARITY {'OK' if not bad else 'FAIL'}: {len(parity) - len(bad)}/{len(parity)} "
+                     f"tensors within tolerance ({', '.join(mixes)})"
+                     + (f"; failing: {sorted({r['case'] + ' ' + r['mix'] for r in bad})[:5]}" if bad else ""))
+    calls = read(out, "calls")
+    if calls:
+        tot: dict[str, float] = {}
+        for r in calls:
+            v = fnum(r["fwdbwd_ms"])
+            if v is not None and not math.isnan(v):
+                tot[r["impl"]] = tot.get(r["impl"], 0.0) + v * int(r["per_step"])
+        e = tot.get("eager")
+        parts = [f"{k} {v:.2f} ms" + (f" ({e / v:.2f}x)" if e and k != "eager" else "")
+                 for k, v in tot.items()]
+        lines.append(f"CALLS fronts+attention per U-Net fwd+bwd at B{calls[0]['batch']}: "
+                     + ", ".join(parts))
+    for r in read(out, "steps"):
+        m = fnum(r["mfu"])
+        tag = {"step": "STEP", "latent": "LATENT", "trainer": "TRAINER"}.get(r["stage"], r["stage"])
+        peak = fnum(r["peak_mem_gib"])
+        ms, sps = fnum(r["step_ms"]), fnum(r["samples_per_s"])
+        if ms is None or sps is None:
+            lines.append(f"{tag} {r['preset']} {r['mode']}: {r['note']}")
+            continue
+        lines.append(f"{tag} {r['preset']} {r['mode']} B{r['batch']}: {ms:.2f} ms/step, "
+                     f"{sps:.2f} samples/s"
+                     + (f", peak {peak:.1f} GiB" if peak is not None else "")
+                     + (f", MFU {100 * m:.1f}%" if m is not None else "")
+                     + (f"; {r['note']}" if r["note"] else ""))
+    prof = read(out, "profile")
+    for mode in dict.fromkeys(r["mode"] for r in prof):
+        rows = sorted((r for r in prof if r["mode"] == mode), key=lambda r: -(fnum(r["share"]) or 0))
+        lines.append(f"PROFILE {mode}: " + ", ".join(
+            f"{r['class']} {100 * (fnum(r['share']) or 0):.0f}%" for r in rows if fnum(r["share"])))
+    return lines
+
+
+# ============================================================================ main
+
+STAGES: dict[str, Callable[[Ctx], int]] = {
+    "deps": stage_deps,
+    "env": stage_env,
+    "parity": stage_parity,
+    "calls": stage_calls,
+    "calls_compile": lambda ctx: stage_calls(ctx, compiled=True),
+    "step": lambda ctx: stage_step(ctx, ("eager", "triton")),
+    "step_compile": lambda ctx: stage_step(ctx, COMPILE_MODES),
+    "profile": stage_profile,
+    "latent": stage_latent,
+    "trainer": stage_trainer,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=[*STAGES, "report"])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/ddhpc_gpu_work"))
+    ap.add_argument("--summary", type=Path, help="report: the summary file to append to")
+    ap.add_argument("--rehearsal", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.stage == "report":
+        return stage_report(a.out, a.summary or a.out / "summary.txt")
+    if os.environ.get("DD_STALL_STAGE") == a.stage:
+        # Test hook: a stage that never finishes, to check the time limits of gpu_run.sh.
+        log(f"{a.stage}: DD_STALL_STAGE set, sleeping")
+        time.sleep(10**6)
+    a.work.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    if a.rehearsal:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.rehearsal else "cpu")
+    if a.stage not in ("deps", "env"):
+        # The trainer's default (trainer.matmul_precision: high): TF32 for fp32 matmuls.
+        torch.set_float32_matmul_precision("high" if a.stage != "parity" else "highest")
+    ctx = Ctx(a.out, a.work, Plan.make(a.rehearsal), device)
+    try:
+        return STAGES[a.stage](ctx)
+    except Exception:  # noqa: BLE001 - the traceback goes to the log, the status to the summary
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

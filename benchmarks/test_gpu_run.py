@@ -1,0 +1,300 @@
+"""benchmarks/gpu_run.sh in its CPU rehearsal, its time limits and budget, and the wheelhouse.
+
+The rehearsal runs every stage for real on the CPU (Triton interpreter, tiny shapes, the real
+trainer entry point with DeepSpeed ZeRO-2), so a change that breaks a stage's wiring fails here
+rather than during a scarce GPU lease. Its numbers are not checked: they time the interpreter.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
+ALL_STAGES = ["deps", "env", "parity", "calls", "step", "profile", "latent", "trainer",
+              "calls_compile", "step_compile"]
+FILES = {"summary.txt", "report.md", "log.txt", "env.csv", "parity.csv", "calls.csv", "steps.csv",
+         "profile.csv"}
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+stages = _load("gpu_stages")
+wheelhouse = _load("wheelhouse")
+
+
+def run_script(tmp_path: Path, timeout: int = 1200, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / "out"
+    full = {**os.environ, "OUT": str(out), "PY": sys.executable, "TMPDIR": str(tmp_path),
+            "REHEARSAL": "1", **env}
+    for var in ("DD_STALL_STAGE", "STAGES", "DEPS_MODULES", "WORK"):
+        if var not in env:
+            full.pop(var, None)
+    proc = subprocess.run(["bash", str(SCRIPT)], env=full, capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp_path)
+    return proc, out
+
+
+def summary(out: Path) -> dict[str, tuple[str, str]]:
+    """stage -> (status, rc) from summary.txt's stage table."""
+    rows = {}
+    for line in (out / "summary.txt").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] in ALL_STAGES:
+            rows[parts[0]] = (parts[1], parts[2])
+    return rows
+
+
+def table(out: Path, name: str) -> tuple[list[str], list[dict[str, str]]]:
+    with (out / f"{name}.csv").open(newline="") as f:
+        r = csv.DictReader(f)
+        return list(r.fieldnames or []), list(r)
+
+
+def _why(proc: subprocess.CompletedProcess, out: Path) -> str:
+    log = (out / "log.txt").read_text()[-6000:] if (out / "log.txt").exists() else ""
+    return f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-2000:]}\nlog.txt:\n{log}"
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_every_stage(tmp_path):
+    proc, out = run_script(tmp_path, BUDGET_S="1500")
+    assert proc.returncode == 0, _why(proc, out)
+    got = summary(out)
+    assert list(got) == ALL_STAGES, _why(proc, out)
+    assert all(v == ("ok", "0") for v in got.values()), f"{got}\n{_why(proc, out)}"
+    # At most 8 files come back from the GPU machine: exactly these, nothing else.
+    assert {p.name for p in out.iterdir()} == FILES
+    # The summary is printed last.
+    assert proc.stdout.rstrip().endswith((out / "summary.txt").read_text().rstrip())
+
+    for name, cols in stages.TABLES.items():
+        header, _ = table(out, name)
+        assert header == cols, name
+
+    _, env = table(out, "env")
+    env = {r["key"]: r["value"] for r in env}
+    assert env["mode"].startswith("rehearsal") and env["torch"] and env["triton"]
+    assert env["stages"].split() == ALL_STAGES
+
+    _, parity = table(out, "parity")
+    assert {r["kernel"] for r in parity} == {"convnext_front", "linear_attention", "film", "unet"}
+    assert all(r["ok"] == "yes" for r in parity)
+    assert {r["mix"] for r in parity if r["kernel"] == "convnext_front"} == {"fp32", "training"}
+    front_cases = {r["case"] for r in parity if r["kernel"] == "convnext_front"}
+    # The model's own flags: the first block (no LN, fp32 input) and the last (no time bias).
+    assert any("noLN" in c and "x fp32" in c for c in front_cases), front_cases
+    assert any("noTB" in c for c in front_cases), front_cases
+    tensors = {r["tensor"] for r in parity if r["kernel"] == "convnext_front"}
+    assert {"out", "dx", "ddw_weight", "dtime_bias", "dfilm_scale", "dln_weight"} <= tensors
+    assert all(0 <= float(r["err_kernel"]) <= float(r["tol"]) for r in parity)
+
+    _, calls = table(out, "calls")
+    by_call: dict[str, set[str]] = {}
+    for r in calls:
+        by_call.setdefault(r["call"], set()).add(r["impl"])
+        assert float(r["fwd_ms"]) > 0 and float(r["fwdbwd_ms"]) > 0 and int(r["per_step"]) >= 1
+    assert all(v == {"eager", "triton", "compile"} for v in by_call.values()), by_call
+    assert {r["kind"] for r in calls} == {"front", "attention"}
+
+    _, steps = table(out, "steps")
+    modes = {(r["stage"], r["mode"]) for r in steps}
+    assert {("step", m) for m in ("eager", "triton", "compile", "triton+compile")} <= modes
+    assert {("latent", "eager"), ("latent", "triton"), ("trainer", "trainer")} <= modes
+    for r in steps:
+        assert float(r["step_ms"]) > 0 and float(r["samples_per_s"]) > 0, r
+        assert float(r["loss_first"]) > 0 and float(r["loss_last"]) > 0, r
+        assert r["objective"], r
+    trainer = next(r for r in steps if r["stage"] == "trainer")
+    assert float(trainer["loss_last"]) < float(trainer["loss_first"])
+    assert "deepspeed zero2" in trainer["note"] and "step_00000010" in trainer["note"]
+    assert "PROBLEMS" not in trainer["note"]
+    latent = [r for r in steps if r["stage"] == "latent"]
+    assert all("than pixel space" in r["note"] for r in latent)
+
+    _, profile = table(out, "profile")
+    assert {r["mode"] for r in profile} == {"eager", "triton"}
+    share = {(r["mode"], r["class"]): float(r["share"]) for r in profile}
+    assert share[("triton", "triton front")] > 0 and share[("triton", "triton attention")] > 0
+    assert share[("eager", "triton front")] == 0 and share[("eager", "conv")] > 0
+    for mode in ("eager", "triton"):
+        assert sum(v for (m, _), v in share.items() if m == mode) == pytest.approx(1.0, abs=1e-3)
+
+    report = (out / "report.md").read_text()
+    for heading in ("## Stages", "## Headlines", "## Per-call timings", "## Training steps",
+                    "## Device time of one step by kernel class"):
+        assert heading in report
+    text = (out / "summary.txt").read_text()
+    for head in ("PARITY OK", "CALLS", "STEP ambient eager", "LATENT", "TRAINER", "PROFILE triton"):
+        assert head in text
+
+
+def test_a_stage_past_its_limit_is_stopped_and_the_next_one_runs(tmp_path):
+    proc, out = run_script(tmp_path, BUDGET_S="300", STAGES="deps env", DD_STALL_STAGE="deps",
+                           TIMEOUT_deps="3", timeout=120)
+    got = summary(out)
+    assert got["deps"] == ("timeout", "124"), _why(proc, out)
+    assert got["env"] == ("ok", "0"), _why(proc, out)
+    assert "stopped at its 3 s limit" in (out / "summary.txt").read_text()
+    _, env = table(out, "env")
+    assert env  # the stage after the stopped one wrote its results
+
+
+def test_a_spent_budget_skips_the_remaining_stages(tmp_path):
+    proc, out = run_script(tmp_path, BUDGET_S="8", MIN_STAGE_S="2", STAGES="deps,env,parity",
+                           DD_STALL_STAGE="deps", timeout=120)
+    got = summary(out)
+    # deps gets what is left of the budget as its limit and is stopped there (or, on a machine
+    # too slow to leave MIN_STAGE_S after start-up, is skipped itself).
+    assert got["deps"][0] in ("timeout", "skipped"), _why(proc, out)
+    assert got["env"][0] == "skipped" and got["parity"][0] == "skipped", _why(proc, out)
+    assert "budget spent" in (out / "summary.txt").read_text()
+    assert proc.returncode == 0
+    assert (out / "report.md").exists()  # the report is written whatever ran
+
+
+def _fake_wheel(directory: Path, name: str, version: str, requires: list[str] = (),
+                tag: str = "py3-none-any", module: str | None = None) -> Path:
+    """A minimal installable wheel (one module, METADATA with Requires-Dist, RECORD)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{version}-{tag}.whl"
+    info = f"{name}-{version}.dist-info"
+    meta = "Metadata-Version: 2.1\n" f"Name: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires)
+    files = {f"{info}/METADATA": meta,
+             f"{info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: {tag}\n"}
+    if module:
+        files[f"{module}/__init__.py"] = "VALUE = 42\n"
+    files[f"{info}/RECORD"] = "".join(f"{n},,\n" for n in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for n, text in files.items():
+            z.writestr(n, text)
+    return path
+
+
+def test_deps_stage_installs_the_wheelhouse_offline(tmp_path):
+    wh = tmp_path / "wh"
+    _fake_wheel(wh, "ddhpc_probe_pkg", "1.0", module="ddhpc_probe_mod")
+    work = tmp_path / "work"
+    proc, out = run_script(tmp_path, STAGES="deps", DEPS_MODULES="ddhpc_probe_mod",
+                           WHEELHOUSE=str(wh), WORK=str(work), timeout=120)
+    assert summary(out)["deps"] == ("ok", "0"), _why(proc, out)
+    assert (work / "site" / "ddhpc_probe_mod" / "__init__.py").is_file()
+    assert "import ddhpc_probe_mod: ok" in (out / "log.txt").read_text()
+    # Missing modules and no wheelhouse: the stage fails and says what to do.
+    proc, out = run_script(tmp_path, STAGES="deps", DEPS_MODULES="ddhpc_probe_absent",
+                           WHEELHOUSE=str(tmp_path / "empty"), timeout=120)
+    assert summary(out)["deps"][0] == "FAIL"
+    assert "make wheelhouse" in (out / "log.txt").read_text()
+
+
+def test_wheelhouse_check_finds_duplicates_unmet_requirements_and_wrong_tags(tmp_path):
+    image = frozenset({"numpy", "pyyaml"})
+    good = [_fake_wheel(tmp_path, "alpha", "1.0", ["beta>=2", "numpy", "PyYAML>=5",
+                                                    'gamma; python_version < "3.10"',
+                                                    'delta; extra == "docs"']),
+            _fake_wheel(tmp_path, "beta", "2.1")]
+    wheels = [wheelhouse.Wheel.of(p) for p in good]
+    assert wheelhouse.check(wheels, image=image) == []
+    old_beta = wheelhouse.Wheel.of(_fake_wheel(tmp_path / "o", "beta", "1.5"))
+    problems = wheelhouse.check([wheels[0], old_beta], image=image)
+    assert any("alpha needs beta>=2" in p for p in problems), problems
+    unmet = wheelhouse.Wheel.of(_fake_wheel(tmp_path / "u", "eps", "1.0", ["zeta"]))
+    assert any("neither in the wheelhouse nor in the GPU image" in p
+               for p in wheelhouse.check([unmet], image=image))
+    two = wheelhouse.check([wheels[1], old_beta], image=image)
+    assert any("two versions of beta" in p for p in two), two
+    arm = wheelhouse.Wheel.of(_fake_wheel(tmp_path / "a", "eta", "1.0",
+                                          tag="cp312-cp312-manylinux_2_17_aarch64"))
+    cp311 = wheelhouse.Wheel.of(_fake_wheel(tmp_path / "b", "theta", "1.0",
+                                            tag="cp311-cp311-manylinux_2_17_x86_64"))
+    abi3 = wheelhouse.Wheel.of(_fake_wheel(tmp_path / "c", "iota", "1.0",
+                                           tag="cp311-abi3-manylinux_2_28_x86_64"))
+    problems = wheelhouse.check([arm, cp311, abi3], image=image)
+    assert sum("cannot be installed" in p for p in problems) == 2
+    assert not any("iota" in p for p in problems)  # abi3 from 3.11 installs on 3.12
+
+
+def test_wheelhouse_closure_is_what_the_gpu_image_lacks():
+    """From the installed venv: the trainer's stack minus the GPU image, followed recursively."""
+    carried = wheelhouse.closure(wheelhouse.project_requirements())
+    for name in ("omegaconf", "zarr", "numcodecs", "google-crc32c", "deepspeed", "submitit",
+                 "netcdf4", "cftime", "global-land-mask", "donfig", "hjson", "pydantic",
+                 "pydantic-core", "typing-extensions"):
+        assert name in carried, (name, sorted(carried))
+    for name in ("torch", "triton", "numpy", "xarray", "accelerate", "scipy", "pyyaml", "packaging"):
+        assert name not in carried
+
+
+def test_closure_follows_requirements_with_markers():
+    class Dist:
+        def __init__(self, version: str, requires: list[str]) -> None:
+            self.version, self.requires = version, requires
+
+    dists = {"top": Dist("1.0", ["mid>=1", "img", 'win; sys_platform == "win32"',
+                                 'docs; extra == "docs"']),
+             "mid": Dist("1.2", ["leaf"]), "leaf": Dist("0.1", []), "img": Dist("9", ["hidden"])}
+    from packaging.requirements import Requirement
+
+    got = wheelhouse.closure([Requirement("top")], image=frozenset({"img"}), also=frozenset(),
+                             dist=lambda n: dists[n])
+    assert got == {"top": "1.0", "mid": "1.2", "leaf": "0.1"}
+
+
+def test_mini_yaml_reads_the_model_and_training_configs_as_yaml_does():
+    yaml = pytest.importorskip("yaml")
+    for f in [*stages.PRESETS["ambient"], *stages.PRESETS["latent"], "configs/lat_space/ae_config.yaml"]:
+        text = (ROOT / f).read_text()
+        assert stages.mini_yaml(text) == yaml.safe_load(text), f
+
+
+def test_profile_classes_of_gpu_kernel_names():
+    names = stages.kernel_names()
+    assert "_fwd_kernel" in names["triton front"] and "_out_kernel" in names["triton attention"]
+    cases = {
+        "_bwd_main_kernel": "triton front",
+        "_ctx_partial_kernel": "triton attention",
+        "void multi_tensor_apply_kernel<TensorListMetadata<4>, _AdamW...>": "optimizer",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "conv",
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>": "conv",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTT": "gemm",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>": "norm/reduce",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>": "norm/reduce",
+        "triton_poi_fused_add_gelu_0": "elementwise",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>": "elementwise",
+        "Memcpy DtoD (Device -> Device)": "other",
+    }
+    for name, cls in cases.items():
+        assert stages.classify(name, names) == cls, name
+
+
+@pytest.mark.parametrize("preset", ["ambient", "latent"])
+def test_presets_read_without_omegaconf_equal_the_loader(monkeypatch, preset):
+    """A GPU image without omegaconf builds the same model and objective settings."""
+    from depthdif_hpc import config
+
+    real, how = stages.load_cfg(stages.PRESETS[preset], {"model": {"unet": {"dim": 8}}})
+    assert how == "load_config"
+
+    def no_omegaconf(*a, **k):
+        raise ModuleNotFoundError("No module named 'omegaconf'", name="omegaconf")
+
+    monkeypatch.setattr(config, "load_config", no_omegaconf)
+    plain, how = stages.load_cfg(stages.PRESETS[preset], {"model": {"unet": {"dim": 8}}})
+    assert how.startswith("YAML onto the schema")
+    assert plain == real
+    assert plain.model.unet.dim == 8
