@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from depthdif_hpc.checkpoint import layout
+from depthdif_hpc.model.state_file import read_state_file
 
 
 def _deepspeed_weights(ds_dir: Path) -> dict[str, torch.Tensor]:
@@ -88,19 +89,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(p / layout.MODEL))
         raise FileNotFoundError(f"{p}: no {layout.MANIFEST}, {layout.MODEL} or {layout.CHECKPOINTS}/ inside")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
-    obj = torch.load(p, map_location="cpu", weights_only=False)
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if not isinstance(sd, dict):
-        raise ValueError(f"{p}: expected a state dict, got {type(sd).__name__}")
-    # Reference Lightning checkpoints nest the process one level deeper
-    # (docs/model.md#checkpoint-compatibility): model.model.*
-    if any(k.startswith("model.model.") for k in sd):
-        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    return sd
+    return read_state_file(p)
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> str:

@@ -26,6 +26,7 @@ from depthdif_hpc.model.autoencoder import DepthBandAutoencoder, reconstruction_
 from depthdif_hpc.model.conditioning import build_condition
 from depthdif_hpc.model.depthdif import DepthDif, Prediction, Prepared, require_key
 from depthdif_hpc.model.postprocess import mask_invalid
+from depthdif_hpc.model.state_file import read_state_file
 from depthdif_hpc.normalization import denormalize_temperature
 
 
@@ -84,7 +85,7 @@ def load_autoencoder(cfg: Config) -> DepthBandAutoencoder:
     path = Path(lat.ae_checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"model.latent.ae_checkpoint not found: {path}")
-    state = _read_weights(path)
+    state = _autoencoder_state(path)
     expected = ae.state_dict()
     bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}"
            for k, v in expected.items() if k in state and state[k].shape != v.shape]
@@ -96,15 +97,9 @@ def load_autoencoder(cfg: Config) -> DepthBandAutoencoder:
     return ae
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state) if isinstance(state, dict) else state
-    # accept both a bare autoencoder state dict and one saved from AutoencoderModel
+def _autoencoder_state(path: Path) -> dict[str, torch.Tensor]:
+    """The autoencoder's tensors, from its own state dict or one saved from AutoencoderModel."""
+    state = read_state_file(path)
     prefix = "autoencoder."
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
