@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from depthdif_hpc.diffusion.schedules import make_betas
+from depthdif_hpc.diffusion.schedules import alpha_bars, make_betas
 
 
 class DDPMSampler:
@@ -24,7 +24,7 @@ class DDPMSampler:
     def __init__(self, betas: torch.Tensor, parameterization: str) -> None:
         self.betas = betas.double()
         self.alphas = 1 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        self.alphas_cumprod = alpha_bars(self.betas)
         self.parameterization = parameterization
         self.num_steps = len(betas)
         self.temperature = 1.0

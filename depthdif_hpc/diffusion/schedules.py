@@ -33,6 +33,11 @@ def make_betas(schedule: str, num_timesteps: int, beta_start: float, beta_end: f
     raise ValueError(f"unknown noise schedule {schedule!r}; expected one of {SCHEDULES}")
 
 
+def alpha_bars(betas: torch.Tensor) -> torch.Tensor:
+    """alpha_bar_t = prod_{s <= t} (1 - beta_s), in the dtype of `betas`."""
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
 class NoiseSchedule(nn.Module):
     """Buffers of the forward process: beta, alpha, alpha_bar and their square roots.
 
@@ -43,7 +48,7 @@ class NoiseSchedule(nn.Module):
         super().__init__()
         betas = make_betas(schedule, num_timesteps, beta_start, beta_end)
         alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod = alpha_bars(betas)
         self.num_timesteps = num_timesteps
         for name, value in {
             "betas": betas,
