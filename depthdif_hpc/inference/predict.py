@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from depthdif_hpc.data.grid import Tile
 from depthdif_hpc.data.store import META, read_manifest
 from depthdif_hpc.data.stream import ShardStream
 from depthdif_hpc.inference.writer import PredictionWriter, create_prediction_store
@@ -50,14 +51,6 @@ def withhold_columns(batch: dict, fraction: float, seed: int) -> torch.Tensor:
     batch["x"] = batch["x"] * keep
     batch["x_valid_mask"] = batch["x_valid_mask"] & keep
     return hidden
-
-
-def pixel_axes(row0: int, col0: int, h: int, w: int, resolution: float) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre latitudes (descending) and longitudes of a tile on the global grid."""
-    lat = 90.0 - resolution / 2 - resolution * (row0 + np.arange(h))
-    lon = -180.0 + resolution / 2 + resolution * (col0 + np.arange(w))
-    lon = (lon + 180.0) % 360.0 - 180.0
-    return lat.astype(np.float32), lon.astype(np.float32)
 
 
 def predict_split(
@@ -131,8 +124,8 @@ def predict_split(
         for j in range(len(todo)):
             i = int(batch["sample_id"][j]) - offset
             row = meta[i]
-            lat, lon = pixel_axes(int(row[META["row0"]]), int(row[META["col0"]]), tile, tile,
-                                  float(man["resolution_deg"]))
+            t = Tile(i, int(row[META["row0"]]), int(row[META["col0"]]), tile, float(man["resolution_deg"]))
+            lat, lon = t.pixel_lats().astype(np.float32), t.pixel_lons().astype(np.float32)
             writer.write(i, mean=mean[j].numpy(), std=std[j].numpy(),
                          members=fields[j].numpy() if keep_members else None,
                          withheld=hidden[j].numpy(), lat=lat, lon=lon, date=int(batch["date"][j]),

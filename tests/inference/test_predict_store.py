@@ -3,8 +3,9 @@ import pytest
 import torch
 import zarr
 
+from depthdif_hpc.data.grid import Tile
 from depthdif_hpc.data.stream import ShardStream
-from depthdif_hpc.inference.predict import pixel_axes, predict_split, to_netcdf, withhold_columns
+from depthdif_hpc.inference.predict import predict_split, to_netcdf, withhold_columns
 
 
 def _truth_valid(store, split="val"):
@@ -86,7 +87,8 @@ def test_withhold_columns_deterministic():
     assert torch.equal(hidden, again)
 
 
-def test_pixel_axes():
-    lat, lon = pixel_axes(0, 0, 2, 3, 0.1)
+def test_tile_pixel_axes_at_the_grid_corner():
+    t = Tile(0, 0, 0, 3, 0.1)
+    lat, lon = t.pixel_lats()[:2], t.pixel_lons()
     np.testing.assert_allclose(lat, [89.95, 89.85], atol=1e-5)
     np.testing.assert_allclose(lon, [-179.95, -179.85, -179.75], atol=1e-5)
