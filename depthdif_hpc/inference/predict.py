@@ -16,12 +16,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from depthdif_hpc.config import SamplerName
 from depthdif_hpc.data.grid import Tile
 from depthdif_hpc.data.store import META, read_manifest
 from depthdif_hpc.data.stream import ShardStream
@@ -64,7 +66,7 @@ def predict_split(
     batch_size: int = 4,
     ensemble: int = 1,
     keep_members: bool = False,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     sampler_overrides: dict | None = None,
     clamp_known_pixels: bool | None = None,
     withhold_fraction: float = 0.0,
@@ -74,9 +76,12 @@ def predict_split(
     progress: bool = True,
     barrier=None,
 ) -> dict[str, int]:
-    """Predict one split of a store into `out`; returns counts of written and skipped samples."""
+    """Predict one split of a store into `out`; returns counts of written and skipped samples.
+
+    `sampler` None: the model's own default (`model.sampling` of its config)."""
     if ensemble < 1:
         raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+    smp = model.make_sampler(sampler, **(sampler_overrides or {}))
     man = read_manifest(store)
     if split not in man["splits"]:
         raise ValueError(f"store {store} has no split {split!r} ({sorted(man['splits'])})")
@@ -89,7 +94,7 @@ def predict_split(
         create_prediction_store(out, n=n, depth_m=depth_m, height=tile, width=tile,
                                 members=ensemble if keep_members else 0,
                                 attrs={"source_store": str(Path(store).resolve()), "split": split,
-                                       "sampler": sampler, "ensemble": ensemble,
+                                       "sampler": smp.name, "ensemble": ensemble,
                                        "withhold_fraction": withhold_fraction, "seed": seed})
     if barrier is not None:
         barrier()
@@ -101,7 +106,6 @@ def predict_split(
     loader = DataLoader(stream, batch_size=batch_size, num_workers=0)
     meta = _meta_rows(store, split)
     model = model.to(device).eval()
-    smp = model.make_sampler(sampler, **(sampler_overrides or {}))
     written = skipped = 0
     bar = tqdm(total=len(stream), desc=f"predict[{rank}]", disable=not progress, leave=False)
     for batch in loader:
@@ -175,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="val")
     ap.add_argument("--out", required=True, help="output Zarr store (created, or resumed)")
     ap.add_argument("--netcdf", help="also write this NetCDF file once all samples are done")
-    ap.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    ap.add_argument("--sampler", choices=get_args(SamplerName),
+                    help="default: the checkpoint's model.sampling.sampler")
     ap.add_argument("--steps", type=int, help="DDIM steps (default: config)")
     ap.add_argument("--eta", type=float, help="DDIM eta (default: config)")
     ap.add_argument("--temperature", type=float, help="DDIM initial-noise temperature")

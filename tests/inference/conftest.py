@@ -13,4 +13,4 @@ def tiny_store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    return build_model(tiny_config(overrides=["model.sampling.ddim_num_timesteps=3"])).eval()
+    return build_model(tiny_config(overrides=["model.sampling.sampler=ddim", "model.sampling.ddim_num_timesteps=3"])).eval()
