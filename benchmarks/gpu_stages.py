@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import gc
 import importlib
 import importlib.util
@@ -90,10 +91,11 @@ class Plan:
     def make(cls, rehearsal: bool) -> Plan:
         if not rehearsal:
             return cls(False, batch=48, px=128, parity_batch=2, unet_parity_px=64)
+        # A one-level U-Net of width 8 (every kind of block and kernel call is still there) on
+        # 8 x 8 pixels, one sample: the interpreter costs ~0.4 s per program instance of the
+        # front kernels, and each kernel variant's self-check runs at the call's size.
         # aot_eager: dynamo + AOTAutograd + the custom ops' fake kernels, as on the GPU, without
         # inductor's C++ code generation (minutes on 2 cores).
-        # 8 x 8 pixels, one sample: the interpreter costs ~0.4 s per program instance of the
-        # front kernels, and the self-check of each kernel variant runs at the call's size.
         return cls(True, batch=1, px=8, parity_batch=1, unet_parity_px=8,
                    tiny={"model": {"unet": {"dim": 8, "dim_mults": [1]}}},
                    warmup_steps=1, timed_steps=1, compile_backend="aot_eager",
@@ -358,7 +360,8 @@ def raise_recompile_limits() -> None:
 class Bench:
     """Median time of fn() in ms. CUDA: events around each repetition, the L2 cache flushed
     (a buffer twice its size zeroed) before each, gradients of `grads` reset outside the timed
-    region. CPU (rehearsal): wall clock, a few repetitions."""
+    region. CPU (rehearsal): wall clock of one run after an untimed one: the wiring, not a
+    measurement."""
 
     def __init__(self, device: Any, rep_ms: float = 150.0, warmup_ms: float = 40.0) -> None:
         import torch
@@ -378,7 +381,7 @@ class Bench:
             for t in grads:
                 t.grad = None
 
-        if not self.cuda:  # the rehearsal: one untimed, one timed run (wiring, not numbers)
+        if not self.cuda:
             reset()
             fn()
             reset()
@@ -776,9 +779,9 @@ def stage_parity(ctx: Ctx) -> int:
             names = list(FRONT_ARGS) if call.kind == "front" else ["qkv"]
             kname = "convnext_front" if call.kind == "front" else "linear_attention"
             case = f"{call.label} B{B}"
-            bad += _guarded(ctx, kname, case, mix, lambda: _op_parity(
-                ctx, kname, case, mix, call_fn(call, kern), call_fn(call, ref),  # noqa: B023
-                inputs, names, eager_autocast=mix == "training"))  # noqa: B023
+            bad += _guarded(ctx, kname, case, mix, functools.partial(
+                _op_parity, ctx, kname, case, mix, call_fn(call, kern), call_fn(call, ref),
+                inputs, names, eager_autocast=mix == "training"))
     # FiLM is fused into the front in the model; its standalone kernel is checked at the ambient
     # U-Net's first width.
     C, side = (8, 8) if plan.rehearsal else (96, 32)
@@ -788,11 +791,11 @@ def stage_parity(ctx: Ctx) -> int:
         inputs = [(torch.randn(*s, generator=g) * sd).to(ctx.device, dtype).requires_grad_(True)
                   for s, sd in (((B, C, side, side), 1.0), ((B, C), 0.3), ((B, C), 0.3))]
         case = f"film C{C} {side}x{side} B{B}"
-        bad += _guarded(ctx, "film", case, mix, lambda: _op_parity(
-            ctx, "film", case, dname(dtype), lambda i: K.film(*i),  # noqa: B023
-            lambda i: K.film_reference(*i), inputs, ["x", "scale", "shift"],  # noqa: B023
-            eager_autocast=False))
-    bad += _guarded(ctx, "unet", "unet", "autocast", lambda: _unet_autocast_parity(ctx, unet))
+        bad += _guarded(ctx, "film", case, mix, functools.partial(
+            _op_parity, ctx, "film", case, mix, lambda i: K.film(*i),
+            lambda i: K.film_reference(*i), inputs, ["x", "scale", "shift"], eager_autocast=False))
+    bad += _guarded(ctx, "unet", "unet", "autocast",
+                    functools.partial(_unet_autocast_parity, ctx, unet))
     log(f"parity: {bad} tensors out of tolerance")
     return 1 if bad else 0
 
@@ -1237,6 +1240,8 @@ def trainer_command(store: Path, run_dir: Path, plan: Plan, batch: int, steps: i
             # rate at ~1/5 for all of it, so the loss could not be seen to fall.
             "scheduler.warmup.enabled=false"]
     if plan.rehearsal:
+        # A width-8 U-Net learns fast enough at 1e-3 for 10 steps to show a falling loss; one
+        # thread makes that run the same on every machine.
         over += ["dataloader.num_workers=0", "training.lr=1e-3", "trainer.intra_op_threads=1",
                  *_dotted(plan.tiny)]
     else:
