@@ -296,6 +296,10 @@ class TrainerConfig:
     # that to 1 only when it starts more than one process per node, so two launch layouts of the
     # same global batch would otherwise sum in different orders (docs/cluster.md, "CPU threads").
     intra_op_threads: int | None = None
+    # Seconds a rank waits in a collective for a peer before it fails (the process group's
+    # timeout). A hung or stopped peer otherwise holds the whole allocation; the wait must still
+    # cover rank 0's validation reconstruction while the others wait at the barrier after it.
+    collective_timeout_s: int = 1800
     val_at_epoch_end: bool = True
     full_reconstruction: bool = True  # rank-0 reverse diffusion of the cached val batch
     full_reconstruction_samples: int = 2  # taken from the first validation batch
@@ -319,6 +323,7 @@ class TrainerConfig:
             yield "zero_stage", self.zero_stage, "must be 0, 1, 2 or 3"
         yield from _positive("global_batch_size", self.global_batch_size)
         yield from _positive("intra_op_threads", self.intra_op_threads)
+        yield from _positive("collective_timeout_s", self.collective_timeout_s)
 
 
 @dataclass

@@ -126,7 +126,10 @@ def _executor(args: argparse.Namespace, name: str, tasks: int, cpus: int):
                   time=args.time, signal_delay_s=args.signal_delay, array_parallelism=args.max_parallel,
                   additional_parameters={"requeue": True},
                   # Slurm 22.05 steps do not inherit --cpus-per-task from the job: pass it to srun.
-                  srun_args=[f"--cpus-per-task={cpus}"])
+                  srun_args=[f"--cpus-per-task={cpus}",
+                             # A dead task ends the step at once: the others would otherwise
+                             # wait in a collective until trainer.collective_timeout_s.
+                             "--kill-on-bad-exit=1"])
     if args.gpus_per_node > 0:
         params["gpus_per_node"] = args.gpus_per_node
     for key in ("partition", "account", "qos", "constraint", "mem"):

@@ -114,8 +114,9 @@ def make_accelerator(cfg: Config, world_size: int) -> tuple[Any, str, dict | Non
     check_world(cfg, world_size)
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
-    # Rank 0 alone runs the full reverse diffusion while the others wait: allow a long barrier.
-    pg = InitProcessGroupKwargs(backend=backend, timeout=timedelta(hours=2))
+    # How long a rank waits in a collective for a peer that hangs (a dead peer usually breaks
+    # the connection sooner); then it fails and the launcher ends the job.
+    pg = InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.trainer.collective_timeout_s))
     kwargs: dict[str, Any] = dict(
         mixed_precision="bf16" if precision == "bf16" else "no",
         gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -152,7 +153,8 @@ class Trainer:
         # Flags agreed on by all ranks each step travel on a CPU group: no GPU stream sync.
         self.ctrl_group: Any = None
         if dist.is_available() and dist.is_initialized() and self.world > 1:
-            self.ctrl_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+            self.ctrl_group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.trainer.collective_timeout_s))
+                               if dist.get_backend() != "gloo" else dist.group.WORLD)
         if self.is_main:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             layout.clear_stopped(self.run_dir)  # a marker of an earlier attempt must not requeue

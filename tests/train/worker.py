@@ -1,6 +1,6 @@
 """torchrun target for the multi-process tests: the real entry point with the test data stream.
 
-usage: torchrun --nproc_per_node 2 tests/train/worker.py OUT_JSON [--stop-at N] -- <train args>
+usage: torchrun --nproc_per_node 2 tests/train/worker.py OUT_JSON [--stop-at N] [--hang-at N] -- <train args>
 Writes per-rank facts (final parameter digest, exit code) to OUT_JSON.rank<R>; with --gather,
 rank 0 also saves the gathered full parameters (ZeRO-3 export check) next to it.
 """
@@ -27,9 +27,13 @@ def run() -> int:
     opts, train_args = argv[:sep], argv[sep + 1:]
     out = Path(opts[0])
     stop_at = int(opts[opts.index("--stop-at") + 1]) if "--stop-at" in opts else None
+    # --hang-at N: rank 1 freezes (SIGSTOP) after step N, as a rank stuck in a driver call would.
+    hang_at = int(opts[opts.index("--hang-at") + 1]) if "--hang-at" in opts else None
     facts: dict = {}
 
     def after_step(tr) -> None:
+        if hang_at is not None and tr.step == hang_at and tr.rank == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
         if stop_at is not None and tr.step == stop_at and tr.rank == 0:
             os.kill(os.getpid(), signal.SIGUSR1)  # like SLURM's --signal: one rank gets it first
         if tr.step == tr.cfg.trainer.max_steps or (stop_at is not None and tr.step == stop_at):
