@@ -31,7 +31,7 @@ endif
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt setuptools wheel numpy
 	@# deepspeed ships as an sdist: without --no-build-isolation it records its torch as 0.0.
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -c $(VENV)/constraints.txt "deepspeed>=0.16,<0.20"
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,synthetic]"
 	$(PY) -m pip check
 	touch $(STAMP)
 
