@@ -281,6 +281,9 @@ class TrainerConfig:
     limit_val_batches: int = 4
     checkpoint_every_n_steps: int = 1000
     keep_last_checkpoints: int = 3
+    # Also keep the checkpoint with the lowest val/loss_ckpt (EMA weights when evaluated with EMA):
+    # on a long run the newest few are rarely the best.
+    keep_best_checkpoint: bool = True
     resume: str = "auto"  # auto | none | <checkpoint dir>
     # The run folder itself (checkpoints/, tb/, config.yaml, steps.jsonl); stable across requeues.
     run_dir: str = "runs/depthdif"

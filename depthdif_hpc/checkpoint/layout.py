@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -73,6 +74,12 @@ def _fsync_path(path: Path) -> None:
         pass  # some filesystems refuse fsync on directories
     finally:
         os.close(fd)
+
+
+def fsync_files(paths: list[Path]) -> None:
+    """Flush files this process wrote to stable storage."""
+    for f in paths:
+        _fsync_path(f)
 
 
 def write_manifest_and_publish(tmp: Path, final: Path, meta: dict) -> Path:
@@ -180,13 +187,43 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
-def prune(root: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints (and stale temporaries)."""
+def best_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint with the lowest `val_loss` in its manifest (None: none has one).
+
+    The trainer records the checkpoint-selection loss of the latest validation (EMA weights when
+    evaluated with EMA) in each manifest; ties go to the newer checkpoint.
+    """
+    best: tuple[float, int, Path] | None = None
+    for step, d in list_checkpoints(root):
+        if check_complete(d) is not None:
+            continue
+        value = read_manifest(d).get("val_loss")
+        if isinstance(value, int | float) and math.isfinite(value):
+            if best is None or (value, -step) <= (best[0], -best[1]):
+                best = (float(value), step, d)
+    return best[2] if best else None
+
+
+def prune(root: Path, keep: int, keep_best: bool = True) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints and, with `keep_best`, the best one.
+
+    Step folders that fail their manifest check are deleted too once a newer complete checkpoint
+    exists (they can never be resumed from); the newest ones are left for inspection.
+    """
     removed = []
-    complete = [(s, d) for s, d in list_checkpoints(root) if check_complete(d) is None]
-    for _, d in complete[:-keep] if keep > 0 else []:
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(d)
+    steps = list_checkpoints(root)
+    complete = [(s, d) for s, d in steps if check_complete(d) is None]
+    spare = {d for _, d in complete[-keep:]} if keep > 0 else set()
+    best = best_checkpoint(root) if keep_best else None
+    if best is not None:
+        spare.add(best)
+    newest_complete = complete[-1][0] if complete else None
+    for s, d in steps:
+        broken = (s, d) not in complete
+        if (broken and newest_complete is not None and s < newest_complete) or \
+                (not broken and d not in spare):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
     return removed
 
 

@@ -22,7 +22,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None, *, data_factory=None, hooks=None) -> int:
     """Train with these arguments; returns the exit code (submitit calls this directly)."""
     from depthdif_hpc.train.steplog import NonFiniteLossError
-    from depthdif_hpc.train.trainer import EXIT_CONFIG, EXIT_NONFINITE, StopSignals, Trainer
+    from depthdif_hpc.train.state import CheckpointSpaceError
+    from depthdif_hpc.train.trainer import EXIT_CONFIG, EXIT_FAILURE, EXIT_NONFINITE, StopSignals, Trainer
 
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None, *, data_factory=None, hooks=None) -> int
     except NonFiniteLossError as exc:
         print(f"depthdif_hpc.train: {exc}", file=sys.stderr, flush=True)
         code = EXIT_NONFINITE
+    except CheckpointSpaceError as exc:
+        print(f"depthdif_hpc.train: {exc}", file=sys.stderr, flush=True)
+        code = EXIT_FAILURE
     finally:
         _shutdown()
     return code

@@ -30,6 +30,10 @@ from depthdif_hpc.train.stream import DataStream
 log = logging.getLogger("depthdif_hpc.train")
 
 
+class CheckpointSpaceError(OSError):
+    """The checkpoint folder's file system lacks the space for the next save."""
+
+
 @dataclass
 class Progress:
     """Where the loop is; saved in trainer_state.json."""
@@ -75,8 +79,9 @@ class TrainState:
 
     def __init__(self, cfg: Config, ckpt_root: Path, *, accelerator: Any, rank: int, world: int,
                  zero_stage: int, module: torch.nn.Module, engine: Any, optimizer: Any,
-                 ema: ShardedEMA | None, generator: torch.Generator, lr_ctl: LRController) -> None:
-        self.cfg, self.ckpt_root, self.acc = cfg, ckpt_root, accelerator
+                 ema: ShardedEMA | None, generator: torch.Generator, lr_ctl: LRController,
+                 group: Any = None) -> None:
+        self.cfg, self.ckpt_root, self.acc, self.group = cfg, ckpt_root, accelerator, group
         self.rank, self.world, self.is_main = rank, world, rank == 0
         self.zero_stage = zero_stage
         self.module, self.engine, self.optimizer = module, engine, optimizer
@@ -137,11 +142,58 @@ class TrainState:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, progress: Progress, data_state: dict) -> Path:
-        """Write this rank's part into the temporary folder, then rank 0 publishes it."""
+    def _own_files(self, tmp: Path) -> list[Path]:
+        """The files this rank wrote into `tmp` (DeepSpeed names its shards by data-parallel
+        rank, which is the global rank here, and rank 0 writes the module states)."""
+        mine = [tmp / layout.rank_state_name(self.rank)]
+        if self.ema is not None and (self.ema.sharded or self.is_main):
+            mine.append(tmp / self._ema_file())
+        if self.engine is not None:
+            ds = tmp / layout.DEEPSPEED_TAG
+            mine += [f for f in ds.glob(f"*rank_{self.rank}_*") if f.is_file()]
+            if self.is_main:
+                mine += [f for f in ds.glob("mp_rank_*_model_states.pt") if f.is_file()]
+        elif self.is_main:
+            mine += [tmp / layout.MODEL, tmp / layout.OPTIMIZER]
+        if self.is_main:
+            mine.append(tmp / layout.TRAINER_STATE)
+        return [f for f in mine if f.is_file()]
+
+    def _bytes_needed(self) -> int:
+        """The size of the newest complete checkpoint, or an estimate from the parameter count
+        (fp32 weights + two Adam moments + EMA) before the first one."""
+        newest = layout.latest_complete(self.ckpt_root, warn=lambda _msg: None)
+        if newest is not None:
+            return sum(layout.read_manifest(newest)["files"].values())
+        numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.module.parameters())
+        return numel * 4 * (3 + (1 if self.ema is not None else 0))
+
+    def _check_space(self) -> None:
+        """Refuse to start a save the file system cannot hold (decided on rank 0, raised on every
+        rank): a full disk mid-save costs the save and nothing else, but it is better named."""
+        refusal = None
+        if self.is_main:
+            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+            need = int(self._bytes_needed() * 1.1) + (1 << 20)
+            free = shutil.disk_usage(self.ckpt_root).free
+            if free < need:
+                refusal = (f"not enough space for a checkpoint in {self.ckpt_root}: {need:,} bytes "
+                           f"needed (the last checkpoint's size + 10%), {free:,} free")
+        obj = [refusal]
+        if self.world > 1:
+            dist.broadcast_object_list(obj, src=0, group=self.group)
+        if obj[0] is not None:
+            raise CheckpointSpaceError(obj[0])
+
+    def save(self, progress: Progress, data_state: dict, val_loss: float | None = None) -> Path:
+        """Write this rank's part into the temporary folder, then rank 0 publishes it.
+
+        `val_loss`: the checkpoint-selection loss of the latest validation, recorded in the
+        manifest so that pruning can keep the best checkpoint."""
         acc = self.acc
         tmp = layout.tmp_dir_for(self.ckpt_root, progress.step)
         final = self.ckpt_root / layout.step_dir_name(progress.step)
+        self._check_space()
         if self.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -172,13 +224,18 @@ class TrainState:
                      "lr_controller": self.lr_ctl.state_dict(), "world_size": self.world,
                      "config": to_dict(self.cfg)}
             (tmp / layout.TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        # Every writer flushes its own files before the barrier: on Lustre/GPFS an fsync only
+        # reaches the data this client wrote, so rank 0 alone cannot make the others' durable.
+        layout.fsync_files(self._own_files(tmp))
         acc.wait_for_everyone()
         if self.is_main:
             meta = {"step": progress.step, "epoch": progress.epoch, "world_size": self.world,
                     "distributed": self.cfg.trainer.distributed, "zero_stage": self.zero_stage,
-                    "ema": self.ema is not None, "ema_sharded": bool(self.ema and self.ema.sharded)}
+                    "ema": self.ema is not None, "ema_sharded": bool(self.ema and self.ema.sharded),
+                    "val_loss": val_loss}
             layout.write_manifest_and_publish(tmp, final, meta)
-            for d in layout.prune(self.ckpt_root, self.cfg.trainer.keep_last_checkpoints):
+            for d in layout.prune(self.ckpt_root, self.cfg.trainer.keep_last_checkpoints,
+                                  keep_best=self.cfg.trainer.keep_best_checkpoint):
                 log.info(f"removed old checkpoint {d}")
             log.info(f"checkpoint {final}")
         acc.wait_for_everyone()

@@ -200,7 +200,8 @@ class Trainer:
         # ---- components
         self.state = TrainState(cfg, self.ckpt_root, accelerator=acc, rank=self.rank, world=self.world,
                                 zero_stage=self.zero_stage, module=self.module, engine=self.engine,
-                                optimizer=self.optimizer, ema=self.ema, generator=self.gen, lr_ctl=self.lr_ctl)
+                                optimizer=self.optimizer, ema=self.ema, generator=self.gen, lr_ctl=self.lr_ctl,
+                                group=self.ctrl_group)
         if self.resume_from is not None:
             self.state.load(self.resume_from, self.progress, self.train_stream)
         else:
@@ -219,6 +220,9 @@ class Trainer:
 
         # ---- loop bookkeeping
         self.last_ckpt_step = self.progress.step if self.resume_from is not None else -1
+        # The latest validation's checkpoint-selection loss, recorded in the next manifest.
+        self.last_val_loss: float | None = (
+            layout.read_manifest(self.resume_from).get("val_loss") if self.resume_from else None)
         self.steps_in_epoch = 0
         self.empty_epochs = 0
 
@@ -289,12 +293,14 @@ class Trainer:
     def save_checkpoint(self, data_state: dict) -> Path:
         """Collective. `data_state` is this rank's stream position for the saved step."""
         self.steplog.flush(self.step, self.progress.epoch)  # raises on a non-finite loss first
-        final = self.state.save(self.progress, data_state)
+        final = self.state.save(self.progress, data_state, val_loss=self.last_val_loss)
         self.last_ckpt_step = self.step
         return final
 
     def validate(self) -> dict[str, float]:
-        return self.validator.run(self.step)
+        metrics = self.validator.run(self.step)
+        self.last_val_loss = metrics["val/loss_ckpt"]
+        return metrics
 
     def _agree(self, stop: bool, exhausted: bool) -> tuple[bool, bool]:
         if self.world == 1:
