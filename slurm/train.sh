@@ -28,6 +28,8 @@
 #   DDHPC_MAX_REQUEUES     give up after this many requeues (default 50)
 #   DDHPC_RESIGNAL_S       resend the checkpoint signal every this many seconds until the trainer
 #                          has stopped (default 10; covers a signal that lands during start-up)
+#   DDHPC_SHUTDOWN_GRACE_S seconds torchrun lets a signalled trainer checkpoint before SIGKILL
+#                          (default 150; TORCH_ELASTIC_SHUTDOWN_TIMEOUT wins when set)
 #
 # Preemption and time limits: SLURM sends SIGUSR1 to this script 180 s before the time limit
 # (--signal=B:USR1@180). The script forwards it to the trainer processes (the launchers ignore it),
@@ -152,6 +154,9 @@ node_launch() {
   fi
   # CPU threads per process: the trainer applies trainer.intra_op_threads (default: this node's
   # CPUs / processes), the same rule under every launcher.
+  # torchrun SIGKILLs its workers this long after passing on a SIGTERM (default 30 s): give them
+  # the time a checkpoint takes, inside SLURM's warning lead (--signal=B:USR1@180).
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-${DDHPC_SHUTDOWN_GRACE_S:-150}}
   # The launcher must survive the checkpoint signal; the trainer processes install a handler.
   # (An ignored signal stays ignored across exec, so set the trainer's own handler in Python.)
   trap '' USR1

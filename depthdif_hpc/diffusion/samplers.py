@@ -114,6 +114,10 @@ class ReverseResult:
     x0_denoise_samples: list[torch.Tensor] | None
 
 
+class SamplingInterrupted(RuntimeError):
+    """`should_stop` asked the reverse chain to stop (a preemption while sampling)."""
+
+
 def reverse_diffusion(
     denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     sampler: DDPMSampler,
@@ -125,8 +129,12 @@ def reverse_diffusion(
     return_intermediates: bool = False,
     intermediate_step_indices: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ReverseResult:
     """Run the chain from x_T ~ N(0, I) * temperature down to x_0.
+
+    `should_stop` is asked before every step; True raises SamplingInterrupted (a 1000-step DDPM
+    chain outlasts the grace a launcher gives a preempted process to checkpoint).
 
     `denoise(x_i, t)` returns the U-Net prediction for the noisy state at model step t (B,).
     With `known`/`known_mask`, x <- x (1 - M) + known M after init and after every step (clean
@@ -145,6 +153,8 @@ def reverse_diffusion(
     x0s: list[torch.Tensor] | None = [] if return_intermediates else None
     b = shape[0]
     for i in range(sampler.num_steps - 1, -1, -1):
+        if should_stop is not None and should_stop():
+            raise SamplingInterrupted(f"reverse diffusion stopped at loop index {i} of {sampler.num_steps}")
         t = torch.full((b,), sampler.model_step(i), device=device, dtype=torch.long)
         pred = denoise(x, t).float()
         if return_intermediates and (keep is None or i in keep):

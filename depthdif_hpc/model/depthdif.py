@@ -8,6 +8,7 @@ outer coordinate/date MLP (the reference nests both one level deeper, under `mod
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,6 +196,7 @@ class DepthDif(nn.Module):
         return_intermediates: bool = False,
         intermediate_step_indices: list[int] | None = None,
         generator: torch.Generator | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Prediction:
         """Inference (docs/model.md#inference): condition, sample, denormalise, optional blur, NaN
         outside y_valid_mask."""
@@ -229,6 +231,7 @@ class DepthDif(nn.Module):
             denoise, sampler, (b, self.cfg.generated_channels, h, w), device=p.cond.device,
             known=known, known_mask=known_mask, return_intermediates=return_intermediates,
             intermediate_step_indices=intermediate_step_indices, generator=generator,
+            should_stop=should_stop,
         )
         # fp32 before denormalising: a bf16 sample (autocast) would round ~290 K to 1 degC steps.
         y_hat = self.to_pixels(res.sample).float()

@@ -216,7 +216,8 @@ class Trainer:
             cfg, rank=self.rank, world=self.world, device=self.device, ctrl_group=self.ctrl_group,
             data_factory=data_factory, full_weights=self.full_state_dict, autocast=self._autocast,
             lr_ctl=self.lr_ctl, steplog=self.steplog, barrier=acc.wait_for_everyone,
-            out_dir=self.run_dir / "val", use_ema=self.ema is not None and e.evaluate_with_ema)
+            out_dir=self.run_dir / "val", use_ema=self.ema is not None and e.evaluate_with_ema,
+            stop_requested=lambda: self.stop.signum is not None)
 
         # ---- loop bookkeeping
         self.last_ckpt_step = self.progress.step if self.resume_from is not None else -1
@@ -297,9 +298,11 @@ class Trainer:
         self.last_ckpt_step = self.step
         return final
 
-    def validate(self) -> dict[str, float]:
+    def validate(self) -> dict[str, float] | None:
+        """Validation metrics; None when a stop request abandoned it (the loop then checkpoints)."""
         metrics = self.validator.run(self.step)
-        self.last_val_loss = metrics["val/loss_ckpt"]
+        if metrics is not None:
+            self.last_val_loss = metrics["val/loss_ckpt"]
         return metrics
 
     def _agree(self, stop: bool, exhausted: bool) -> tuple[bool, bool]:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from depthdif_hpc.checkpoint.weights import load_model_weights
 from depthdif_hpc.config import Config
 from depthdif_hpc.data.profiles import GLORYS_DEPTHS
+from depthdif_hpc.diffusion.samplers import SamplingInterrupted
 from depthdif_hpc.metrics import eval_mask, per_depth_error, recon_metrics
 from depthdif_hpc.model.build import build_model
 from depthdif_hpc.normalization import PLOT_MAX_C, PLOT_MIN_C, denormalize_temperature
@@ -44,10 +45,13 @@ def slice_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
 
 
 def reconstruct(model: torch.nn.Module, batch: dict[str, Any], *, ambient: bool, sampler: str | None,
-                log_intermediates: bool, generator: torch.Generator | None) -> dict[str, Any]:
+                log_intermediates: bool, generator: torch.Generator | None,
+                should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Run predict on a device batch and compute the metrics of
     docs/metrics.md#reconstruction-metrics in degC."""
-    res = model.predict(batch, sampler=sampler, return_intermediates=log_intermediates, generator=generator)
+    kw = {"should_stop": should_stop} if should_stop is not None else {}
+    res = model.predict(batch, sampler=sampler, return_intermediates=log_intermediates, generator=generator,
+                        **kw)
     pred_c = res.y_hat_denorm
     target_norm = batch["x"] if ambient else batch["y"]
     mask = eval_mask(batch, ambient)
@@ -172,12 +176,16 @@ class Validator:
     def __init__(self, cfg: Config, *, rank: int, world: int, device: torch.device, ctrl_group: Any,
                  data_factory: DataFactory, full_weights: Callable[[bool], dict[str, torch.Tensor]],
                  autocast: Callable[[], AbstractContextManager], lr_ctl: LRController, steplog: StepLog,
-                 barrier: Callable[[], None], out_dir: Path, use_ema: bool) -> None:
+                 barrier: Callable[[], None], out_dir: Path, use_ema: bool,
+                 stop_requested: Callable[[], bool] = lambda: False) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.is_main = rank == 0
         self.ctrl_group, self.data_factory = ctrl_group, data_factory
         self.full_weights, self.autocast, self.barrier = full_weights, autocast, barrier
         self.lr_ctl, self.steplog, self.out_dir, self.use_ema = lr_ctl, steplog, out_dir, use_ema
+        # A preemption during validation abandons it (checked between batches and reverse steps):
+        # the launcher's grace period is for the checkpoint, not for a 1000-step reconstruction.
+        self.stop_requested = stop_requested
         self.stream: Any = None  # built at the first validation: runs that never validate skip it
         self.recon_batch: dict | None = None  # rank 0: the first validation batch, cached
         self.replica: torch.nn.Module | None = None
@@ -190,7 +198,8 @@ class Validator:
         load_model_weights(self.replica, sd, "the training replica")
         return self.replica
 
-    def run(self, step: int) -> dict[str, float]:
+    def run(self, step: int) -> dict[str, float] | None:
+        """Validation metrics, or None when a stop request abandoned it (on every rank alike)."""
         cfg = self.cfg
         model = self._replica()
         if self.stream is None:
@@ -200,9 +209,13 @@ class Validator:
         gen.manual_seed(cfg.training.seed * 7919 + self.rank)  # same draws at every validation
         total = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
+        stopped = torch.zeros((), device=self.device)
         with torch.no_grad():
             for i, batch in enumerate(self.stream):
                 if i >= cfg.trainer.limit_val_batches:
+                    break
+                if self.stop_requested():
+                    stopped.fill_(1)
                     break
                 if i == 0 and self.recon_batch is None and self.is_main:
                     n = cfg.trainer.full_reconstruction_samples
@@ -213,23 +226,34 @@ class Validator:
                 total += loss.float()
                 count += 1
         if self.world > 1:
-            both = torch.stack([total, count])
-            dist.all_reduce(both)
-            total, count = both[0], both[1]
+            # The stop flag travels with the sums, so every rank abandons together.
+            packed = torch.stack([total, count, stopped])
+            dist.all_reduce(packed)
+            total, count, stopped = packed[0], packed[1], packed[2]
+        if float(stopped) > 0:
+            log.warning(f"validation at step {step} abandoned: stop requested")
+            return None
         val_loss = float(total / count.clamp_min(1)) if float(count) > 0 else float("nan")
         metrics = {"val/loss": val_loss,
                    "val/loss_ckpt": val_loss if np.isfinite(val_loss) else LOSS_CKPT_NONFINITE,
                    "val/batches": float(count)}
+        abandoned = False
         if cfg.trainer.full_reconstruction and self.is_main and self.recon_batch is not None:
-            metrics.update(self._reconstruct(model, step))
+            recon = self._reconstruct(model, step)
+            abandoned = recon is None
+            metrics.update(recon or {})
         self.barrier()
         # The plateau monitor must be the same on every rank (reconstruction metrics exist on
-        # rank 0 only): rank 0's value is broadcast.
+        # rank 0 only): rank 0's value is broadcast, with whether it abandoned the reconstruction.
         monitor = cfg.scheduler.reduce_on_plateau.monitor
-        value = torch.tensor([metrics.get(monitor, metrics["val/loss_ckpt"])], dtype=torch.float64)
+        value = torch.tensor([metrics.get(monitor, metrics["val/loss_ckpt"]), float(abandoned)],
+                             dtype=torch.float64)
         if self.world > 1:
             dist.broadcast(value, src=0, group=self.ctrl_group)
-        if self.lr_ctl.plateau_step(float(value)):
+        if value[1] > 0:
+            log.warning(f"validation at step {step} abandoned during the reconstruction: stop requested")
+            return None
+        if self.lr_ctl.plateau_step(float(value[0])):
             log.info(f"ReduceLROnPlateau: lr now {self.lr_ctl.plateau_lr:g}")
         if self.is_main:
             self.steplog.scalars(metrics, step)
@@ -238,8 +262,8 @@ class Validator:
                                if not k.startswith(("val_absolute", "val_band"))))
         return metrics
 
-    def _reconstruct(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        """Rank 0: reverse diffusion of the cached batch, degC metrics, figures."""
+    def _reconstruct(self, model: torch.nn.Module, step: int) -> dict[str, float] | None:
+        """Rank 0: reverse diffusion of the cached batch, degC metrics, figures (None: stopped)."""
         cfg = self.cfg
         ambient = cfg.model.ambient_occlusion.enabled
         rgen = torch.Generator(device=self.device)
@@ -251,7 +275,8 @@ class Validator:
         try:
             with self.autocast():
                 rec = reconstruct(model, dev, ambient=ambient, sampler=None,
-                                  log_intermediates=cfg.trainer.log_intermediates, generator=rgen)
+                                  log_intermediates=cfg.trainer.log_intermediates, generator=rgen,
+                                  should_stop=self.stop_requested)
             for k, v in rec["metrics"].items():
                 metrics[f"val/{k}"] = v
             for k, v in enumerate(rec["profile"]["mae"]):
@@ -265,6 +290,8 @@ class Validator:
 
             for fig in figs.values():
                 plt.close(fig)
+        except SamplingInterrupted:
+            return None
         except Exception as exc:  # logs placeholders (docs/metrics.md#full-reconstruction)
             log.exception(f"full reconstruction failed at step {step}: {exc}")
             for k in ("recon_mse_full_recon", "recon_psnr_full_recon", "recon_ssim_full_recon"):
