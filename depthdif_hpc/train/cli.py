@@ -21,9 +21,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None, *, data_factory=None, hooks=None) -> int:
     """Train with these arguments; returns the exit code (submitit calls this directly)."""
-    from depthdif_hpc.train.steplog import NonFiniteLossError
     from depthdif_hpc.train.state import CheckpointSpaceError
-    from depthdif_hpc.train.trainer import EXIT_CONFIG, EXIT_FAILURE, EXIT_NONFINITE, StopSignals, Trainer
+    from depthdif_hpc.train.steplog import NonFiniteLossError
+    from depthdif_hpc.train.trainer import (
+        EXIT_CONFIG,
+        EXIT_FAILURE,
+        EXIT_NONFINITE,
+        StopSignals,
+        Trainer,
+    )
 
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
