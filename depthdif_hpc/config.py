@@ -260,6 +260,9 @@ class EMAConfig:
     decay: float = 0.9999
     start_step: int = 0
     update_every: int = 1
+    # decay ramps up as min(decay, (1 + n) / (10 + n)) over the n steps since start_step
+    # (depthdif_hpc/train/ema.py says why)
+    warmup: bool = True
     evaluate_with_ema: bool = True
 
     def check(self) -> Problems:

@@ -185,7 +185,8 @@ class Trainer:
         self.lr_ctl = LRController(cfg)
         self.named_params = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         e = cfg.trainer.ema
-        self.ema = ShardedEMA(self.named_params, e.decay, e.start_step, e.update_every) if e.enabled else None
+        self.ema = (ShardedEMA(self.named_params, e.decay, e.start_step, e.update_every, e.warmup)
+                    if e.enabled else None)
 
         # ---- per-rank randomness and data (seeds for everything stochastic after initialisation)
         rank_seed = cfg.training.seed * 1_000_003 + self.rank
@@ -354,7 +355,9 @@ class Trainer:
         n = sum(int(b["x"].shape[0]) for b in batches) * self.world
         area = int(batches[0]["x"].shape[-2] * batches[0]["x"].shape[-1])
         self.progress.samples_seen += n
-        if self.ema is not None:
+        # DeepSpeed skips the update of a step with non-finite gradients: nothing to average in.
+        applied = self.engine.was_step_applied() if self.engine is not None else True
+        if self.ema is not None and applied:
             self.ema.update(self.step)
         self.steplog.record(StepRecord(
             self.step, torch.stack(losses).float().mean(),

@@ -16,7 +16,7 @@ TINY = [
     "trainer.val_every_n_steps=1000", "trainer.checkpoint_every_n_steps=1000",
     "trainer.full_reconstruction=false", "trainer.limit_val_batches=1",
     "trainer.ema.enabled=true", "trainer.ema.decay=0.8", "trainer.ema.start_step=1",
-    "trainer.ema.update_every=1", "trainer.progress_bar=false",
+    "trainer.ema.update_every=1", "trainer.ema.warmup=false", "trainer.progress_bar=false",
     # In-process runs are compared with torchrun runs bit for bit: one thread everywhere.
     "trainer.intra_op_threads=1",
 ]
