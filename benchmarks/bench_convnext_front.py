@@ -1,9 +1,16 @@
-"""convnext_front: parity at the ambient preset's levels (pytest) and timing cases (run.py).
+"""convnext_front: every parity test of the fused op (pytest) and its timing cases (run.py).
 
-Parity: GPU at the four ambient levels (C = 96/192/384/768 at 128/64/32/16 px, B = 2) in fp32, bf16,
-fp16 with kernels._testing.TOL; CPU (interpreter, fp32) at the same channel counts on a few pixels
-(H != W), which on CPU also takes the multi-chunk LN path for C = 384 and 768.
+Parity is the output and all eight gradients against convnext_front_reference
+(kernels._testing.check_parity), for each combination of present parts the model uses.
+CPU (Triton interpreter, fp32): the ambient preset's channel counts (C = 96/192/384/768) on a few
+pixels with H != W, which on CPU also takes the multi-chunk LN path for C = 384 and 768, and small
+awkward shapes whose block-size overrides force the multi-chunk (Chan-merged LN statistics,
+recompute) and multi-pixel-block paths that the default CPU tiles would not reach.
+GPU: the four ambient levels (B = 2) and one awkward shape, in fp32, bf16 and fp16 with
+kernels._testing.TOL; skipped without CUDA.
 Timing: `cases(batch, dtype)` feeds benchmarks/run.py (eager, torch.compile(eager), Triton).
+The op's other tests (validation, registration, compile tracing, LN stability) are in
+tests/kernels/test_convnext_front.py.
 """
 
 from __future__ import annotations
@@ -19,27 +26,63 @@ from depthdif_hpc.kernels._testing import (
     check_parity,
     convnext_inputs,
 )
+from depthdif_hpc.kernels._utils import override_blocks
 
 CUDA = torch.cuda.is_available()
 OP = "convnext_front"
 
+# (B, C, H, W, present parts, block overrides)
+CPU_CASES = [
+    *(pytest.param(1, C, H, W, dict(), dict(), id=f"ambient-C{C}-{H}x{W}")
+      for C, H, W in [(96, 8, 9), (192, 4, 5), (384, 4, 3), (768, 2, 3)]),
+    pytest.param(3, 50, 9, 13, dict(), dict(convnext_block_p=64, convnext_dw_block_p=64),
+                 id="B3-C50-9x13-all-2pixblocks"),
+    pytest.param(1, 102, 7, 5, dict(), dict(convnext_block_c=32), id="B1-C102-7x5-all-4chunks"),
+    pytest.param(2, 52, 10, 6, dict(time_bias=False), dict(), id="B2-C52-10x6-no-time"),
+    pytest.param(3, 50, 5, 11, dict(film=False, ln=False), dict(convnext_dw_block_c=16),
+                 id="B3-C50-5x11-time-only-first-block"),
+    pytest.param(1, 52, 6, 9, dict(time_bias=False, ln=False), dict(), id="B1-C52-6x9-film-only"),
+    pytest.param(2, 20, 9, 4, dict(time_bias=False, film=False, ln=False), dict(),
+                 id="B2-C20-9x4-conv-only"),
+    pytest.param(2, 50, 4, 7, dict(film=False), dict(convnext_block_c=32), id="B2-C50-4x7-ln-no-film-2chunks"),
+    pytest.param(1, 50, 3, 8, dict(film=False, bias=False), dict(convnext_block_c=32, convnext_block_p=16),
+                 id="B1-C50-3x8-no-bias-no-film-2chunks-2pixblocks"),
+    pytest.param(1, 102, 2, 3, dict(ln=False), dict(convnext_block_c=64), id="B1-C102-2x3-film-no-ln-2chunks"),
+]
 
-@pytest.mark.parametrize(("C", "H", "W"), [(96, 8, 9), (192, 4, 5), (384, 4, 3), (768, 2, 3)],
-                         ids=lambda v: str(v))
-def test_parity_cpu_ambient_channels(C, H, W):
-    check_parity(convnext_front, convnext_front_reference, convnext_inputs(1, C, H, W), CONVNEXT_NAMES)
+# (B, C, H, W): the ambient levels, then a shape that is a multiple of no block size.
+GPU_SHAPES = [
+    *(pytest.param(2, C, px, px, id=f"ambient-C{C}-{px}px") for C, px in AMBIENT_LEVELS),
+    pytest.param(3, 102, 37, 21, id="awkward-B3-C102-37x21"),
+]
+# Part sets: every input present; no time bias (the U-Net's final block has no time MLP); no FiLM
+# and no LN (the first block, which has no LN, in a U-Net without coordinate conditioning).
+GPU_PARTS = [pytest.param(dict(), id="all"), pytest.param(dict(time_bias=False), id="final-block"),
+             pytest.param(dict(film=False, ln=False), id="first-block")]
+
+
+def _check(B, C, H, W, parts, *, dtype=torch.float32, device="cpu", blocks=None):
+    inputs = convnext_inputs(B, C, H, W, dtype=dtype, device=device, **parts)
+    with override_blocks(**(blocks or {})):
+        errs = check_parity(convnext_front, convnext_front_reference, inputs, CONVNEXT_NAMES,
+                            tol=TOL[dtype])
+    # An input left out (None) must not be compared, and every present one must be.
+    present = {"out"} | {f"d{n}" for n, t in zip(CONVNEXT_NAMES, inputs, strict=True) if t is not None}
+    assert set(errs) == present
+
+
+@pytest.mark.parametrize(("B", "C", "H", "W", "parts", "blocks"), CPU_CASES)
+def test_parity_cpu(B, C, H, W, parts, blocks):
+    _check(B, C, H, W, parts, blocks=blocks)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
-@pytest.mark.parametrize(("C", "px"), AMBIENT_LEVELS, ids=lambda v: str(v))
-@pytest.mark.parametrize("parts", [dict(), dict(time_bias=False), dict(film=False, ln=False)],
-                         ids=["all", "final-block", "first-block"])
-def test_parity_gpu_ambient_levels(C, px, dtype, parts):
-    dt = DTYPES[dtype]
-    inputs = convnext_inputs(2, C, px, px, dtype=dt, device="cuda", **parts)
-    check_parity(convnext_front, convnext_front_reference, inputs, CONVNEXT_NAMES, tol=TOL[dt])
+@pytest.mark.parametrize(("B", "C", "H", "W"), GPU_SHAPES)
+@pytest.mark.parametrize("parts", GPU_PARTS)
+def test_parity_gpu(B, C, H, W, dtype, parts):
+    _check(B, C, H, W, parts, dtype=DTYPES[dtype], device="cuda")
 
 
 def cases(batch: int, dtype: torch.dtype, device: str = "cuda", levels=AMBIENT_LEVELS):

@@ -1,61 +1,66 @@
-"""film: parity at the ambient preset's levels (pytest) and timing cases (run.py).
+"""film: every parity test of the op (pytest) and its timing cases (run.py).
 
-The target for film is bandwidth (>= 70% of peak): its minimum traffic is 2 tensors forward
-(read x, write y) and 3 backward (read dy, x, write dx), which is exactly what the kernels move.
+Parity is the output and the three gradients (dscale and dshift are reductions over pixels)
+against film_reference (kernels._testing.check_parity).
+CPU (Triton interpreter, fp32): the ambient preset's channel counts on a few pixels, and small
+awkward shapes, some with block-size overrides that split the pixels and the gradient reductions
+into several tiles.
+GPU: the four ambient levels (B = 2) and one awkward shape, in fp32, bf16 and fp16 with
+kernels._testing.TOL; skipped without CUDA.
+Timing: `cases(batch, dtype)` feeds benchmarks/run.py. The target for film is bandwidth (>= 70% of
+peak): its minimum traffic is 2 tensors forward (read x, write y) and 3 backward (read dy, x,
+write dx), which is exactly what the kernels move.
+The op's other tests (validation, registration, compile tracing) are in tests/kernels/test_film.py.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from depthdif_hpc.kernels import film, film_reference
 from depthdif_hpc.kernels._testing import AMBIENT_LEVELS, DTYPES, TOL, check_parity, film_inputs
+from depthdif_hpc.kernels._utils import override_blocks
 
 CUDA = torch.cuda.is_available()
 OP = "film"
 NAMES = ("x", "scale", "shift")
 
+# (B, C, H, W, block overrides)
+CPU_CASES = [
+    *(pytest.param(3, C, H, W, dict(), id=f"ambient-C{C}-{H}x{W}")
+      for C, H, W in [(96, 16, 12), (192, 8, 6), (384, 4, 5), (768, 2, 3)]),
+    pytest.param(3, 50, 9, 13, dict(), id="B3-C50-9x13"),
+    pytest.param(1, 102, 7, 5, dict(), id="B1-C102-7x5"),
+    pytest.param(3, 52, 17, 6, dict(film_block_p=32, film_block_r=16), id="B3-C52-17x6-tiled"),
+    pytest.param(1, 50, 11, 3, dict(film_block_p=8, film_block_r=4, film_bwd_block_r=8),
+                 id="B1-C50-11x3-many-tiles"),
+]
 
-@pytest.mark.parametrize(("C", "H", "W"), [(96, 16, 12), (192, 8, 6), (384, 4, 5), (768, 2, 3)],
-                         ids=lambda v: str(v))
-def test_parity_cpu_ambient_channels(C, H, W):
-    check_parity(film, film_reference, film_inputs(3, C, H, W), NAMES)
+# (B, C, H, W): the ambient levels, then a shape that is a multiple of no block size.
+GPU_SHAPES = [
+    *(pytest.param(2, C, px, px, id=f"ambient-C{C}-{px}px") for C, px in AMBIENT_LEVELS),
+    pytest.param(3, 102, 37, 21, id="awkward-B3-C102-37x21"),
+]
+
+
+def _check(B, C, H, W, *, dtype=torch.float32, device="cpu", blocks=None):
+    with override_blocks(**(blocks or {})):
+        errs = check_parity(film, film_reference, film_inputs(B, C, H, W, dtype=dtype, device=device),
+                            NAMES, tol=TOL[dtype])
+    assert set(errs) == {"out", "dx", "dscale", "dshift"}
+
+
+@pytest.mark.parametrize(("B", "C", "H", "W", "blocks"), CPU_CASES)
+def test_parity_cpu(B, C, H, W, blocks):
+    _check(B, C, H, W, blocks=blocks)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
-@pytest.mark.parametrize(("C", "px"), AMBIENT_LEVELS, ids=lambda v: str(v))
-def test_parity_gpu_ambient_levels(C, px, dtype):
-    dt = DTYPES[dtype]
-    check_parity(film, film_reference, film_inputs(2, C, px, px, dtype=dt, device="cuda"), NAMES,
-                 tol=TOL[dt])
-
-
-def test_run_driver_smoke(tmp_path: Path):
-    """benchmarks/run.py --smoke: the timing driver end to end on tiny shapes (CPU or GPU)."""
-    env = dict(os.environ)
-    if not CUDA:
-        env["TRITON_INTERPRET"] = "1"
-    run = Path(__file__).with_name("run.py")
-    res = subprocess.run([sys.executable, str(run), "--smoke", "--out", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    csv = list(tmp_path.glob("*.csv"))
-    md = list(tmp_path.glob("*.md"))
-    assert len(csv) == 1 and len(md) == 1
-    lines = csv[0].read_text().splitlines()
-    header = lines[0].split(",")
-    assert {"op", "shape", "impl", "fwd_ms", "bwd_ms", "fwdbwd_ms", "peak_mem_mb"} <= set(header)
-    impls = {line.split(",")[header.index("impl")] for line in lines[1:]}
-    assert {"eager", "triton"} <= impls
-    ops = {line.split(",")[0] for line in lines[1:]}
-    assert ops == {"convnext_front", "film", "linear_attention", "unet_train_step"}
+@pytest.mark.parametrize(("B", "C", "H", "W"), GPU_SHAPES)
+def test_parity_gpu(B, C, H, W, dtype):
+    _check(B, C, H, W, dtype=DTYPES[dtype], device="cuda")
 
 
 def cases(batch: int, dtype: torch.dtype, device: str = "cuda", levels=AMBIENT_LEVELS):
