@@ -218,60 +218,6 @@ def test_warm_start_and_export(tmp_path):
         load_weights(build_model(tiny_config()), bad)
 
 
-def test_unit_pieces():
-    from helpers import tiny_config
-
-    from depthdif_hpc.launch_env import resolve_dist_env
-    from depthdif_hpc.train.optim import LRController
-
-    env = resolve_dist_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-                            "SLURM_JOB_NODELIST": "gpu[012-015]", "SLURM_JOB_ID": "4242"}, export=False)
-    assert (env.rank, env.world_size, env.local_rank, env.source) == (3, 8, 1, "slurm")
-    from depthdif_hpc.launch_env import job_port
-
-    assert env.master_port == job_port(4242) and env.master_addr in ("gpu012",)
-    env = resolve_dist_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0",
-                            "SLURM_NTASKS": "1"}, export=False)
-    assert (env.rank, env.world_size, env.source) == (1, 2, "torch")
-
-    cfg = tiny_config(overrides=["training.lr=1e-3", "scheduler.warmup.steps=4", "scheduler.warmup.start_ratio=0.2",
-                                 "scheduler.reduce_on_plateau.patience=1", "scheduler.reduce_on_plateau.factor=0.5"])
-    lr = LRController(cfg)
-    assert [round(lr.lr_at(s), 8) for s in range(5)] == [0.0004, 0.0006, 0.0008, 0.001, 0.001]
-    assert not lr.plateau_step(1.0) and not lr.plateau_step(1.0)
-    assert lr.plateau_step(1.0) and lr.lr_at(10) == 5e-4  # 2 bad epochs > patience 1
-    state = lr.state_dict()
-    lr2 = LRController(cfg)
-    lr2.load_state_dict(state)
-    assert lr2.lr_at(10) == 5e-4
-    cos = LRController(tiny_config(overrides=["training.lr=1e-3", "scheduler.warmup.steps=0",
-                                              "scheduler.reduce_on_plateau.enabled=false",
-                                              "scheduler.cosine.enabled=true", "trainer.max_steps=10"]))
-    assert cos.lr_at(0) == pytest.approx(1e-3) and cos.lr_at(5) == pytest.approx(5e-4) and cos.lr_at(10) == pytest.approx(0)
-
-
-def test_metrics_select_valid_pixels():
-    from depthdif_hpc.metrics import per_depth_error, recon_metrics
-
-    g = torch.Generator().manual_seed(0)
-    target = torch.rand(2, 3, 16, 16, generator=g) * 10
-    pred = target + 0.1
-    mask = torch.ones_like(target, dtype=torch.bool)
-    mask[0, 1, :4] = False
-    target_nan = target.clone()
-    target_nan[~mask] = float("nan")
-    pred[0, 2, 0, 0] = float("nan")  # an invalid prediction pixel is skipped, not propagated
-    mask[0, 2, 0, 0] = True
-    m = recon_metrics(pred, target_nan, mask)
-    assert m["recon_mse_full_recon"] == pytest.approx(0.01, rel=1e-4)
-    assert m["recon_psnr_bands"] == 6
-    # SSIM only on bands fully inside the mask and finite: 4 of 6 qualify... band (0,1) is
-    # partially masked and band (0,2) holds a NaN prediction pixel that is still "selected".
-    assert m["recon_ssim_bands"] >= 4 and 0.9 < m["recon_ssim_full_recon"] <= 1.0
-    prof = per_depth_error(pred, target_nan, mask)
-    assert prof["mae"] == pytest.approx([0.1, 0.1, 0.1], rel=1e-4) and (prof["count"] > 0).all()
-
-
 def test_product_data_stream_resume(tmp_path):
     """The real path: depthdif_hpc.data's sharded store and stream (tiny synthetic store), with
     a stop signal mid-epoch and a resume that continues at the saved stream position."""
@@ -321,3 +267,4 @@ def test_signal_during_startup_is_honoured_at_the_first_step(tmp_path):
     assert (tmp_path / "checkpoints" / "step_00000000" / "MANIFEST.json").is_file()
     assert _run(tmp_path, "trainer.max_steps=4") == 0
     assert [s["step"] for s in steps(tmp_path)] == [1, 2, 3, 4]
+

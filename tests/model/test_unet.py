@@ -1,17 +1,11 @@
-import math
+"""The U-Net: parameter counts of the presets and of their parts, the reference layout's quirks,
+output shapes, input checks, and the conditioning reaching the output."""
 
 import pytest
 import torch
 
 from depthdif_hpc import build_model, load_config
-from depthdif_hpc.model.embeddings import (
-    CoordDateEncoder,
-    SinusoidalTimeEmbedding,
-    day_of_year,
-    encode_coords,
-    encode_date,
-)
-from depthdif_hpc.model.layers import ChannelLayerNorm, LinearAttention
+from depthdif_hpc.model.embeddings import CoordDateEncoder
 from depthdif_hpc.model.unet import UNet
 from tests.helpers import PRESET_AMBIENT, PRESET_STANDARD, TRAINING
 
@@ -89,77 +83,3 @@ def test_film_and_time_reach_the_output():
     out = u(x, t, c)
     assert not torch.allclose(out, u(x, t, c * 2))
     assert not torch.allclose(out, u(x, torch.tensor([500, 500]), c))
-
-
-def test_channel_layernorm_matches_formula():
-    ln = ChannelLayerNorm(6)
-    with torch.no_grad():
-        ln.g.uniform_(0.5, 2)
-        ln.b.uniform_(-1, 1)
-    x = torch.randn(2, 6, 5, 7)
-    mu = x.mean(1, keepdim=True)
-    var = ((x - mu) ** 2).mean(1, keepdim=True)
-    ref = (x - mu) / torch.sqrt(var + 1e-5) * ln.g + ln.b
-    torch.testing.assert_close(ln(x), ref)
-
-
-def test_linear_attention_against_loops():
-    torch.manual_seed(1)
-    la = LinearAttention(8, heads=2, dim_head=4)
-    x = torch.randn(1, 8, 3, 5)
-    qkv = la.to_qkv(x).reshape(1, 3, 2, 4, 15)
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    out = torch.zeros(1, 2, 4, 15)
-    for h in range(2):
-        ks = torch.softmax(k[0, h], dim=-1)
-        for e in range(4):
-            for n in range(15):
-                out[0, h, e, n] = sum(
-                    sum(ks[d, m] * v[0, h, e, m] for m in range(15)) * q[0, h, d, n] * 4**-0.5
-                    for d in range(4)
-                )
-    ref = la.to_out(out.reshape(1, 8, 3, 5))
-    torch.testing.assert_close(la(x), ref, rtol=1e-5, atol=1e-5)
-
-
-def test_sinusoidal_time_embedding_values():
-    emb = SinusoidalTimeEmbedding(8)(torch.tensor([0, 3]))
-    half = 4
-    w = [math.exp(-k * math.log(10000) / (half - 1)) for k in range(half)]
-    ref = [math.sin(3 * wk) for wk in w] + [math.cos(3 * wk) for wk in w]
-    torch.testing.assert_close(emb[1], torch.tensor(ref))
-    torch.testing.assert_close(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
-
-
-def test_coord_encodings():
-    c = torch.tensor([[90.0, 0.0], [0.0, 90.0], [45.0, -180.0]])
-    us = encode_coords(c, "unit_sphere")
-    torch.testing.assert_close(us[0], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(us[1], torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(us.norm(dim=1), torch.ones(3))
-    sc = encode_coords(c, "sincos")
-    assert sc.shape == (3, 4)
-    torch.testing.assert_close(sc[2], torch.tensor([math.sin(math.pi / 4), math.cos(math.pi / 4), 0.0, -1.0]),
-                               atol=1e-6, rtol=0)
-    torch.testing.assert_close(encode_coords(c, "raw")[2], torch.tensor([0.5, -1.0]))
-    with pytest.raises(ValueError, match="unknown coord encoding"):
-        encode_coords(c, "mercator")
-
-
-def test_day_of_year_and_date_encoding():
-    doy = day_of_year(torch.tensor([20180101, 20180301, 20181231, 20200228]))
-    assert doy.tolist() == [1, 60, 365, 59]
-    enc = encode_date(torch.tensor([20181231]))
-    torch.testing.assert_close(enc[0], torch.tensor([0.0, 1.0]), atol=1e-6, rtol=0)
-    for bad in (20181301, 20180230, 20180100, 2018):
-        with pytest.raises(ValueError, match=str(bad)):
-            day_of_year(torch.tensor([20180101, bad]))
-
-
-def test_coord_encoder_requires_inputs():
-    enc = CoordDateEncoder(8)
-    assert enc(torch.zeros(2, 2), torch.tensor([20180101, 20180102])).shape == (2, 8)
-    with pytest.raises(ValueError, match="no 'coords'"):
-        enc(None, torch.tensor([20180101]))
-    with pytest.raises(ValueError, match="no 'date'"):
-        enc(torch.zeros(1, 2), None)

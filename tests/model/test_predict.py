@@ -1,3 +1,6 @@
+"""DepthDif.predict: outputs of both objectives, clamping of known pixels (and when it is
+skipped), required inputs."""
+
 import warnings
 
 import pytest
@@ -5,50 +8,7 @@ import torch
 
 from depthdif_hpc import build_model
 from depthdif_hpc.model.depthdif import Prediction
-from depthdif_hpc.model.postprocess import (
-    gaussian_blur_depthwise,
-    gaussian_kernel1d,
-    mask_invalid,
-)
-from depthdif_hpc.normalization import denormalize_temperature, normalize_temperature
 from tests.helpers import random_batch, tiny_config
-
-
-def test_normalisation_round_trip_and_values():
-    t = torch.tensor([-2.0, 16.59267177946783, 30.0])
-    z = normalize_temperature(t)
-    assert float(z[1]) == pytest.approx(0.0, abs=1e-6)
-    assert float(z[2]) == pytest.approx((30 + 273.15 - 289.74267177946783) / 10.933397487585731)
-    torch.testing.assert_close(denormalize_temperature(z), t)
-
-
-def test_blur_keeps_channels_separate():
-    x = torch.zeros(1, 3, 9, 9)
-    x[0, 1, 4, 4] = 1.0
-    out = gaussian_blur_depthwise(x, 5, 0.75)
-    assert out[0, 0].abs().max() == 0 and out[0, 2].abs().max() == 0
-    assert float(out[0, 1].sum()) == pytest.approx(1.0, rel=1e-5)  # mass kept away from borders
-    k = gaussian_kernel1d(5, 0.75)
-    torch.testing.assert_close(out[0, 1, 2:7, 2:7], torch.outer(k, k))
-
-
-def test_blur_even_kernel_bumped_and_disabled_cases():
-    x = torch.randn(2, 4, 8, 8)
-    torch.testing.assert_close(gaussian_blur_depthwise(x, 4, 1.0), gaussian_blur_depthwise(x, 5, 1.0))
-    assert gaussian_blur_depthwise(x, 1, 1.0) is x
-    assert gaussian_blur_depthwise(x, 3, 0.0) is x
-    const = torch.full((1, 2, 6, 6), 3.0)  # reflect padding keeps a constant field constant
-    torch.testing.assert_close(gaussian_blur_depthwise(const, 5, 2.0), const)
-
-
-def test_mask_invalid_sets_nan_only_outside():
-    v = torch.randn(2, 3, 4, 4)
-    m = torch.ones(2, 3, 4, 4, dtype=torch.bool)
-    m[0, 2, 1, :] = False
-    out = mask_invalid(v, m)
-    assert torch.isnan(out[0, 2, 1]).all()
-    assert torch.isnan(out).sum() == 4
-    torch.testing.assert_close(out[m], v[m])
 
 
 @pytest.mark.parametrize("ambient", [False, True])
