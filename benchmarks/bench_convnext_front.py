@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from depthdif_hpc.kernels import convnext_front, convnext_front_reference
+from depthdif_hpc.kernels import DTYPES, convnext_front, convnext_front_reference
 from depthdif_hpc.kernels._testing import (
     AMBIENT_LEVELS,
     CONVNEXT_NAMES,
-    DTYPES,
     TOL,
     check_parity,
     convnext_inputs,

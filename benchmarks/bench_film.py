@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from depthdif_hpc.kernels import film, film_reference
-from depthdif_hpc.kernels._testing import AMBIENT_LEVELS, DTYPES, TOL, check_parity, film_inputs
+from depthdif_hpc.kernels import DTYPES, film, film_reference
+from depthdif_hpc.kernels._testing import AMBIENT_LEVELS, TOL, check_parity, film_inputs
 from depthdif_hpc.kernels._utils import override_blocks
 
 CUDA = torch.cuda.is_available()

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from depthdif_hpc.kernels import linear_attention, linear_attention_reference
+from depthdif_hpc.kernels import DTYPES, linear_attention, linear_attention_reference
 from depthdif_hpc.kernels._testing import (
     AMBIENT_LEVELS,
-    DTYPES,
     TOL,
     check_parity,
     linear_attention_inputs,

@@ -148,8 +148,9 @@ def fnum(v: str | None) -> float | None:
 
 
 def dname(dtype: Any) -> str:
-    return {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(
-        str(dtype), str(dtype).removeprefix("torch."))
+    from depthdif_hpc.kernels import dtype_name
+
+    return dtype_name(dtype)
 
 
 def module_version(mod: str) -> str | None:

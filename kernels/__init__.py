@@ -14,6 +14,7 @@ The model calls them through `run_op(op, mode, *args)` (dispatch.py), which pick
 the reference per `model.kernels` and self-checks each kernel before its first use.
 """
 
+from ._utils import DTYPES, dtype_name
 from .convnext_front import convnext_front, convnext_front_reference
 from .dispatch import (
     KERNEL_MODES,
@@ -27,6 +28,7 @@ from .film import film, film_reference
 from .linear_attention import linear_attention, linear_attention_reference
 
 __all__ = [
+    "DTYPES",
     "KERNEL_MODES",
     "KernelCheckError",
     "KernelDispatcher",
@@ -34,6 +36,7 @@ __all__ = [
     "KernelOp",
     "convnext_front",
     "convnext_front_reference",
+    "dtype_name",
     "film",
     "film_reference",
     "linear_attention",

@@ -22,7 +22,6 @@ TOL: dict[torch.dtype, float] = {
 # The four U-Net levels of the ambient preset (dim 96, dim_mults 1,2,4,8, 128 px input).
 AMBIENT_LEVELS: tuple[tuple[int, int], ...] = ((96, 128), (192, 64), (384, 32), (768, 16))
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

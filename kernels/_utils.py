@@ -16,7 +16,14 @@ from typing import Any
 import torch
 import triton
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The dtypes the kernels take, by the short names configs, reports and benchmarks use.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SUPPORTED_DTYPES = tuple(DTYPES.values())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bf16" (other dtypes by torch's own name)."""
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
 
 # Test hook: block-size overrides, keyed by "<op>.<name>" (see `override_blocks`).
 _OVERRIDES: dict[str, int] = {}

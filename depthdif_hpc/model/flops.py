@@ -41,6 +41,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from depthdif_hpc.kernels import dtype_name
 from depthdif_hpc.model.layers import ChannelLayerNorm, ConvNextBlock, LinearAttention
 from depthdif_hpc.model.unet import UNet
 
@@ -254,7 +255,6 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
     "A100": {"bf16": 312.0e12, "fp16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
 }
 
-_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _gpu_key(device_name: str) -> str | None:
@@ -280,7 +280,7 @@ def peak_flops(device_name: str, dtype: torch.dtype | str) -> float | None:
     "tf32" (fp32 matmuls on TF32 tensor cores); the strings "bf16", "fp16", "fp32" work as well.
     """
     key = _gpu_key(device_name)
-    kind = dtype if isinstance(dtype, str) else _DTYPE_KEYS.get(dtype)
+    kind = dtype if isinstance(dtype, str) else dtype_name(dtype)
     if key is None or kind is None:
         return None
     return PEAK_FLOPS[key].get(kind)
