@@ -24,13 +24,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from depthdif_hpc.config import SamplerName
+from depthdif_hpc.data.batch import Batch
 from depthdif_hpc.data.grid import Tile
 from depthdif_hpc.data.store import META, read_manifest
 from depthdif_hpc.data.stream import ShardStream
 from depthdif_hpc.inference.writer import PredictionWriter, create_prediction_store
 
 
-def withhold_columns(batch: dict, fraction: float, seed: int) -> torch.Tensor:
+def withhold_columns(batch: Batch, fraction: float, seed: int) -> torch.Tensor:
     """Hide `fraction` of each sample's observed columns from x; returns the (B, H, W) hidden mask.
 
     The choice depends only on (seed, sample_id), so it is the same on every rank and rerun.
