@@ -115,14 +115,15 @@ def test_zero3_signal_resume_and_export(tmp_path):
 
 
 def test_a_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path):
-    """Rank 1 freezes after step 2: rank 0 must give up after trainer.collective_timeout_s (not
+    """Rank 1 freezes after step 3: rank 0 must give up after trainer.collective_timeout_s (not
     hold the allocation for hours), and the launcher then ends the whole job."""
     import time
 
     run = tmp_path / "hang"
     a = args(run, "trainer.max_steps=50", "trainer.collective_timeout_s=15")
     t0 = time.monotonic()
-    proc = _torchrun(tmp_path / "hang.json", a, "--hang-at", "2", timeout=200, check=False)
+    # after step 3: both ranks have passed the step-2 log flush (a collective) by then
+    proc = _torchrun(tmp_path / "hang.json", a, "--hang-at", "3", timeout=200, check=False)
     took = time.monotonic() - t0
     assert proc.returncode != 0
     assert took < 150, took  # 15 s timeout + start-up + torchrun's 30 s shutdown grace
