@@ -5,6 +5,7 @@ exported safetensors, or a plain/Lightning torch state dict. Used for the warm s
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -25,11 +26,54 @@ def _deepspeed_weights(ds_dir: Path) -> dict[str, torch.Tensor]:
         head = torch.load(model_states, map_location="cpu", weights_only=False)
         if head.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) == 0 and not optim:
             return {k: v.float() for k, v in head["module"].items()}
+    bf16 = sorted(ds_dir.glob("bf16_zero_pp_rank_*_optim_states.pt"), key=_dp_rank)
+    if bf16 and model_states.is_file() and _is_bf16_optimizer(bf16[0]):
+        return _bf16_optimizer_weights(model_states, bf16)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # The fp32 master copy lives in the (sharded) optimizer states: exact for any stage.
     sd = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir.parent), tag=ds_dir.name)
     return {k: v.float().contiguous() for k, v in sd.items()}
+
+
+def _dp_rank(path: Path) -> int:
+    return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
+
+
+def _is_bf16_optimizer(shard: Path) -> bool:
+    """BF16_Optimizer's files (stage 0/1) carry fragment maps and no `zero_stage`; ZeRO-2/3
+    under bf16 use the same file name with the ZeRO layout that zero_to_fp32 reads."""
+    opt = torch.load(shard, map_location="cpu", weights_only=False).get("optimizer_state_dict", {})
+    return "zero_stage" not in opt and "param_slice_mappings" in opt
+
+
+def _bf16_optimizer_weights(model_states: Path, shards: list[Path]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a checkpoint written by DeepSpeed's BF16_Optimizer.
+
+    DeepSpeed uses that optimizer for bf16 with fp32 gradient accumulation at ZeRO stage 0/1 (what
+    the trainer configures); its optimizer files lack the `zero_stage` key that zero_to_fp32
+    requires. Each rank's file holds, per parameter group, one flat fp32 partition and the
+    (numel, start) of every parameter fragment in it; a parameter is its fragments in rank order.
+    """
+    head = torch.load(model_states, map_location="cpu", weights_only=False)
+    shapes: dict[str, torch.Size] = {}
+    for group in head["param_shapes"]:
+        shapes.update(group)
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in shapes}
+    for shard in shards:
+        opt = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for flat, mapping in zip(opt["single_partition_of_fp32_groups"], opt["param_slice_mappings"],
+                                 strict=True):
+            for name, frag in mapping.items():
+                pieces[name].append(flat.narrow(0, frag.start, frag.numel))
+    out = {}
+    for name, shape in shapes.items():
+        flat = torch.cat(pieces[name]) if pieces[name] else torch.empty(0)
+        if flat.numel() != shape.numel():
+            raise ValueError(f"{model_states.parent}: {name} has {flat.numel()} values in the bf16 "
+                             f"optimizer shards, its shape {tuple(shape)} needs {shape.numel()}")
+        out[name] = flat.float().view(shape).clone()
+    return out
 
 
 def merge_zero3_shards(shards: list[dict[str, torch.Tensor]], shapes: dict[str, str]) -> dict[str, torch.Tensor]:
