@@ -601,13 +601,18 @@ def canonical_parameterization(name: str) -> str:
     return PARAMETERIZATION_ALIASES[key]
 
 
-def _flat_keys(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, dict):
-        out = []
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> leaf value of a nested dict (an empty mapping is a leaf)."""
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
         for k, v in node.items():
-            out += _flat_keys(v, f"{prefix}.{k}" if prefix else str(k))
-        return out or [prefix]
-    return [prefix]
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: node}
+
+
+def _flat_keys(node: Any) -> list[str]:
+    return list(_flatten(node))
 
 
 # Keys that moved (old dotted key -> new) or went away (-> None). A file using an old key gets a
@@ -626,13 +631,20 @@ MOVED_KEYS: dict[str, str | None] = {
 }
 
 
-def _moved_hint(key: str) -> str:
+def _moved_entry(key: str) -> tuple[str, str | None] | None:
+    """The MOVED_KEYS entry that covers `key` (the key itself or a section above it)."""
     for old, new in MOVED_KEYS.items():
         if key == old or key.startswith(old + "."):
-            if new is None:
-                return f" ('{old}' was removed: nothing reads it)"
-            return f" ('{old}' moved to '{new}')"
-    return ""
+            return old, new
+    return None
+
+
+def _moved_hint(key: str) -> str:
+    entry = _moved_entry(key)
+    if entry is None:
+        return ""
+    old, new = entry
+    return f" ('{old}' was removed: nothing reads it)" if new is None else f" ('{old}' moved to '{new}')"
 
 
 def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
@@ -649,24 +661,14 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
 
 def _migrate(data: dict) -> dict:
     """A saved config (nested dict) with MOVED_KEYS applied."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        else:
-            flat[prefix] = node
-
-    walk(data, "")
     out: dict[str, Any] = {}
-    for key, value in flat.items():
-        for old, new in MOVED_KEYS.items():
-            if key == old or key.startswith(old + "."):
-                key = None if new is None else new + key[len(old):]
-                break
-        if key is None:
-            continue
+    for key, value in _flatten(data).items():
+        entry = _moved_entry(key)
+        if entry is not None:
+            old, new = entry
+            if new is None:
+                continue
+            key = new + key[len(old):]
         node = out
         *parents, leaf = key.split(".")
         for part in parents:

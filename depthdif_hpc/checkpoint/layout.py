@@ -187,21 +187,23 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
+def _best_of(complete: list[tuple[int, Path]]) -> Path | None:
+    best: tuple[float, int, Path] | None = None
+    for step, d in complete:
+        value = read_manifest(d).get("val_loss")
+        if isinstance(value, int | float) and math.isfinite(value):
+            if best is None or (value, -step) <= (best[0], -best[1]):
+                best = (float(value), step, d)
+    return best[2] if best else None
+
+
 def best_checkpoint(root: Path) -> Path | None:
     """The complete checkpoint with the lowest `val_loss` in its manifest (None: none has one).
 
     The trainer records the checkpoint-selection loss of the latest validation (EMA weights when
     evaluated with EMA) in each manifest; ties go to the newer checkpoint.
     """
-    best: tuple[float, int, Path] | None = None
-    for step, d in list_checkpoints(root):
-        if check_complete(d) is not None:
-            continue
-        value = read_manifest(d).get("val_loss")
-        if isinstance(value, int | float) and math.isfinite(value):
-            if best is None or (value, -step) <= (best[0], -best[1]):
-                best = (float(value), step, d)
-    return best[2] if best else None
+    return _best_of([(s, d) for s, d in list_checkpoints(root) if check_complete(d) is None])
 
 
 def prune(root: Path, keep: int, keep_best: bool = True) -> list[Path]:
@@ -210,18 +212,18 @@ def prune(root: Path, keep: int, keep_best: bool = True) -> list[Path]:
     Step folders that fail their manifest check are deleted too once a newer complete checkpoint
     exists (they can never be resumed from); the newest ones are left for inspection.
     """
-    removed = []
     steps = list_checkpoints(root)
-    complete = [(s, d) for s, d in steps if check_complete(d) is None]
+    complete = [(s, d) for s, d in steps if check_complete(d) is None]  # each folder checked once
     spare = {d for _, d in complete[-keep:]} if keep > 0 else set()
-    best = best_checkpoint(root) if keep_best else None
+    best = _best_of(complete) if keep_best else None
     if best is not None:
         spare.add(best)
+    whole = {d for _, d in complete}
     newest_complete = complete[-1][0] if complete else None
+    removed = []
     for s, d in steps:
-        broken = (s, d) not in complete
-        if (broken and newest_complete is not None and s < newest_complete) or \
-                (not broken and d not in spare):
+        if (d in whole and d not in spare) or \
+                (d not in whole and newest_complete is not None and s < newest_complete):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed

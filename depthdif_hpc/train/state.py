@@ -58,11 +58,10 @@ def find_resume(cfg: Config, ckpt_root: Path, *, is_main: bool, world: int, grou
             why = layout.check_complete(path)
             if why is not None:
                 refusal = f"trainer.resume = {mode!r}: cannot use this checkpoint: {why}"
-        elif layout.list_checkpoints(ckpt_root):
+        elif steps := [s for s, _ in layout.list_checkpoints(ckpt_root)]:
             # A new run among an old run's checkpoints would see its own pruned (the newest by
             # step number are the old ones) and its first requeue (resume=auto) would continue
             # the old run under the new config.
-            steps = [s for s, _ in layout.list_checkpoints(ckpt_root)]
             refusal = (f"trainer.resume = {mode!r} but the run folder {ckpt_root.parent} already holds "
                        f"checkpoints (steps {steps[0]}..{steps[-1]}): continue it with "
                        "trainer.resume=auto, or start the new run in another trainer.run_dir")
@@ -94,7 +93,8 @@ class TrainState:
 
     # ------------------------------------------------------------------ load
 
-    def load(self, path: Path, progress: Progress, stream: DataStream) -> None:
+    def load(self, path: Path, progress: Progress, stream: DataStream) -> dict:
+        """Restore every rank's state from `path`; returns its manifest."""
         man = layout.read_manifest(path)
         mine = {"world_size": self.world, "distributed": self.cfg.trainer.distributed,
                 "zero_stage": self.zero_stage}
@@ -139,6 +139,7 @@ class TrainState:
         stream.set_epoch(progress.epoch)
         stream.load_state_dict(rank_state["data"])
         log.info(f"resumed from {path}: step {progress.step}, epoch {progress.epoch}")
+        return man
 
     # ------------------------------------------------------------------ save
 

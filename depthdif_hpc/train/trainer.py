@@ -203,8 +203,9 @@ class Trainer:
                                 zero_stage=self.zero_stage, module=self.module, engine=self.engine,
                                 optimizer=self.optimizer, ema=self.ema, generator=self.gen, lr_ctl=self.lr_ctl,
                                 group=self.ctrl_group)
+        resumed = None
         if self.resume_from is not None:
-            self.state.load(self.resume_from, self.progress, self.train_stream)
+            resumed = self.state.load(self.resume_from, self.progress, self.train_stream)
         else:
             self.train_stream.set_epoch(self.progress.epoch)
         if self.is_main:
@@ -223,8 +224,7 @@ class Trainer:
         # ---- loop bookkeeping
         self.last_ckpt_step = self.progress.step if self.resume_from is not None else -1
         # The latest validation's checkpoint-selection loss, recorded in the next manifest.
-        self.last_val_loss: float | None = (
-            layout.read_manifest(self.resume_from).get("val_loss") if self.resume_from else None)
+        self.last_val_loss: float | None = resumed.get("val_loss") if resumed else None
         self.steps_in_epoch = 0
         self.empty_epochs = 0
 

@@ -49,9 +49,8 @@ def reconstruct(model: torch.nn.Module, batch: dict[str, Any], *, ambient: bool,
                 should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Run predict on a device batch and compute the metrics of
     docs/metrics.md#reconstruction-metrics in degC."""
-    kw = {"should_stop": should_stop} if should_stop is not None else {}
     res = model.predict(batch, sampler=sampler, return_intermediates=log_intermediates, generator=generator,
-                        **kw)
+                        should_stop=should_stop)
     pred_c = res.y_hat_denorm
     target_norm = batch["x"] if ambient else batch["y"]
     mask = eval_mask(batch, ambient)
