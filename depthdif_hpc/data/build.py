@@ -32,7 +32,15 @@ import numpy as np
 
 from ..config import Config, load_config, to_dict
 from .grid import Tile, candidate_tiles, in_box
-from .profiles import GLORYS_DEPTHS, align_profiles, pixel_of, rasterize
+from .profiles import (
+    GLORYS_DEPTHS,
+    PLATFORM_NONE,
+    PLATFORM_SLOTS,
+    align_profiles,
+    pixel_of,
+    pixel_platforms,
+    rasterize,
+)
 from .readers import (
     GridSource,
     SourceError,
@@ -71,6 +79,18 @@ class _EN4Index:
     day: np.ndarray  # floor(JULD)
     lat: np.ndarray
     lon: np.ndarray
+    platform: np.ndarray  # int32 index into platforms
+    platforms: list[str]  # sorted distinct platform ids of all files ("" = none given)
+    reader: dict[str, Any]  # read_en4 keyword arguments (temperature variable, QC)
+    summary: dict[str, Any]  # temperature source per file count, QC rejections
+
+
+def en4_reader_options(cfg: Config) -> dict[str, Any]:
+    """read_en4 keyword arguments from dataset.sampling."""
+    s = cfg.dataset.sampling
+    return {"temp_var": s.argo_temp_var_name, "depth_var": s.argo_depth_var_name,
+            "temperature": s.argo_temperature, "potm_var": s.argo_potm_var_name,
+            "psal_var": s.argo_psal_var_name, "qc": s.argo_qc}
 
 
 @dataclass
@@ -78,7 +98,7 @@ class Context:
     """Everything a work unit needs; built once in the parent and inherited by forked workers."""
 
     cfg: Config
-    glorys: GridSource
+    glorys: GridSource | None  # None: inference inputs without GLORYS (y codes stay 0)
     ostia: GridSource
     en4: _EN4Index
     tiles: dict[int, Tile]
@@ -94,8 +114,7 @@ class Context:
         if a is None:
             if len(self._aligned) >= 4:
                 self._aligned.pop(next(iter(self._aligned)))
-            s = self.cfg.dataset.sampling
-            p = read_en4(self.en4.files[fi], s.argo_temp_var_name, s.argo_depth_var_name)
+            p = read_en4(self.en4.files[fi], **self.en4.reader)
             a = self._aligned[fi] = align_profiles(p.depth, p.temp, GLORYS_DEPTHS)
         return a
 
@@ -106,21 +125,33 @@ class Context:
 
 
 def _index_en4(files: list[str], cfg: Config) -> _EN4Index:
-    fi, pi, day, lat, lon = [], [], [], [], []
+    fi, pi, day, lat, lon, plat = [], [], [], [], [], []
+    reader = en4_reader_options(cfg)
+    summary: dict[str, Any] = {"temperature_source": {}, "qc_rejected_profiles": 0,
+                               "qc_rejected_levels": 0}
     for k, path in enumerate(files):
-        p = read_en4(path, positions_only=True)
+        # Profile flags apply here already, so rejected profiles never count as support.
+        p = read_en4(path, positions_only=True, **reader)
         n = p.juld.size
         fi.append(np.full(n, k, np.int32))
         pi.append(np.arange(n, dtype=np.int32))
         day.append(np.floor(p.juld + 1e-9).astype(np.int64))
         lat.append(p.lat)
         lon.append(p.lon)
+        plat.append(p.platform)
+        src = summary["temperature_source"]
+        src[p.temperature_source] = src.get(p.temperature_source, 0) + 1
+        summary["qc_rejected_profiles"] += p.qc_rejected_profiles
+        summary["qc_rejected_levels"] += p.qc_rejected_levels
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+    names = np.concatenate(plat) if plat else np.zeros(0, str)
+    platforms, pid = np.unique(names, return_inverse=True)
     idx = _EN4Index(files, cat(fi, np.int32), cat(pi, np.int32), cat(day, np.int64),
-                    cat(lat, np.float64), cat(lon, np.float64))
+                    cat(lat, np.float64), cat(lon, np.float64), pid.astype(np.int32).ravel(),
+                    [str(x) for x in platforms], reader, summary)
     # Sorted by day (stable: file order within a day) so a window is a searchsorted slice.
     order = np.argsort(idx.day, kind="stable")
-    for name in ("file_idx", "prof_idx", "day", "lat", "lon"):
+    for name in ("file_idx", "prof_idx", "day", "lat", "lon", "platform"):
         setattr(idx, name, getattr(idx, name)[order])
     return idx
 
@@ -193,12 +224,24 @@ def sample_days(cfg: Config, glorys: GridSource, ostia: GridSource) -> np.ndarra
     return days
 
 
-def make_context(cfg: Config, glorys: str | list[str], ostia: str | list[str], en4: str | list[str]
-                 ) -> Context:
+def open_sources(cfg: Config, glorys: str | list[str] | None, ostia: str | list[str],
+                 en4: str | list[str]) -> Context:
+    """The scanned sources, without tiles or a sample plan: what `grid_sample` needs.
+
+    `glorys` None is for inference inputs (depthdif_hpc.inference.reconstruct), which grid
+    OSTIA and EN4 through the same code as the store."""
     s = cfg.dataset.sampling
-    g_src = GridSource.scan(expand(glorys, "glorys"), s.glorys_var_name, "glorys")
+    g_src = GridSource.scan(expand(glorys, "glorys"), s.glorys_var_name, "glorys") if glorys else None
     o_src = GridSource.scan(expand(ostia, "ostia"), s.ostia_var_name, "ostia")
     e_idx = _index_en4(expand(en4, "en4"), cfg)
+    lay = cfg.dataset.layout
+    return Context(cfg, g_src, o_src, e_idx, {}, {}, Quantizer(lay.quant_step_c, lay.quant_min_c))
+
+
+def make_context(cfg: Config, glorys: str | list[str], ostia: str | list[str], en4: str | list[str]
+                 ) -> Context:
+    ctx = open_sources(cfg, glorys, ostia, en4)
+    g_src, o_src = ctx.glorys, ctx.ostia
     tiles = select_tiles(cfg, g_src, o_src)
     g_src.close()
     o_src.close()
@@ -206,10 +249,9 @@ def make_context(cfg: Config, glorys: str | list[str], ostia: str | list[str], e
         raise SourceError("no patch tile is covered by both the GLORYS and OSTIA files and passes "
                           "the land-fraction filter (check dataset.grid and the files' regions)")
     days = sample_days(cfg, g_src, o_src)
-    plans = plan_samples(cfg, days, tiles, e_idx)
-    lay = cfg.dataset.layout
-    return Context(cfg, g_src, o_src, e_idx, {t.tile_id: t for t in tiles}, plans,
-                   Quantizer(lay.quant_step_c, lay.quant_min_c))
+    ctx.tiles = {t.tile_id: t for t in tiles}
+    ctx.plans = plan_samples(cfg, days, tiles, ctx.en4)
+    return ctx
 
 
 def plan_hash(ctx: Context) -> str:
@@ -232,6 +274,90 @@ def plan_hash(ctx: Context) -> str:
 # ------------------------------------------------------------------------------------------
 
 
+@dataclass
+class RawSample:
+    """One sample exactly as the store holds it (`Decoder` turns it into the batch), plus
+    what went into it."""
+
+    fields: np.ndarray  # (1 + N_LEVELS, H, W) uint16 codes: eo, then y (all 0 without GLORYS)
+    obs: np.ndarray  # (max_obs_pixels, 2 + N_LEVELS) uint16: row, col, x codes
+    meta: np.ndarray  # (len(META_COLUMNS),) int32
+    stats: dict[str, Any]  # this sample's share of the unit statistics
+    profiles: np.ndarray  # indices into ctx.en4 of the profiles inside the tile and window
+    # (max_obs_pixels, PLATFORM_SLOTS) int32: platform ids of each obs row (profiles.pixel_platforms)
+    obs_platform: np.ndarray | None = None
+
+
+def grid_sample(ctx: Context, day: int, t: Tile) -> RawSample:
+    """Grid the sources for one tile and day: the store builder's per-sample step, also used
+    for inference inputs, so training and inference see the same gridding and alignment."""
+    lay = ctx.cfg.dataset.layout
+    size = t.size
+    fields = np.zeros((1 + N_LEVELS, size, size), np.uint16)
+    obs = np.zeros((lay.max_obs_pixels, 2 + N_LEVELS), np.uint16)
+    meta = np.zeros(len(META_COLUMNS), np.int32)
+    stats: dict[str, Any] = {"count": np.zeros(N_LEVELS), "sum": np.zeros(N_LEVELS),
+                             "sumsq": np.zeros(N_LEVELS), "clipped": 0, "dropped_obs_pixels": 0,
+                             "obs_pixels": 0, "profiles": 0}
+    radius = ctx.cfg.dataset.sampling.temporal_window_days // 2
+    e = ctx.en4
+    lats, lons = t.pixel_lats(), t.pixel_lons()
+    eo = ctx.ostia.interp(day, lats, lons)
+    codes, c1 = ctx.quant.encode(eo)
+    fields[0] = codes
+    stats["clipped"] += c1
+    if ctx.glorys is not None:
+        y = ctx.glorys.interp(day, lats, lons)
+        codes, c2 = ctx.quant.encode(y)
+        fields[1:] = codes
+        stats["clipped"] += c2
+        fin = np.isfinite(y)
+        y0 = np.where(fin, y, 0.0).astype(np.float64)
+        stats["count"] += fin.sum(axis=(1, 2))
+        stats["sum"] += y0.sum(axis=(1, 2))
+        stats["sumsq"] += (y0 * y0).sum(axis=(1, 2))
+    # Profiles within +-radius days and inside the patch (half-open, dateline-aware).
+    near = _window(e, day, radius)
+    r, c, inside = pixel_of(e.lat[near], e.lon[near], t.top, t.left, t.res, t.size)
+    near, r, c = near[inside], r[inside], c[inside]
+    files = sorted(set(e.file_idx[near].tolist()))
+    if near.size:
+        aligned = np.concatenate([ctx.aligned(f)[e.prof_idx[near[e.file_idx[near] == f]]]
+                                  for f in files])
+        order = np.concatenate([np.flatnonzero(e.file_idx[near] == f) for f in files])
+        pix, vals = rasterize(aligned, r[order], c[order])
+        plat = pixel_platforms(aligned, r[order], c[order], e.platform[near][order])
+    else:
+        pix, vals = rasterize(np.zeros((0, N_LEVELS), np.float32), r, c)
+        plat = np.zeros((0, PLATFORM_SLOTS), np.int32)
+    keep = min(pix.shape[0], lay.max_obs_pixels)
+    stats["dropped_obs_pixels"] += pix.shape[0] - keep
+    stats["obs_pixels"] += keep
+    stats["profiles"] += int(near.size)
+    obs[:keep, 0:2] = pix[:keep]
+    obs_platform = np.full((lay.max_obs_pixels, PLATFORM_SLOTS), PLATFORM_NONE, np.int32)
+    obs_platform[:keep] = plat[:keep]
+    codes, c3 = ctx.quant.encode(vals[:keep])
+    obs[:keep, 2:] = codes
+    stats["clipped"] += c3
+    lat_c, lon_c = t.centre()
+    m = meta
+    m[META["date"]] = contract_date(day)
+    m[META["day"]] = day
+    m[META["tile_id"]] = t.tile_id
+    m[[META["lat_bits"], META["lon_bits"]]] = np.array([lat_c, lon_c], np.float32).view(np.int32)
+    gb = ([fi for (_, fi, _), _w in ctx.glorys.bracket(day)] if ctx.glorys is not None else []) + [-1, -1]
+    ob = [fi for (_, fi, _), _w in ctx.ostia.bracket(day)] + [-1]
+    m[META["glorys0"]], m[META["glorys1"]] = gb[0], gb[1]
+    m[META["ostia0"]], m[META["ostia1"]] = ob[0], ob[1]
+    for j in range(4):
+        m[META[f"en4_{j}"]] = files[j] if j < len(files) else -1
+    m[META["n_profiles"]] = int(near.size)
+    m[META["n_obs_pixels"]] = keep
+    m[META["row0"]], m[META["col0"]] = t.row0, t.col0
+    return RawSample(fields, obs, meta, stats, near, obs_platform)
+
+
 def compute_unit(ctx: Context, split: str, unit: int) -> dict[str, Any]:
     """Arrays and statistics of samples [unit*S, (unit+1)*S) of a split."""
     cfg = ctx.cfg
@@ -244,61 +370,17 @@ def compute_unit(ctx: Context, split: str, unit: int) -> dict[str, Any]:
     fields = np.zeros((n, 1 + N_LEVELS, size, size), np.uint16)
     obs = np.zeros((n, lay.max_obs_pixels, 2 + N_LEVELS), np.uint16)
     meta = np.zeros((n, len(META_COLUMNS)), np.int32)
+    obs_platform = np.full((n, lay.max_obs_pixels, PLATFORM_SLOTS), PLATFORM_NONE, np.int32)
     stats = {"count": np.zeros(N_LEVELS), "sum": np.zeros(N_LEVELS), "sumsq": np.zeros(N_LEVELS),
              "clipped": 0, "dropped_obs_pixels": 0, "obs_pixels": 0, "profiles": 0}
-    radius = cfg.dataset.sampling.temporal_window_days // 2
-    e = ctx.en4
     for k, (day, tid) in enumerate(rows):
-        day, t = int(day), ctx.tiles[int(tid)]
-        lats, lons = t.pixel_lats(), t.pixel_lons()
-        y = ctx.glorys.interp(day, lats, lons)
-        eo = ctx.ostia.interp(day, lats, lons)
-        codes, c1 = ctx.quant.encode(eo)
-        fields[k, 0] = codes
-        codes, c2 = ctx.quant.encode(y)
-        fields[k, 1:] = codes
-        stats["clipped"] += c1 + c2
-        fin = np.isfinite(y)
-        y0 = np.where(fin, y, 0.0).astype(np.float64)
-        stats["count"] += fin.sum(axis=(1, 2))
-        stats["sum"] += y0.sum(axis=(1, 2))
-        stats["sumsq"] += (y0 * y0).sum(axis=(1, 2))
-        # Profiles within +-radius days and inside the patch (half-open, dateline-aware).
-        near = _window(e, day, radius)
-        r, c, inside = pixel_of(e.lat[near], e.lon[near], t.top, t.left, t.res, t.size)
-        near, r, c = near[inside], r[inside], c[inside]
-        files = sorted(set(e.file_idx[near].tolist()))
-        if near.size:
-            aligned = np.concatenate([ctx.aligned(f)[e.prof_idx[near[e.file_idx[near] == f]]]
-                                      for f in files])
-            order = np.concatenate([np.flatnonzero(e.file_idx[near] == f) for f in files])
-            pix, vals = rasterize(aligned, r[order], c[order])
-        else:
-            pix, vals = rasterize(np.zeros((0, N_LEVELS), np.float32), r, c)
-        keep = min(pix.shape[0], lay.max_obs_pixels)
-        stats["dropped_obs_pixels"] += pix.shape[0] - keep
-        stats["obs_pixels"] += keep
-        stats["profiles"] += int(near.size)
-        obs[k, :keep, 0:2] = pix[:keep]
-        codes, c3 = ctx.quant.encode(vals[:keep])
-        obs[k, :keep, 2:] = codes
-        stats["clipped"] += c3
-        lat_c, lon_c = t.centre()
-        m = meta[k]
-        m[META["date"]] = contract_date(day)
-        m[META["day"]] = day
-        m[META["tile_id"]] = t.tile_id
-        m[[META["lat_bits"], META["lon_bits"]]] = np.array([lat_c, lon_c], np.float32).view(np.int32)
-        gb = [fi for (_, fi, _), _w in ctx.glorys.bracket(day)] + [-1]
-        ob = [fi for (_, fi, _), _w in ctx.ostia.bracket(day)] + [-1]
-        m[META["glorys0"]], m[META["glorys1"]] = gb[0], gb[1]
-        m[META["ostia0"]], m[META["ostia1"]] = ob[0], ob[1]
-        for j in range(4):
-            m[META[f"en4_{j}"]] = files[j] if j < len(files) else -1
-        m[META["n_profiles"]] = int(near.size)
-        m[META["n_obs_pixels"]] = keep
-        m[META["row0"]], m[META["col0"]] = t.row0, t.col0
+        raw = grid_sample(ctx, int(day), ctx.tiles[int(tid)])
+        fields[k], obs[k], meta[k] = raw.fields, raw.obs, raw.meta
+        obs_platform[k] = raw.obs_platform
+        for key in stats:
+            stats[key] += raw.stats[key]
     return {"split": split, "unit": unit, "fields": fields, "obs": obs, "meta": meta,
+            "obs_platform": obs_platform,
             "stats": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in stats.items()}}
 
 
@@ -379,7 +461,7 @@ def build_store(cfg: Config, glorys: str | list[str], ostia: str | list[str],
             grp = root[res["split"]]
             a = res["unit"] * s
             n = res["meta"].shape[0]
-            for name in ("fields", "obs", "meta"):
+            for name in ("fields", "obs", "meta", "obs_platform"):
                 grp[name][a:a + n] = res[name]
             write_json_atomic(_marker(out, res["split"], res["unit"]), res["stats"])
     finally:
@@ -431,6 +513,12 @@ def _manifest(ctx: Context, out: Path, jobs: list[tuple[str, int]], digest: str)
         "val_year": cfg.split.val_year,
         "temporal_window_days": cfg.dataset.sampling.temporal_window_days,
         "tiles": {str(t.tile_id): [t.row0, t.col0] for t in ctx.tiles.values()},
+        # docs/data_store.md#profiles-potential-temperature-and-qc
+        "profiles": {"temperature": cfg.dataset.sampling.argo_temperature,
+                     "qc": cfg.dataset.sampling.argo_qc, "qc_reject_flag": "4",
+                     **ctx.en4.summary},
+        "platforms": ctx.en4.platforms,
+        "platform_slots": PLATFORM_SLOTS,
         "sources": {"glorys": [os.path.basename(f) for f in ctx.glorys.files],
                     "ostia": [os.path.basename(f) for f in ctx.ostia.files],
                     "en4": [os.path.basename(f) for f in ctx.en4.files]},
