@@ -44,11 +44,16 @@ SamplerName = Literal["ddpm", "ddim"]
 Precision = Literal["auto", "bf16", "fp32"]
 Distributed = Literal["ddp", "deepspeed"]
 MatmulPrecision = Literal["highest", "high", "medium"]
+CompileBackend = Literal["inductor", "aot_eager", "eager"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 PlateauMode = Literal["min", "max"]
 ThresholdMode = Literal["rel", "abs"]
 Compressor = Literal["lz4", "lz4hc", "zstd", "zlib", "blosclz"]
 ByteShuffle = Literal["shuffle", "noshuffle", "bitshuffle"]
+ArgoTemperature = Literal["potential", "in_situ"]
+ArgoQC = Literal["en4", "none"]
 AEType = Literal["depth_band_ae"]
+CovarianceShape = Literal["gaussian", "roemmich_gilson"]
 
 Problems = Iterator[tuple[str, Any, str]]  # (key relative to the section, value, why)
 
@@ -314,6 +319,19 @@ class TrainerConfig:
     # Each rank appends {"step", "ids"} to logs/samples_rank_NNNNN.jsonl: which samples it trained
     # on at every step (an audit of the data split across ranks and nodes, kept exact on resume).
     record_sample_ids: bool = False
+    # Speed options (docs/cluster.md, "Speed options"). Each default keeps the eager, contiguous,
+    # un-checkpointed step until a GPU measurement says otherwise.
+    # torch.compile of the U-Net in place (parameter names unchanged; the Triton kernel ops stay
+    # whole as custom ops). Not with ZeRO-3, whose parameter gathering hooks break the graph.
+    compile: bool = False
+    compile_backend: CompileBackend = "inductor"  # aot_eager: no code generation (tests, triage)
+    compile_mode: CompileMode = "default"
+    channels_last: bool = False  # U-Net parameters and activations in torch.channels_last
+    fused_adamw: bool = False  # torch.optim.AdamW(fused=True) instead of foreach
+    # U-Net levels (0 = full resolution .. len(dim_mults) - 1) whose stages recompute their
+    # activations in the backward pass instead of keeping them: "none", "all" or a list [0, 1].
+    activation_checkpointing: list[int] | str = "none"
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark (autotuned convolutions)
     ema: EMAConfig = field(default_factory=EMAConfig)
 
     def check(self) -> Problems:
@@ -330,6 +348,11 @@ class TrainerConfig:
         yield from _positive("global_batch_size", self.global_batch_size)
         yield from _positive("intra_op_threads", self.intra_op_threads)
         yield from _positive("collective_timeout_s", self.collective_timeout_s)
+        ac = self.activation_checkpointing
+        if isinstance(ac, str) and ac not in ("none", "all"):
+            yield "activation_checkpointing", ac, "must be 'none', 'all' or a list of U-Net level indices"
+        if isinstance(ac, list) and any(level < 0 for level in ac):
+            yield "activation_checkpointing", ac, "level indices must be >= 0"
 
 
 @dataclass
@@ -453,6 +476,13 @@ class SamplingWindowConfig:
     ostia_var_name: str = "analysed_sst"
     argo_temp_var_name: str = "TEMP"
     argo_depth_var_name: str = "DEPH_CORRECTED"
+    # Profile temperature and QC (docs/data_store.md#profiles-potential-temperature-and-qc).
+    # "potential" matches GLORYS thetao: argo_potm_var_name where a file has it, else computed
+    # from argo_temp_var_name (in situ), argo_psal_var_name and depth with gsw (TEOS-10).
+    argo_temperature: ArgoTemperature = "potential"
+    argo_potm_var_name: str = "POTM_CORRECTED"
+    argo_psal_var_name: str = "PSAL_CORRECTED"
+    argo_qc: ArgoQC = "en4"  # "en4": drop profiles/levels flagged '4'; "none": ignore flags
 
     def check(self) -> Problems:
         yield from _positive("temporal_window_days", self.temporal_window_days)
@@ -553,6 +583,59 @@ class AEConfig:
 
 
 @dataclass
+class ClimatologyConfig:
+    """Per-pixel seasonal climatology (docs/metrics.md#climatology)."""
+
+    harmonics: int = 2  # annual + semi-annual cycle
+    # Ridge on the harmonic coefficients, times the pixel's sample count: with a full year of data
+    # it shrinks them by ~2 %; with a few weeks it keeps the nearly collinear harmonics bounded.
+    ridge: float = 0.01
+    block_px: int = 16  # accumulation block of the global grid (memory follows the covered area)
+
+    def check(self) -> Problems:
+        yield from _positive("harmonics", self.harmonics, strict=False)
+        yield from _positive("ridge", self.ridge, strict=False)
+        yield from _positive("block_px", self.block_px)
+
+
+@dataclass
+class OIConfig:
+    """Optimal-interpolation baseline (docs/metrics.md#optimal-interpolation)."""
+
+    enabled: bool = True
+    covariance: CovarianceShape = "gaussian"
+    # Grids of the marginal-likelihood fit per depth level (signal variance is profiled out).
+    length_grid_km: list[float] = field(default_factory=lambda: [50.0, 100.0, 150.0, 250.0, 400.0])
+    noise_ratio_grid: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    rg_long_km: float = 1100.0  # roemmich_gilson: scale of the exponential part
+    rg_short_weight: float = 0.77  # roemmich_gilson: weight of the Gaussian part
+    halo_km: float = 300.0  # observations of same-day neighbouring patches within this distance
+    fit_samples: int = 64  # train samples (evenly spaced) used by the fit
+
+    def check(self) -> Problems:
+        if not self.length_grid_km or min(self.length_grid_km) <= 0:
+            yield "length_grid_km", self.length_grid_km, "must be a non-empty list of values > 0"
+        if not self.noise_ratio_grid or min(self.noise_ratio_grid) <= 0:
+            yield "noise_ratio_grid", self.noise_ratio_grid, "must be a non-empty list of values > 0"
+        yield from _positive("rg_long_km", self.rg_long_km)
+        yield from _within("rg_short_weight", self.rg_short_weight, 0.0, 1.0)
+        yield from _positive("halo_km", self.halo_km, strict=False)
+        yield from _positive("fit_samples", self.fit_samples)
+
+
+@dataclass
+class EvaluationConfig:
+    """What `evaluate` scores against (docs/metrics.md#baselines)."""
+
+    idw_power: float = 2.0
+    climatology: ClimatologyConfig = field(default_factory=ClimatologyConfig)
+    oi: OIConfig = field(default_factory=OIConfig)
+
+    def check(self) -> Problems:
+        yield from _positive("idw_power", self.idw_power)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     ae: AEConfig = field(default_factory=AEConfig)
@@ -563,6 +646,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -804,6 +888,10 @@ def _section_problems(node: Any, prefix: str) -> Iterator[tuple[str, Any, str]]:
 
 
 def _cross_section_problems(cfg: Config) -> Iterator[tuple[str, Any, str]]:
+    ac, levels = cfg.trainer.activation_checkpointing, len(cfg.model.unet.dim_mults)
+    if isinstance(ac, list) and any(level >= levels for level in ac):
+        yield ("trainer.activation_checkpointing", ac,
+               f"the U-Net has {levels} levels (model.unet.dim_mults), indices 0..{levels - 1}")
     n = cfg.trainer.full_reconstruction_samples
     if cfg.trainer.full_reconstruction and n > cfg.dataloader.val_batch_size:
         yield ("trainer.full_reconstruction_samples", n,
