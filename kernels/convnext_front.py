@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._utils import block, check_float, check_same_device, interpreting, next_pow2
+from .convnext_front_nhwc import convnext_front_nhwc, is_channels_last
 from .film import film_reference
 
 KS = 7  # depthwise kernel size (padding 3)
@@ -539,7 +540,9 @@ def convnext_front(
 ) -> torch.Tensor:
     """LN_c((dwconv7x7(x) + dw_bias + time_bias) * (1 + film_scale) + film_shift), fused.
 
-    x (B, C, H, W) fp32/bf16/fp16 (made contiguous NCHW); dw_weight (C, 1, 7, 7); dw_bias, ln_weight,
+    x (B, C, H, W) fp32/bf16/fp16; a channels_last x runs the NHWC kernels of
+    convnext_front_nhwc.py and gets a channels_last output, any other layout is made contiguous
+    NCHW and runs the kernels here. dw_weight (C, 1, 7, 7); dw_bias, ln_weight,
     ln_bias (C,); time_bias, film_scale, film_shift (B, C). time_bias, the FiLM pair and the LN
     pair may each be None. Output has x's dtype; all arithmetic is fp32 in registers.
     """
@@ -563,6 +566,9 @@ def convnext_front(
         if name in want and tuple(t.shape) != want[name]:
             raise ValueError(f"{name} must have shape {want[name]}, got {tuple(t.shape)}")
     check_same_device(**named)
+    if is_channels_last(x):  # v2: NHWC taps are aligned vectors (convnext_front_nhwc.py)
+        return convnext_front_nhwc(x, dw_weight, dw_bias, time_bias, film_scale, film_shift,
+                                   ln_weight, ln_bias, eps)
     c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
     y, _, _ = _convnext_front_fwd(
         x.contiguous(), dw_weight.contiguous(), c(dw_bias), c(time_bias), c(film_scale),
