@@ -101,3 +101,31 @@ def rasterize(aligned: np.ndarray, rows: np.ndarray, cols: np.ndarray
     has = counts.sum(1) > 0
     pix = np.stack([uniq // 100_000, uniq % 100_000], axis=1)
     return pix[has], vals[has]
+
+
+PLATFORM_SLOTS = 4  # platform ids kept per observed pixel (store array obs_platform)
+PLATFORM_NONE = -1  # empty slot
+PLATFORM_MORE = -2  # the pixel holds more platforms than PLATFORM_SLOTS
+
+
+def pixel_platforms(aligned: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                    platform: np.ndarray, slots: int = PLATFORM_SLOTS) -> np.ndarray:
+    """(K, slots) int32 platform ids of the pixels `rasterize` returns for the same input, in its
+    order: the distinct ids (ascending) of the profiles that gave the pixel a value, padded with
+    PLATFORM_NONE; a pixel with more ids keeps slots - 1 of them and PLATFORM_MORE last.
+
+    Profiles without any finite aligned value contribute no data, so not their id either.
+    """
+    has = np.isfinite(aligned).any(axis=1)
+    key = rows * 100_000 + cols
+    uniq = np.unique(key[has])
+    out = np.full((uniq.size, slots), PLATFORM_NONE, np.int32)
+    pairs = np.unique(np.stack([key[has], np.asarray(platform)[has]], axis=1), axis=0)
+    start = np.searchsorted(pairs[:, 0], uniq, side="left")
+    stop = np.searchsorted(pairs[:, 0], uniq, side="right")
+    for k, (a, b) in enumerate(zip(start, stop, strict=True)):
+        ids = pairs[a:b, 1]
+        if ids.size > slots:
+            ids = np.concatenate([ids[:slots - 1], [PLATFORM_MORE]])
+        out[k, :ids.size] = ids
+    return out

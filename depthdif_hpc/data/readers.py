@@ -308,13 +308,34 @@ class GridSource:
 
 @dataclass
 class Profiles:
-    """EN4-like profiles: juld (days since 1950-01-01), positions, (P, L) temp/depth with NaN."""
+    """EN4-like profiles: juld (days since 1950-01-01), positions, (P, L) temp/depth with NaN.
+
+    `temp` is potential temperature (reference 0 dbar) unless read with temperature="in_situ";
+    `platform` holds each profile's platform id ("" where the file has none). The counters say
+    what the reader did (docs/data_store.md#profiles-potential-temperature-and-qc).
+    """
 
     juld: np.ndarray
     lat: np.ndarray
     lon: np.ndarray
     temp: np.ndarray
     depth: np.ndarray
+    platform: np.ndarray = field(default_factory=lambda: np.zeros(0, "U1"))
+    temperature_source: str = ""  # the variable read, or "<TEMP>+<PSAL> (gsw pt0)"
+    qc_rejected_profiles: int = 0
+    qc_rejected_levels: int = 0
+    salinity_assumed_levels: int = 0  # computed pt0 used ASSUMED_SALINITY at these levels
+
+
+# EN4's quality-control convention (Met Office Hadley Centre, "EN4 profile file format"): a '4'
+# in POSITION_QC, JULD_QC or PROFILE_<VAR>_QC rejects the whole profile, a '4' at a level of
+# <VAR>_CORRECTED_QC rejects that level. Anything else ('0', '1', blank) is kept.
+EN4_REJECT = b"4"
+EN4_PROFILE_QC = ("POSITION_QC", "JULD_QC")
+# Salinity where a computed potential temperature has none (absent, fill or rejected). At
+# 2000 dbar one unit of salinity moves pt0 by about 0.003 degC (gsw, 2-10 degC), so an assumed
+# 35 costs at most a few mK in the open ocean.
+ASSUMED_SALINITY = 35.0
 
 
 def _en4_values(ds: xr.Dataset, name: str, path: str) -> np.ndarray:
@@ -328,11 +349,75 @@ def _en4_values(ds: xr.Dataset, name: str, path: str) -> np.ndarray:
     return v
 
 
-def read_en4(path: str, temp_var: str = "TEMP", depth_var: str = "DEPH_CORRECTED",
-             positions_only: bool = False) -> Profiles:
-    """Read one EN4-like profile file. Fill 99999 or |v| > 1e6 -> NaN; no QC flags applied.
+def _chars(ds: xr.Dataset, name: str, shape: tuple[int, ...], path: str) -> np.ndarray | None:
+    """A character variable as an array of single bytes of `shape` (None if absent).
 
+    xarray joins a char variable's last dimension into fixed-width strings, so EN4's
+    POTM_CORRECTED_QC (N_PROF, N_LEVELS) arrives as N_PROF strings and PROFILE_POTM_QC as
+    N_PROF one-byte strings; both are split back into one flag per profile or level.
+    """
+    if name not in ds.variables:
+        return None
+    v = np.asarray(ds[name].values)
+    if v.dtype.kind == "U":
+        v = np.char.encode(v, "ascii")
+    if v.dtype.kind == "O":
+        v = np.array([x if isinstance(x, bytes) else str(x).encode() for x in v.ravel()]).reshape(v.shape)
+    if v.dtype.kind != "S":
+        raise SourceError(f"{path}: variable '{name}' is {v.dtype}, expected characters")
+    if v.ndim == len(shape) - 1 and len(shape) == 2:
+        v = np.char.ljust(v, shape[1]) if v.dtype.itemsize < shape[1] else v
+        v = np.ascontiguousarray(v.astype(f"S{shape[1]}")).view("S1").reshape(v.shape[0], shape[1])
+    elif v.dtype.itemsize != 1:
+        v = np.array([x[:1] for x in v.ravel()], "S1").reshape(v.shape)
+    if v.shape != shape:
+        raise SourceError(f"{path}: variable '{name}' has shape {v.shape}, expected {shape}")
+    return v
+
+
+def platform_ids(ds: xr.Dataset, n: int, path: str, var: str = "PLATFORM_NUMBER") -> np.ndarray:
+    """(n,) str platform ids (stripped), "" where the file has no `var`."""
+    if var not in ds.variables:
+        return np.full(n, "", dtype="U1")
+    v = np.asarray(ds[var].values)
+    if v.dtype.kind == "S" and v.ndim == 2:  # undecoded char array
+        v = np.array([b"".join(row) for row in v])
+    if v.shape != (n,):
+        raise SourceError(f"{path}: variable '{var}' has shape {v.shape}, expected (N_PROF={n},)")
+    out = [x.decode("ascii", "replace") if isinstance(x, bytes) else str(x) for x in v]
+    return np.array([x.replace("\x00", "").strip() for x in out], dtype=str)
+
+
+def potential_temperature(temp: np.ndarray, psal: np.ndarray, depth: np.ndarray,
+                          lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """(P, L) in-situ temperature (ITS-90, degC), practical salinity and depth (m) at profile
+    positions (P,) -> potential temperature referenced to 0 dbar (TEOS-10, gsw).
+
+    Pressure from depth and latitude (gsw.p_from_z), absolute salinity from practical salinity
+    (gsw.SA_from_SP), then gsw.pt0_from_t. NaN where temperature or depth is NaN; salinity
+    must already be filled.
+    """
+    import gsw
+
+    la = np.broadcast_to(np.asarray(lat, np.float64)[:, None], temp.shape)
+    lo = np.broadcast_to(np.asarray(lon, np.float64)[:, None], temp.shape)
+    p = gsw.p_from_z(-np.asarray(depth, np.float64), la)
+    sa = gsw.SA_from_SP(np.asarray(psal, np.float64), p, lo, la)
+    return np.asarray(gsw.pt0_from_t(sa, np.asarray(temp, np.float64), p), np.float64)
+
+
+def read_en4(path: str, temp_var: str = "TEMP", depth_var: str = "DEPH_CORRECTED",
+             positions_only: bool = False, *, temperature: str = "potential",
+             potm_var: str = "POTM_CORRECTED", psal_var: str = "PSAL_CORRECTED",
+             qc: str = "en4") -> Profiles:
+    """Read one EN4-like profile file. Fill 99999 or |v| > 1e6 -> NaN.
+
+    temperature="potential": `potm_var` (EN4's corrected potential temperature) when the file
+    has it, else computed from `temp_var` (in situ), `psal_var` and depth with gsw
+    (`potential_temperature`); "in_situ": `temp_var` as is. qc="en4": profiles and levels
+    that EN4's flags reject (`EN4_REJECT`) are dropped (levels -> NaN); "none": flags ignored.
     Profiles without a finite time or position are dropped (they cannot be placed).
+    `positions_only` skips the level data but still applies the profile flags.
     """
     with _open(path) as ds:
         juld_raw = _en4_values(ds, "JULD", path)
@@ -344,18 +429,65 @@ def read_en4(path: str, temp_var: str = "TEMP", depth_var: str = "DEPH_CORRECTED
             raise SourceError(f"{path}: JULD/LATITUDE/LONGITUDE must be 1-D of length N_PROF, got "
                               f"{juld.shape}/{lat.shape}/{lon.shape}")
         n = juld.shape[0]
+        platform = platform_ids(ds, n, path)
+        use_potm = temperature == "potential" and potm_var in ds.variables
+        tvar = potm_var if use_potm else temp_var
+        # Temperature QC: EN4 flags temperature through its potential temperature variable.
+        qc_var = f"{potm_var}_QC"
+        qc_prof = f"PROFILE_{potm_var.split('_')[0]}_QC"
+        rejected = np.zeros(n, bool)
+        if qc == "en4":
+            for name in (*EN4_PROFILE_QC, qc_prof):
+                f = _chars(ds, name, (n,), path)
+                if f is not None:
+                    rejected |= f == EN4_REJECT
+        source = tvar
+        bad_levels = assumed = 0
         if positions_only:
             temp = depth = np.zeros((n, 0), np.float32)
+            if qc == "en4" and qc_var in ds.variables:  # count the rejected levels all the same
+                f = _chars(ds, qc_var, (n, ds[qc_var].shape[-1] if ds[qc_var].ndim == 2
+                                        else ds[qc_var].dtype.itemsize), path)
+                bad_levels = int((f[~rejected] == EN4_REJECT).sum())
         else:
-            temp = _en4_values(ds, temp_var, path)
+            temp = _en4_values(ds, tvar, path)
             depth = _en4_values(ds, depth_var, path)
-            for name, v in ((temp_var, temp), (depth_var, depth)):
+            for name, v in ((tvar, temp), (depth_var, depth)):
                 if v.ndim != 2 or v.shape[0] != n:
                     raise SourceError(f"{path}: variable '{name}' has shape {v.shape}, expected "
                                       f"(N_PROF={n}, N_LEVELS)")
             if temp.shape != depth.shape:
-                raise SourceError(f"{path}: variables '{temp_var}' {temp.shape} and '{depth_var}' "
+                raise SourceError(f"{path}: variables '{tvar}' {temp.shape} and '{depth_var}' "
                                   f"{depth.shape} differ in shape")
-    ok = np.isfinite(juld) & np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= 90)
+            if qc == "en4":
+                f = _chars(ds, qc_var, temp.shape, path)
+                if f is not None:
+                    bad = f == EN4_REJECT
+                    bad_levels = int(bad[~rejected].sum())
+                    temp[bad] = np.nan
+            if temperature == "potential" and not use_potm:
+                psal = (_en4_values(ds, psal_var, path) if psal_var in ds.variables
+                        else np.full(temp.shape, np.nan))
+                if psal.shape != temp.shape:
+                    raise SourceError(f"{path}: variable '{psal_var}' has shape {psal.shape}, "
+                                      f"expected {temp.shape} like '{tvar}'")
+                if qc == "en4":
+                    f = _chars(ds, f"{psal_var}_QC", temp.shape, path)
+                    if f is not None:
+                        psal[f == EN4_REJECT] = np.nan
+                    f = _chars(ds, f"PROFILE_{psal_var.split('_')[0]}_QC", (n,), path)
+                    if f is not None:
+                        psal[f == EN4_REJECT] = np.nan
+                miss = ~np.isfinite(psal) & np.isfinite(temp) & np.isfinite(depth)
+                assumed = int(miss[~rejected].sum())
+                psal[miss] = ASSUMED_SALINITY
+                ok_lat = np.where(np.isfinite(lat), lat, 0.0)
+                ok_lon = np.where(np.isfinite(lon), lon, 0.0)
+                temp = potential_temperature(temp, np.where(np.isfinite(psal), psal, ASSUMED_SALINITY),
+                                             depth, ok_lat, ok_lon)
+                source = f"{temp_var}+{psal_var} (gsw pt0)"
+    ok = (np.isfinite(juld) & np.isfinite(lat) & np.isfinite(lon) & (np.abs(lat) <= 90)
+          & ~rejected)
     return Profiles(juld[ok], lat[ok], wrap_lon(lon[ok]), temp[ok].astype(np.float32),
-                    depth[ok].astype(np.float32))
+                    depth[ok].astype(np.float32), platform[ok], source,
+                    int(rejected.sum()), bad_levels, assumed)

@@ -7,6 +7,7 @@ Layout (docs/data_store.md has the full description)::
     STORE/{train,val}/fields        (N, 51, H, W) uint16: channel 0 = eo, 1..50 = y
     STORE/{train,val}/obs           (N, P, 52) uint16: [row, col, 50 x codes] per observed pixel
     STORE/{train,val}/meta          (N, 17) int32: META_COLUMNS
+    STORE/{train,val}/obs_platform  (N, P, 4) int32: platform ids of each obs row (-1 none)
     STORE/build/                    plan and per-unit progress markers of the builder
 
 Temperatures are uint16 codes: 0 = invalid, k >= 1 = quant_min_c + (k - 1) * quant_step_c
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..normalization import KELVIN_OFFSET, TEMP_MEAN_K, TEMP_STD_K
+from .profiles import PLATFORM_NONE, PLATFORM_SLOTS
 
 FORMAT = "depthdif-store/1"
 SPLITS = ("train", "val")
@@ -96,20 +98,24 @@ def create_split_arrays(root: Any, split: str, n: int, tile: int, layout: Any) -
                 (min(s, max(n, 1)), layout.max_obs_pixels, 2 + N_LEVELS)),
         # meta is tiny: one chunk per shard keeps its per-chunk overhead off the read path.
         "meta": ((n, len(META_COLUMNS)), "int32", (min(s, max(n, 1)), len(META_COLUMNS))),
+        # Platform ids (indices into manifest.platforms) of each obs row: whole-float holdout.
+        "obs_platform": ((n, layout.max_obs_pixels, PLATFORM_SLOTS), "int32",
+                         (min(s, max(n, 1)), layout.max_obs_pixels, PLATFORM_SLOTS)),
     }
     for name, (shape, dtype, chunks) in specs.items():
+        fill = PLATFORM_NONE if name == "obs_platform" else 0
         if name in grp:
             if tuple(grp[name].shape) != shape:
                 raise StoreError(f"{root.store}: {split}/{name} exists with shape "
                                  f"{tuple(grp[name].shape)}, expected {shape}")
             continue
         if n == 0:
-            grp.create_array(name, shape=shape, dtype=dtype, chunks=(1,) + shape[1:], fill_value=0)
+            grp.create_array(name, shape=shape, dtype=dtype, chunks=(1,) + shape[1:], fill_value=fill)
             continue
         # Small arrays compress better with zstd and their decode time does not matter.
         base = comp if name == "fields" else [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")]
         grp.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
-                         shards=(min(s, n),) + shape[1:], compressors=base + check, fill_value=0)
+                         shards=(min(s, n),) + shape[1:], compressors=base + check, fill_value=fill)
 
 
 def shard_file(store: Path, split: str, name: str, ndim: int, shard: int) -> Path:

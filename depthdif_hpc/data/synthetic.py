@@ -303,24 +303,51 @@ def write_ostia(path: Path, day: int, sst_k: np.ndarray, lat: np.ndarray, lon: n
 
 
 def write_en4(path: Path, prof: dict, idx: list[int]) -> None:
+    """EN4-format profile file of the profiles `idx` of `prof` (lists per profile).
+
+    `prof` holds juld, lat, lon, depth and temp (in situ) per profile, and optionally psal,
+    potm (potential temperature: written as POTM_CORRECTED), platform (str), temp_qc (bytes,
+    one flag per level: POTM_CORRECTED_QC) and profile_qc (one byte: PROFILE_POTM_QC), as EN4
+    lays them out (docs/data_store.md#profiles-potential-temperature-and-qc).
+    """
     import xarray as xr
 
     nl = max(len(prof["depth"][i]) for i in idx)
-    temp = np.full((len(idx), nl), 99999.0, np.float32)
-    depth = np.full((len(idx), nl), 99999.0, np.float32)
-    for r, i in enumerate(idx):
-        k = len(prof["depth"][i])
-        temp[r, :k], depth[r, :k] = prof["temp"][i], prof["depth"][i]
-    psal = np.where(temp < 99999, 35.0, 99999.0).astype(np.float32)  # extra variable
-    ds = xr.Dataset(
-        {"JULD": ("N_PROF", np.array([prof["juld"][i] for i in idx], np.float64),
-                  {"units": "days since 1950-01-01 00:00:00"}),
-         "LATITUDE": ("N_PROF", np.array([prof["lat"][i] for i in idx], np.float64)),
-         "LONGITUDE": ("N_PROF", np.array([prof["lon"][i] for i in idx], np.float64)),
-         "TEMP": (("N_PROF", "N_LEVELS"), temp, {"units": "degree_Celsius"}),
-         "DEPH_CORRECTED": (("N_PROF", "N_LEVELS"), depth, {"units": "m"}),
-         "PSAL_CORRECTED": (("N_PROF", "N_LEVELS"), psal)})
-    enc = {v: {"_FillValue": np.float32(99999.0)} for v in ("TEMP", "DEPH_CORRECTED", "PSAL_CORRECTED")}
+    n = len(idx)
+
+    def padded(key: str, fill: float = 99999.0) -> np.ndarray:
+        out = np.full((n, nl), fill, np.float32)
+        for r, i in enumerate(idx):
+            v = prof[key][i]
+            out[r, :len(v)] = v
+        return out
+
+    temp, depth = padded("temp"), padded("depth")
+    psal = padded("psal") if "psal" in prof else np.where(temp < 99999, 35.0, 99999.0).astype(np.float32)
+    data = {"JULD": ("N_PROF", np.array([prof["juld"][i] for i in idx], np.float64),
+                     {"units": "days since 1950-01-01 00:00:00"}),
+            "LATITUDE": ("N_PROF", np.array([prof["lat"][i] for i in idx], np.float64)),
+            "LONGITUDE": ("N_PROF", np.array([prof["lon"][i] for i in idx], np.float64)),
+            "TEMP": (("N_PROF", "N_LEVELS"), temp, {"units": "degree_Celsius"}),
+            "DEPH_CORRECTED": (("N_PROF", "N_LEVELS"), depth, {"units": "m"}),
+            "PSAL_CORRECTED": (("N_PROF", "N_LEVELS"), psal)}
+    floats = ["TEMP", "DEPH_CORRECTED", "PSAL_CORRECTED"]
+    enc: dict = {}
+    if "potm" in prof:
+        data["POTM_CORRECTED"] = (("N_PROF", "N_LEVELS"), padded("potm"), {"units": "degree_Celsius"})
+        floats.append("POTM_CORRECTED")
+    # Character variables as EN4 has them: one string per profile, a character per level.
+    if "platform" in prof:
+        data["PLATFORM_NUMBER"] = ("N_PROF", np.array([prof["platform"][i] for i in idx], "S9"))
+        enc["PLATFORM_NUMBER"] = {"char_dim_name": "STRING9"}
+    if "temp_qc" in prof:
+        qc = np.array([prof["temp_qc"][i].ljust(nl, b"0")[:nl] for i in idx], f"S{nl}")
+        data["POTM_CORRECTED_QC"] = ("N_PROF", qc)
+        enc["POTM_CORRECTED_QC"] = {"char_dim_name": "N_LEVELS"}
+    if "profile_qc" in prof:
+        data["PROFILE_POTM_QC"] = ("N_PROF", np.array([prof["profile_qc"][i] for i in idx], "S1"))
+    ds = xr.Dataset(data)
+    enc.update({v: {"_FillValue": np.float32(99999.0)} for v in floats})
     enc["JULD"] = {"_FillValue": 99999.0}
     # Keep JULD numeric in the file like EN4 (xarray would otherwise re-encode it).
     ds.to_netcdf(path, engine="netcdf4", encoding=enc)

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from depthdif_hpc.data.profiles import GLORYS_DEPTHS, align_profile, pixel_of, rasterize
+from depthdif_hpc.data.profiles import (
+    GLORYS_DEPTHS,
+    PLATFORM_MORE,
+    PLATFORM_NONE,
+    align_profile,
+    pixel_of,
+    pixel_platforms,
+    rasterize,
+)
 
 
 def test_linear_interpolation_inside_the_profile():
@@ -68,3 +76,17 @@ def test_rasterize_averages_profiles_in_one_pixel():
     assert pix.tolist() == [[1, 2], [4, 7]]
     assert vals[1, 0] == 11.0 and vals[1, 1] == 9.0 and vals[1, 2] == 8.0
     assert np.isnan(vals[1, 3:]).all() and vals[0, 0] == 1.0
+
+
+def test_pixel_platforms_follow_rasterize_and_mark_overflow():
+    a = np.full((7, 50), np.nan, np.float32)
+    a[:, 0] = 1.0
+    a[2] = np.nan  # no finite level: contributes no data, so not its platform either
+    rows = np.array([4, 4, 4, 1, 0, 0, 0])
+    cols = np.array([7, 7, 7, 2, 0, 0, 0])
+    plat = np.array([9, 3, 5, 3, 1, 2, 3])
+    pix, _ = rasterize(a, rows, cols)
+    ids = pixel_platforms(a, rows, cols, plat, slots=2)
+    assert pix.tolist() == [[0, 0], [1, 2], [4, 7]]
+    # (0, 0) holds three platforms in two slots: one id and PLATFORM_MORE.
+    assert ids.tolist() == [[1, PLATFORM_MORE], [3, PLATFORM_NONE], [3, 9]]
