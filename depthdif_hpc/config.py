@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -311,7 +312,9 @@ class TrainerConfig:
     # timeout). A hung or stopped peer otherwise holds the whole allocation; the wait must still
     # cover rank 0's validation reconstruction while the others wait at the barrier after it.
     collective_timeout_s: int = 1800
-    val_at_epoch_end: bool = True
+    # Off: validation runs every val_every_n_steps only. Epochs shrink as ranks are added, so an
+    # epoch-end validation would cost more of a larger allocation's time (docs/cluster.md).
+    val_at_epoch_end: bool = False
     full_reconstruction: bool = True  # rank-0 reverse diffusion of the cached val batch
     full_reconstruction_samples: int = 2  # taken from the first validation batch
     log_intermediates: bool = False  # figures of the reconstruction's reverse chain
@@ -353,6 +356,8 @@ class TrainerConfig:
             yield "activation_checkpointing", ac, "must be 'none', 'all' or a list of U-Net level indices"
         if isinstance(ac, list) and any(level < 0 for level in ac):
             yield "activation_checkpointing", ac, "level indices must be >= 0"
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            yield "compile_mode", self.compile_mode, "needs trainer.compile_backend=inductor"
 
 
 @dataclass
@@ -372,12 +377,19 @@ class ReduceOnPlateauConfig:
     monitor: str = "val/loss_ckpt"
     mode: PlateauMode = "min"
     factor: float = 0.5
-    patience: int = 10
+    # In optimizer steps, not validations: the LR drops when the monitor has not improved for
+    # more than patience_steps steps (then no drop for cooldown_steps). A count of validations
+    # would mean less training at a shorter validation interval (docs/model.md#training).
+    patience_steps: int = 5000
     threshold: float = 1e-4
     threshold_mode: ThresholdMode = "rel"
-    cooldown: int = 0
+    cooldown_steps: int = 0
     min_lr: float = 0.0
     eps: float = 1e-8
+
+    def check(self) -> Problems:
+        yield from _positive("patience_steps", self.patience_steps, strict=False)
+        yield from _positive("cooldown_steps", self.cooldown_steps, strict=False)
 
 
 @dataclass
@@ -715,6 +727,59 @@ MOVED_KEYS: dict[str, str | None] = {
 }
 
 
+# Keys whose unit changed from validations to optimizer steps (old -> new). A config using the old
+# key still loads: old value x trainer.val_every_n_steps (the steps between two validations),
+# with a warning naming both keys; the new key wins where both are set.
+PER_VALIDATION_KEYS: dict[str, str] = {
+    "scheduler.reduce_on_plateau.patience": "scheduler.reduce_on_plateau.patience_steps",
+    "scheduler.reduce_on_plateau.cooldown": "scheduler.reduce_on_plateau.cooldown_steps",
+}
+
+
+def _take_per_validation(data: dict, source: str, found: dict[str, tuple[Any, str]]) -> None:
+    """Remove the PER_VALIDATION_KEYS from a nested dict (in place); their values go to `found`."""
+    for old in PER_VALIDATION_KEYS:
+        *parents, leaf = old.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            found[old] = (node.pop(leaf), source)
+
+
+def _per_validation_overrides(overrides: list[str] | None, found: dict[str, tuple[Any, str]]) -> list[str]:
+    kept = []
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        if key.strip() in PER_VALIDATION_KEYS:
+            found[key.strip()] = (value.strip(), f"override '{item}'")
+        else:
+            kept.append(item)
+    return kept
+
+
+def _convert_per_validation(merged: DictConfig, found: dict[str, tuple[Any, str]],
+                            origins: dict[str, str]) -> None:
+    from omegaconf import OmegaConf
+
+    for old, (value, where) in found.items():
+        new = PER_VALIDATION_KEYS[old]
+        if new in origins:
+            warnings.warn(f"{where}: {old} ignored: {new} is set ({origins[new]})", stacklevel=3)
+            continue
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {old} = {value!r}: must be an integer (a count of "
+                              f"validations; now {new}, in optimizer steps)") from None
+        interval = int(OmegaConf.select(merged, "trainer.val_every_n_steps"))
+        OmegaConf.update(merged, new, count * interval)
+        origins[new] = where
+        warnings.warn(f"{where}: {old} = {count} counted validations; it is now {new}, in optimizer "
+                      f"steps: set to {count} x trainer.val_every_n_steps {interval} = "
+                      f"{count * interval} (docs/model.md#training)", stacklevel=3)
+
+
 def _moved_entry(key: str) -> tuple[str, str | None] | None:
     """The MOVED_KEYS entry that covers `key` (the key itself or a section above it)."""
     for old, new in MOVED_KEYS.items():
@@ -792,6 +857,7 @@ def load_config(*paths: str | Path, overrides: list[str] | None = None) -> Confi
     merged = OmegaConf.structured(Config)
     OmegaConf.set_struct(merged, True)
     origins: dict[str, str] = {}
+    per_validation: dict[str, tuple[Any, str]] = {}
     for path in paths:
         path = Path(path)
         if not path.is_file():
@@ -802,13 +868,17 @@ def load_config(*paths: str | Path, overrides: list[str] | None = None) -> Confi
             raise ConfigError(f"{path}: cannot parse YAML: {exc}") from exc
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        container = OmegaConf.to_container(loaded, resolve=False)
+        _take_per_validation(container, str(path), per_validation)
+        loaded = OmegaConf.create(container)
         try:
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as exc:
             raise _explain(exc, str(path)) from exc
         for key in _flat_keys(OmegaConf.to_container(loaded, resolve=False)):
             origins[key] = str(path)
-    merged = _apply_overrides(merged, overrides, origins)
+    merged = _apply_overrides(merged, _per_validation_overrides(overrides, per_validation), origins)
+    _convert_per_validation(merged, per_validation, origins)
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
@@ -856,11 +926,15 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     from omegaconf.errors import OmegaConfBaseException
 
     origins: dict[str, str] = {}
+    per_validation: dict[str, tuple[Any, str]] = {}
+    migrated = _migrate(data)
+    _take_per_validation(migrated, "saved config", per_validation)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(_migrate(data)))
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(migrated))
     except OmegaConfBaseException as exc:
         raise _explain(exc, "saved config") from exc
-    merged = _apply_overrides(merged, overrides, origins)
+    merged = _apply_overrides(merged, _per_validation_overrides(overrides, per_validation), origins)
+    _convert_per_validation(merged, per_validation, origins)
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate_config(cfg, origins)
     return cfg

@@ -20,9 +20,12 @@ from depthdif_hpc.config import Config
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """AdamW over all parameters, PyTorch defaults except weight decay (docs/model.md#training)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    # foreach keeps the update to a few kernel launches; fused is CUDA-only in some versions.
+    # foreach keeps the update to a few kernel launches; trainer.fused_adamw makes it one kernel
+    # per parameter group and dtype (CUDA and CPU). Under DeepSpeed this optimizer is the client
+    # optimizer that ZeRO steps on its fp32 master partitions, so the option applies there too.
+    fused = cfg.trainer.fused_adamw
     return torch.optim.AdamW(params, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay,
-                             foreach=True)
+                             foreach=None if fused else True, fused=fused or None)
 
 
 class LRController:
@@ -37,11 +40,14 @@ class LRController:
         self.cosine = s.cosine.enabled
         self.cosine_min_lr = s.cosine.min_lr
         self.plateau_cfg = s.reduce_on_plateau if s.reduce_on_plateau.enabled else None
-        # Plateau state (the rules of torch.optim.lr_scheduler.ReduceLROnPlateau).
+        # Plateau state: torch.optim.lr_scheduler.ReduceLROnPlateau's rules with patience and
+        # cooldown in optimizer steps instead of calls, so that they mean the same training
+        # whatever the validation interval or the number of steps in an epoch (which shrinks as
+        # ranks are added).
         self.plateau_lr = self.base_lr
         self.best: float | None = None
-        self.num_bad = 0
-        self.cooldown_left = 0
+        self.best_step: int | None = None  # last improvement or reduction: the patience counts from it
+        self.cooldown_until = 0  # no reduction and no bad steps counted before this step
 
     def lr_at(self, step: int) -> float:
         """LR for the optimizer step that turns `step` completed steps into step + 1."""
@@ -70,33 +76,33 @@ class LRController:
         bound = self.best * (1 + c.threshold) if c.threshold_mode == "rel" else self.best + c.threshold
         return value > bound
 
-    def plateau_step(self, value: float) -> bool:
-        """Feed one monitored value (after each validation); True when the LR was reduced."""
+    def plateau_step(self, value: float, step: int) -> bool:
+        """Feed the monitored value of the validation at optimizer step `step`; True when the LR
+        was reduced: the value has not improved for more than patience_steps steps."""
         c = self.plateau_cfg
         if c is None or math.isnan(value):
             return False
         if self.best is None or self._improved(value):
-            self.best, self.num_bad = value, 0
-        else:
-            self.num_bad += 1
-        if self.cooldown_left > 0:
-            self.cooldown_left -= 1
-            self.num_bad = 0
-        if self.num_bad > c.patience:
+            self.best, self.best_step = value, step
+        if self.best_step is None or step <= self.cooldown_until:
+            self.best_step = step  # a resumed pre-step-count state, or cooling down: count from here
+        if step - self.best_step > c.patience_steps:
             new = max(self.plateau_lr * c.factor, c.min_lr)
-            self.num_bad = 0
-            self.cooldown_left = c.cooldown
+            self.best_step = step
+            self.cooldown_until = step + c.cooldown_steps
             if self.plateau_lr - new > c.eps:
                 self.plateau_lr = new
                 return True
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"plateau_lr": self.plateau_lr, "best": self.best, "num_bad": self.num_bad,
-                "cooldown_left": self.cooldown_left}
+        return {"plateau_lr": self.plateau_lr, "best": self.best, "best_step": self.best_step,
+                "cooldown_until": self.cooldown_until}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.plateau_lr = float(state["plateau_lr"])
         self.best = None if state["best"] is None else float(state["best"])
-        self.num_bad = int(state["num_bad"])
-        self.cooldown_left = int(state["cooldown_left"])
+        # Checkpoints from before the step count hold validation counts: the patience then
+        # counts from the first validation after the resume.
+        self.best_step = None if state.get("best_step") is None else int(state["best_step"])
+        self.cooldown_until = int(state.get("cooldown_until", 0))

@@ -252,7 +252,7 @@ class Validator:
         if value[1] > 0:
             log.warning(f"validation at step {step} abandoned during the reconstruction: stop requested")
             return None
-        if self.lr_ctl.plateau_step(float(value[0])):
+        if self.lr_ctl.plateau_step(float(value[0]), step):
             log.info(f"ReduceLROnPlateau: lr now {self.lr_ctl.plateau_lr:g}")
         if self.is_main:
             self.steplog.scalars(metrics, step)
