@@ -68,37 +68,112 @@ def _ssim(target: np.ndarray, pred: np.ndarray, data_range: float) -> float:
 
 @dataclass
 class DepthStats:
-    """Streaming per-depth error sums for one (method, support)."""
+    """Streaming per-depth error sums for one (method, support), and the truth's own sums so the
+    coefficient of determination R^2 = 1 - SSE / SST (SST about the pooled mean of the truth at
+    that level) comes out of the same pass."""
 
     depth: int
     n: np.ndarray = field(init=False)
     s: np.ndarray = field(init=False)
     sa: np.ndarray = field(init=False)
     s2: np.ndarray = field(init=False)
+    t: np.ndarray = field(init=False)
+    t2: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.n, self.s, self.sa, self.s2 = (np.zeros(self.depth) for _ in range(4))
+        self.n, self.s, self.sa, self.s2, self.t, self.t2 = (np.zeros(self.depth) for _ in range(6))
 
     def add(self, pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> None:
         """pred, truth (D, H, W) degC; mask (D, H, W) bool. Non-finite pairs are left out."""
         sel = mask & np.isfinite(pred) & np.isfinite(truth)
         err = np.where(sel, pred - truth, 0.0)
+        tru = np.where(sel, truth, 0.0)
         self.n += sel.sum(axis=(1, 2))
         self.s += err.sum(axis=(1, 2))
         self.sa += np.abs(err).sum(axis=(1, 2))
         self.s2 += (err**2).sum(axis=(1, 2))
+        self.t += tru.sum(axis=(1, 2))
+        self.t2 += (tru**2).sum(axis=(1, 2))
 
     def per_depth(self) -> dict[str, np.ndarray]:
         with np.errstate(invalid="ignore", divide="ignore"):
             n = np.where(self.n > 0, self.n, np.nan)
-            return {"rmse": np.sqrt(self.s2 / n), "mae": self.sa / n, "bias": self.s / n, "count": self.n}
+            sst = self.t2 - self.t**2 / n
+            r2 = np.where(sst > 0, 1.0 - self.s2 / sst, np.nan)
+            return {"rmse": np.sqrt(self.s2 / n), "mae": self.sa / n, "bias": self.s / n, "r2": r2,
+                    "count": self.n}
 
     def overall(self) -> dict[str, float]:
+        """Pooled over all points of all depths (R^2 here is the mean over levels with a value,
+        since pooling levels would credit reproducing the mean profile)."""
         n = self.n.sum()
         if n == 0:
-            return {"rmse": math.nan, "mae": math.nan, "bias": math.nan, "count": 0}
+            return {"rmse": math.nan, "mae": math.nan, "bias": math.nan, "r2": math.nan, "count": 0}
+        r2 = self.per_depth()["r2"]
         return {"rmse": float(np.sqrt(self.s2.sum() / n)), "mae": float(self.sa.sum() / n),
-                "bias": float(self.s.sum() / n), "count": int(n)}
+                "bias": float(self.s.sum() / n),
+                "r2": float(np.nanmean(r2)) if np.isfinite(r2).any() else math.nan, "count": int(n)}
+
+
+@dataclass
+class DepthMean:
+    """Streaming per-depth mean of a pointwise score (CRPS, variance)."""
+
+    depth: int
+    total: np.ndarray = field(init=False)
+    n: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total, self.n = np.zeros(self.depth), np.zeros(self.depth)
+
+    def add(self, values: np.ndarray, level: np.ndarray) -> None:
+        """values (n,) at depth indices level (n,)."""
+        self.total += np.bincount(level, weights=values, minlength=self.depth)
+        self.n += np.bincount(level, minlength=self.depth)
+
+    def per_depth(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.total / np.where(self.n > 0, self.n, np.nan)
+
+    def overall(self) -> float:
+        return float(self.total.sum() / self.n.sum()) if self.n.sum() else math.nan
+
+
+# --- probabilistic scores (docs/metrics.md#probabilistic-scores) -----------------------------
+# CRPS comes from scoringrules (numpy backend): one maintained implementation of each estimator.
+
+
+def crps_ensemble_fair(obs: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Fair (unbiased for the ensemble's distribution) CRPS; obs (n,), members (n, M), M >= 2."""
+    import scoringrules as sr
+
+    if members.ndim != 2 or members.shape[1] < 2 or members.shape[0] != obs.shape[0]:
+        raise ValueError(f"members must be (n, M >= 2) for obs ({obs.shape[0]},), got {members.shape}")
+    return np.asarray(sr.crps_ensemble(obs, members, m_axis=-1, estimator="fair", backend="numpy"))
+
+
+def crps_gaussian(obs: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Closed-form CRPS of N(mu, sigma^2)."""
+    import scoringrules as sr
+
+    return np.asarray(sr.crps_normal(obs, mu, np.maximum(sigma, 1e-12), backend="numpy"))
+
+
+def spread_skill(mean_var: float | np.ndarray, mse: float | np.ndarray,
+                 members: int | None) -> float | np.ndarray:
+    """sqrt(mean variance) / RMSE, times sqrt((M + 1) / M) for an M-member ensemble (the finite-
+    ensemble correction; None for a distribution given in closed form). About 1 when calibrated."""
+    factor = math.sqrt((members + 1) / members) if members else 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return factor * np.sqrt(mean_var) / np.sqrt(mse)
+
+
+def ensemble_ranks(obs: np.ndarray, members: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rank 0..M of each observation among its M members (ties broken at random, so a discrete
+    or clamped ensemble does not pile up at one end); obs (n,), members (n, M)."""
+    below = (members < obs[:, None]).sum(axis=1)
+    ties = (members == obs[:, None]).sum(axis=1)
+    return below + np.floor(rng.random(obs.shape[0]) * (ties + 1)).astype(np.int64)
 
 
 def per_depth_error(pred_c: torch.Tensor, target_c: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
