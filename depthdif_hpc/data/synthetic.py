@@ -12,12 +12,18 @@ product samples the same truth:
 * mesoscale eddies are a sum of random plane waves whose amplitudes follow an energy spectrum
   E(k) ~ k^-3 between 40 and 600 km wavelengths; they drift west (~4 km/day) and decorrelate
   over ~2 months, so fields change smoothly from day to day;
+* mode "v2" (the default; docs/synthetic.md): three subsurface eddy modes with their own
+  random fields and vertical structures (zero at the surface), thermocline heave, a
+  mixed-layer depth field varying in space and season, and mean profiles that depend on
+  latitude; mode "simple": the subsurface is the surface eddy field scaled by depth;
 * land is the real coastline (`global-land-mask`); the sea floor deepens with distance from
   the coast, and levels below it are NaN;
 * OSTIA is the analytic SST plus a small smooth error field and white noise (close to, not
   equal to, the GLORYS surface), with fill on land and under ice;
-* Argo-like floats drift, surface about every 10 days and sample to about 2000 m (shallower
-  over shelves) at irregular depths with 0.01 degC noise.
+* Argo-like floats (platform ids) drift, surface about every 10 days and sample to about
+  2000 m (shallower over shelves) at irregular depths with 0.002 degC noise; the EN4 files
+  hold in-situ TEMP, POTM_CORRECTED, PSAL_CORRECTED, DEPH_CORRECTED, PLATFORM_NUMBER and QC
+  flags, with flagged spikes and biased profiles for QC to remove.
 
 `build_tiny_store()` generates a few tiles and days and builds a store: the fixture other
 components use for tests and demos. Nothing here is needed when real files are given.
@@ -29,7 +35,7 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -75,11 +81,43 @@ def _modes(rng: np.random.Generator, n: int, lmin_km: float, lmax_km: float,
     return _Modes(kx, ky, amp, rng.uniform(0, 2 * np.pi, n), omega)
 
 
-class SyntheticOcean:
-    """Analytic temperature T(lat, lon, depth, day) on a region, plus land and sea floor."""
+Mode = Literal["v2", "simple"]
 
-    def __init__(self, region: tuple[float, float, float, float], seed: int = 0):
+
+@dataclass(frozen=True)
+class V2Params:
+    """The v2 ocean's knobs (docs/synthetic.md gives the published facts each follows)."""
+
+    # Subsurface eddy fields, each its own random field (wavelengths lmin..lmax km) under its
+    # own vertical structure, zero at the surface so the SST does not show them:
+    # (amplitude degC, depth of the maximum m, vertical width m, lmin, lmax, decorrelation days)
+    modes: tuple[tuple[float, float, float, float, float, float], ...] = (
+        (0.9, 250.0, 180.0, 60.0, 450.0, 50.0),    # upper thermocline
+        (0.35, 700.0, 300.0, 50.0, 350.0, 70.0),   # lower thermocline / intermediate water
+        (0.12, 1500.0, 450.0, 40.0, 300.0, 90.0),  # deep: the 1000-2000 m signal
+    )
+    heave_m: float = 45.0  # thermocline heave (vertical displacement) amplitude, 1 sigma
+    mld_summer_m: float = 22.0
+    mld_winter_m: float = 160.0  # at |lat| >= 45 in late winter, before the spatial factor
+    mld_spatial: float = 0.35  # log-amplitude of the large-scale mixed-layer depth field
+    surface_eddy_decay_m: float = 120.0  # the SST eddies' reach below the mixed layer
+
+
+class SyntheticOcean:
+    """Analytic temperature T(lat, lon, depth, day) on a region, plus land and sea floor.
+
+    mode "v2" (default): subsurface eddy modes, thermocline heave and a mixed-layer depth
+    field that the surface does not show, latitude-dependent mean profiles. mode "simple":
+    the deep field is the surface eddy field scaled by depth (cheap, for tests).
+    """
+
+    def __init__(self, region: tuple[float, float, float, float], seed: int = 0,
+                 mode: Mode = "v2", params: V2Params | None = None):
+        if mode not in ("v2", "simple"):
+            raise ValueError(f"mode {mode!r}: expected 'v2' or 'simple'")
         self.region = region
+        self.mode = mode
+        self.params = params or V2Params()
         self.lon0 = (region[0] + region[1]) / 2
         self.lat0 = (region[2] + region[3]) / 2
         rng = np.random.default_rng(seed)
@@ -87,6 +125,12 @@ class SyntheticOcean:
         self.err = _modes(rng, 60, 60.0, 800.0, 2.0, 10.0)
         self.rough = _modes(rng, 60, 30.0, 400.0, 0.0, 1e9)
         self.rng = rng
+        # The v2 fields draw from their own stream, so "simple" is the same ocean as before.
+        r2 = np.random.default_rng([seed, 2])
+        self.sub = [_modes(r2, 120, lmin, lmax, 3.0, dec)
+                    for (_a, _z, _w, lmin, lmax, dec) in self.params.modes]
+        self.heave = _modes(r2, 120, 60.0, 500.0, 3.0, 45.0)
+        self.mld_field = _modes(r2, 60, 300.0, 1500.0, 1.0, 90.0)
         # Sea floor on the GLORYS grid, used for both gridded fields and floats.
         self.g_lat, self.g_lon = glorys_axes(region)
         self.floor = self._floor_grid()
@@ -151,8 +195,57 @@ class SyntheticOcean:
         t = -1.0 + 29.0 * np.cos(np.radians(lat)) ** 2 + 2.8 * s * fl + 1.1 * eta
         return np.maximum(t, -1.8)
 
+    def fields_grid(self, lat: np.ndarray, lon: np.ndarray, day: float) -> np.ndarray:
+        """The random fields on the lat x lon outer grid: (F, ny, nx); F = 1 (surface eddies)
+        in simple mode, else surface eddies, the subsurface modes, heave, mixed-layer depth."""
+        fs = [self.eddy] if self.mode == "simple" else [self.eddy, *self.sub, self.heave, self.mld_field]
+        return np.stack([self._field_grid(m, lat, lon, day) for m in fs])
+
+    def fields_pts(self, lat: np.ndarray, lon: np.ndarray, day: np.ndarray) -> np.ndarray:
+        """The same fields at points: (F, n)."""
+        fs = [self.eddy] if self.mode == "simple" else [self.eddy, *self.sub, self.heave, self.mld_field]
+        return np.stack([self._field_pts(m, lat, lon, day) for m in fs])
+
+    def mixed_layer_depth(self, lat: np.ndarray, f: np.ndarray, day) -> np.ndarray:
+        """v2 mixed-layer depth (m): shallow in summer, deep in late winter and at high
+        latitude, times a large-scale spatial factor."""
+        pr = self.params
+        s, _ = self._season(lat, day)
+        fl = np.clip(np.abs(lat) / 45.0, 0.0, 1.0)
+        base = pr.mld_summer_m + (pr.mld_winter_m - pr.mld_summer_m) * (1 - s) / 2 * fl
+        return np.clip(base * np.exp(pr.mld_spatial * f[-1]), 10.0, 400.0)
+
+    def temperature(self, lat: np.ndarray, f: np.ndarray, day, z: np.ndarray) -> np.ndarray:
+        """Potential temperature at depth z; `f` the fields (F, ...) of fields_grid/fields_pts
+        broadcast against lat and z."""
+        if self.mode == "simple":
+            return self.profile(lat, f[0], day, z)
+        pr = self.params
+        eta = f[0]
+        s, fl = self._season(lat, day)
+        alat = np.abs(lat)
+        sst = self.sst(lat, eta, day)
+        sst_mean = self.sst(lat, np.zeros_like(eta), day)
+        mld = self.mixed_layer_depth(lat, f, day)
+        # Heave: isotherms displaced by up to heave_m, little at the surface and in the abyss.
+        zeta = pr.heave_m * f[-2] * (1 - np.exp(-z / 150.0)) * np.exp(-z / 3000.0)
+        zz = np.maximum(z - zeta, 0.0)
+        # Mean stratification by latitude: the main thermocline is deepest under the subtropical
+        # gyres (~30 deg) and shallow towards the tropics and the subpolar ocean; deep water is
+        # colder at high latitude.
+        hth = 180.0 + 420.0 * np.exp(-(((alat - 30.0) / 14.0) ** 2))
+        deep = 0.8 + 2.0 * np.cos(np.radians(lat)) ** 2 + 3.0 * np.exp(-zz / 1300.0)
+        below = np.maximum(zz - mld, 0.0)
+        t = deep + (sst_mean - deep) * np.exp(-below / hth)
+        # The SST eddies reach the mixed layer fully and decay below it.
+        t = t + (sst - sst_mean) * np.exp(-below / pr.surface_eddy_decay_m)
+        for k, (amp, zc, w, *_rest) in enumerate(pr.modes):
+            t = t + amp * f[1 + k] * np.exp(-(((z - zc) / w) ** 2)) * (1 - np.exp(-z / 60.0))
+        return np.maximum(t, -1.9)
+
     def profile(self, lat: np.ndarray, eta: np.ndarray, day, z: np.ndarray) -> np.ndarray:
-        """T at depth z (broadcast against lat/eta): mixed layer + thermocline + deep water."""
+        """Simple mode: T at depth z (broadcast against lat/eta): mixed layer + thermocline +
+        deep water, all carrying the surface eddy field."""
         s, fl = self._season(lat, day)
         sst = self.sst(lat, eta, day)
         mld = np.maximum(25.0 + 110.0 * (1 - s) / 2 * fl + 25.0 * eta, 10.0)
@@ -161,13 +254,20 @@ class SyntheticOcean:
         g = np.where(z <= mld, 1.0, np.exp(-np.maximum(z - mld, 0) / hth))
         return deep + (sst - deep) * g + 0.3 * eta * np.exp(-z / 800.0) * (z > mld)
 
+    @staticmethod
+    def salinity(lat: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Practical salinity: saltier subtropical surface over ~34.9 deep water (only for the
+        in-situ temperature and PSAL of the profile files)."""
+        surf = 34.3 + 1.9 * np.exp(-(((np.abs(lat) - 25.0) / 15.0) ** 2))
+        return 34.9 + (surf - 34.9) * np.exp(-z / 600.0)
+
     def glorys(self, day: int) -> np.ndarray:
         """(50, ny, nx) degC with NaN on land and below the sea floor."""
         lat2 = self.g_lat[:, None] * np.ones((1, self.g_lon.size))
-        eta = self._field_grid(self.eddy, self.g_lat, self.g_lon, day + 0.5)
+        f = self.fields_grid(self.g_lat, self.g_lon, day + 0.5)
         z = GLORYS_DEPTHS[:, None, None]
-        t = self.profile(lat2[None], eta[None], day + 0.5, z)
-        t[z > self.floor[None]] = np.nan
+        t = self.temperature(lat2[None], f[:, None], day + 0.5, z)
+        t[np.broadcast_to(z > self.floor[None], t.shape)] = np.nan
         return t.astype(np.float32)
 
     def ostia(self, day: int, lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
@@ -183,8 +283,19 @@ class SyntheticOcean:
         t[t < -1.7] = np.nan  # sea ice: OSTIA fills it
         return (t + 273.15).astype(np.float32)
 
-    def floats(self, first_day: int, last_day: int, per_100sqdeg: float = 8.0) -> dict:
-        """Argo-like profiles between two days: arrays of juld, lat, lon, and ragged depth/temp."""
+    def floats(self, first_day: int, last_day: int, per_100sqdeg: float = 8.0,
+               bad_level_prob: float = 0.01, bad_profile_prob: float = 0.02) -> dict:
+        """Argo-like floats between two days, as write_en4 takes them.
+
+        Each float has a WMO-like id (platform), drifts (a red-noise velocity, ~4 km/day),
+        surfaces about every 10 days and profiles to 2000 m (shallower over shelves) at
+        irregular depths. The files get potential temperature (potm, the truth + 0.002 degC
+        sensor noise), in-situ temperature (temp, from it with gsw) and salinity (psal,
+        0.01 noise). A fraction of levels carry spikes flagged '4' in temp_qc, a fraction of
+        profiles a bias flagged '4' in profile_qc, so QC has something to remove.
+        """
+        import gsw
+
         lon_min, lon_max, lat_min, lat_max = self.region
         area = (lon_max - lon_min) * (lat_max - lat_min)
         n = max(1, int(round(per_100sqdeg * area / 100.0)))
@@ -194,10 +305,13 @@ class SyntheticOcean:
         wet = ~self.land(lat, lon)
         lat, lon = lat[wet], lon[wet]
         n = lat.size
+        ids = [str(5900000 + int(k)) for k in rng.choice(100000, n, replace=False)]
         cycle = rng.uniform(9.5, 10.5, n)
         phase = rng.uniform(0, 10, n)
         vel = rng.normal(0, 4.0, (n, 2))  # km/day
-        out = {"juld": [], "lat": [], "lon": [], "depth": [], "temp": []}
+        keys = ("juld", "lat", "lon", "depth", "temp", "potm", "psal", "platform", "temp_qc",
+                "profile_qc")
+        out: dict[str, list] = {k: [] for k in keys}
         spin = 40  # start drifting before first_day so positions are decorrelated
         next_surf = first_day - spin + phase
         for day in range(first_day - spin, last_day + 1):
@@ -221,13 +335,33 @@ class SyntheticOcean:
                 nl = int(rng.integers(50, 110))
                 z = np.sort(bottom * rng.uniform(0, 1, nl) ** 1.6 + rng.uniform(1.0, 4.0))
                 z = np.round(np.minimum(z, bottom), 1)
-                eta = self._field_pts(self.eddy, lat[i:i + 1], lon[i:i + 1], np.array([t_obs]))
-                temp = self.profile(np.array([lat[i]]), eta, t_obs, z) + rng.normal(0, 0.01, nl)
+                la, lo = lat[i:i + 1], lon[i:i + 1]
+                f = self.fields_pts(la, lo, np.array([t_obs]))
+                theta = self.temperature(la, f, t_obs, z)
+                sp = self.salinity(la, z)
+                pres = gsw.p_from_z(-z, la[0])
+                sa = gsw.SA_from_SP(sp, pres, lo[0], la[0])
+                insitu = gsw.t_from_CT(sa, gsw.CT_from_pt(sa, theta), pres)
+                noise = rng.normal(0, 0.002, nl)  # Argo temperature accuracy
+                potm, temp = theta + noise, insitu + noise
+                flags = np.full(nl, b"1", "S1")
+                bad = rng.random(nl) < bad_level_prob
+                spike = rng.choice([-1.0, 1.0], nl) * rng.uniform(2.0, 6.0, nl)
+                potm, temp = np.where(bad, potm + spike, potm), np.where(bad, temp + spike, temp)
+                flags[bad] = b"4"
+                pflag = b"1"
+                if rng.random() < bad_profile_prob:  # e.g. a drifting sensor: whole profile off
+                    potm, temp, pflag = potm + 1.5, temp + 1.5, b"4"
                 out["juld"].append(t_obs)
                 out["lat"].append(lat[i])
                 out["lon"].append(lon[i])
                 out["depth"].append(z.astype(np.float32))
                 out["temp"].append(temp.astype(np.float32))
+                out["potm"].append(potm.astype(np.float32))
+                out["psal"].append((sp + rng.normal(0, 0.01, nl)).astype(np.float32))
+                out["platform"].append(ids[i])
+                out["temp_qc"].append(flags.tobytes())
+                out["profile_qc"].append(pflag)
         return out
 
 
@@ -356,7 +490,8 @@ def write_en4(path: Path, prof: dict, idx: list[int]) -> None:
 def generate(out: str | Path, region: tuple[float, float, float, float] = (-33.0, -13.4, 32.2, 51.8),
              start: str = "2017-12-30", end: str = "2018-01-04", seed: int = 0,
              glorys_every: int = 1, lon360: bool = False, lat_descending: bool = False,
-             floats_per_100sqdeg: float = 8.0, progress: bool = False) -> dict[str, str]:
+             floats_per_100sqdeg: float = 8.0, progress: bool = False, mode: Mode = "v2"
+             ) -> dict[str, str]:
     """Write the three products for `region` (lon_min, lon_max, lat_min, lat_max) and dates.
 
     GLORYS is written every `glorys_every` days from `start` (and on `end`, so every day in
@@ -366,7 +501,7 @@ def generate(out: str | Path, region: tuple[float, float, float, float] = (-33.0
     out = Path(out)
     for sub in ("glorys", "ostia", "en4"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    ocean = SyntheticOcean(region, seed)
+    ocean = SyntheticOcean(region, seed, mode)
     d0, d1 = yyyymmdd_to_day(start.replace("-", "")), yyyymmdd_to_day(end.replace("-", ""))
     if d1 < d0:
         raise ValueError(f"end {end} is before start {start}")
@@ -410,14 +545,15 @@ def tiny_region(tile_size: int, res: float = 0.1) -> tuple[float, float, float, 
 def build_tiny_store(out_dir: str | Path, *, seed: int = 0, tile_size: int = 128,
                      start: str = "2017-12-30", end: str = "2018-01-03", val_year: int = 2018,
                      glorys_every: int = 2, shard_samples: int = 4, workers: int = 1,
-                     overrides: list[str] | None = None) -> Path:
+                     overrides: list[str] | None = None, mode: Mode = "simple") -> Path:
     """Synthetic sources + a built store under `out_dir`; returns the store path.
 
     Defaults give 4 tiles (2 x 2, 50% overlap) x 5 days = 20 samples (8 train in 2017,
     12 val in 2018), 50 levels, `tile_size` pixels square (must be divisible by 16 so the
     tiles sit on the global grid; 32 or 64 make CPU tests cheap). The sources go to
     `out_dir/sources`, the store to `out_dir/store.zarr`. A complete store already there is
-    reused as is. `overrides` are extra config `key=value` strings for the build.
+    reused as is. `overrides` are extra config `key=value` strings for the build. `mode`: the
+    synthetic ocean (SyntheticOcean); "simple" by default, the cheap one tests rely on.
     """
     from ..config import load_config
     from .build import build_store
@@ -434,7 +570,8 @@ def build_tiny_store(out_dir: str | Path, *, seed: int = 0, tile_size: int = 128
         return store
     # Same number of floats per tile whatever its size, so small tiles still see profiles.
     src = generate(out_dir / "sources", tiny_region(tile_size), start, end, seed=seed,
-                   glorys_every=glorys_every, floats_per_100sqdeg=8.0 * (128 / tile_size) ** 2)
+                   glorys_every=glorys_every, floats_per_100sqdeg=8.0 * (128 / tile_size) ** 2,
+                   mode=mode)
     cfg = load_config(overrides=[
         f"dataset.grid.tile_size={tile_size}", f"dataset.grid.patch_stride={tile_size // 2}",
         f"split.val_year={val_year}", f"dataset.layout.shard_samples={shard_samples}",
@@ -456,9 +593,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--floats-per-100sqdeg", type=float, default=8.0)
     p.add_argument("--lon360", action="store_true", help="write longitudes as 0..360")
     p.add_argument("--lat-descending", action="store_true", help="write latitude north to south")
+    p.add_argument("--mode", choices=("v2", "simple"), default="v2",
+                   help="v2: subsurface variability the surface does not show (docs/synthetic.md)")
     a = p.parse_args(argv)
     globs = generate(a.out, tuple(a.region), a.start, a.end, a.seed, a.glorys_every, a.lon360,
-                     a.lat_descending, a.floats_per_100sqdeg, progress=True)
+                     a.lat_descending, a.floats_per_100sqdeg, progress=True, mode=a.mode)
     for k, v in globs.items():
         print(f"--{k} '{v}'")
 

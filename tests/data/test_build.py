@@ -105,9 +105,47 @@ def test_round_trip_matches_independent_interpolation(tiny_store):
     assert man["splits"]["train"]["n_samples"] > 0 and man["splits"]["val"]["n_samples"] > 0
 
 
+def test_manifest_records_profile_choices_and_pixel_platforms(tiny_store):
+    man = read_manifest(tiny_store)
+    prof = man["profiles"]
+    assert prof["temperature"] == "potential" and prof["qc"] == "en4" and prof["qc_reject_flag"] == "4"
+    assert set(prof["temperature_source"]) == {"POTM_CORRECTED"}
+    assert prof["qc_rejected_levels"] > 0
+    names = man["platforms"]
+    assert len(names) > 3 and all(names)
+    g = zarr.open_group(str(tiny_store), mode="r")
+    checked = 0
+    for split in ("train", "val"):
+        meta, obs, plat = (g[split][k][:] for k in ("meta", "obs", "obs_platform"))
+        for i in range(meta.shape[0]):
+            n = meta[i, META["n_obs_pixels"]]
+            assert (plat[i, n:] == -1).all() and (plat[i, :n, 0] >= 0).all()
+        # Against the source files: each stored pixel lists exactly the floats whose profiles
+        # (inside the +-3 day window, with any accepted level) fall into it.
+        i = int(np.argmax(meta[:, META["n_obs_pixels"]]))
+        m = meta[i]
+        t = Tile(0, int(m[META["row0"]]), int(m[META["col0"]]), TILE, 0.1)
+        en4 = [read_en4(str(_files(tiny_store, man, "en4", f)))
+               for f in m[[META[f"en4_{k}"] for k in range(4)]] if f >= 0]
+        for j in range(m[META["n_obs_pixels"]]):
+            want = set()
+            for p in en4:
+                near = np.abs(np.floor(p.juld) - m[META["day"]]) <= 3
+                r = np.floor((t.top - p.lat) / 0.1 + 1e-9)
+                c = np.floor(((p.lon - t.left) % 360) / 0.1 + 1e-9)
+                for k in np.flatnonzero(near & (r == obs[i, j, 0]) & (c == obs[i, j, 1])):
+                    if np.isfinite(align_profile(p.depth[k], p.temp[k])).any():
+                        want.add(str(p.platform[k]))
+            got = {names[k] for k in plat[i, j] if k >= 0}
+            assert got == want, (split, i, j)
+            checked += 1
+    assert checked > 0
+
+
 def _arrays(store: Path) -> dict[str, np.ndarray]:
     g = zarr.open_group(str(store), mode="r")
-    return {f"{s}/{n}": g[s][n][:] for s in ("train", "val") for n in ("fields", "obs", "meta")}
+    return {f"{s}/{n}": g[s][n][:] for s in ("train", "val")
+            for n in ("fields", "obs", "meta", "obs_platform")}
 
 
 def _assert_same_store(a: Path, b: Path) -> None:

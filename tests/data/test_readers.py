@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import netCDF4
 import numpy as np
 import pytest
@@ -170,8 +172,19 @@ def test_generator_products_are_consistent(tmp_path):
     col = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in y])
     assert col[0] > col[25] > col[40]  # warm surface, thermocline, cold deep water
     assert (np.diff(g.days) == 1).all() and globs["en4"].endswith("*.nc")
-    p = read_en4(sorted((tmp_path / "en4").glob("*.nc"))[0])
-    assert p.juld.size > 5 and np.nanmax(p.depth) > 1000 and np.nanmax(p.depth) <= 2000
+    files = sorted((tmp_path / "en4").glob("*.nc"))
+    ps = [read_en4(str(f)) for f in files]
+    assert sum(p.juld.size for p in ps) > 5
+    assert max(np.nanmax(p.depth) for p in ps) > 1000 and max(np.nanmax(p.depth) for p in ps) <= 2000
+    # EN4's variables: in-situ TEMP is warmer than POTM_CORRECTED at depth (pressure heating),
+    # each profile has its float's id, and flagged spikes are there for QC to remove.
+    raw = read_en4(str(files[0]), temperature="in_situ", qc="none")
+    pot = read_en4(str(files[0]), qc="none")
+    assert pot.temperature_source == "POTM_CORRECTED" and raw.temperature_source == "TEMP"
+    deep = (raw.depth > 1500) & (np.abs(raw.temp - pot.temp) < 1.0)
+    assert deep.any() and (raw.temp[deep] - pot.temp[deep]).min() > 0.05
+    assert all(len(x) == 7 for p in ps for x in p.platform)
+    assert sum(p.qc_rejected_levels for p in ps) > 0
     assert len(GLORYS_DEPTHS) == 50 and glorys_axes((0, 1, 0, 1))[0].size > 12
 
 
@@ -219,3 +232,26 @@ def test_regional_grid_across_the_dateline(tmp_path):
     write_glorys(gap, DAY, t[:, :, keep], ocean.g_lat, ocean.g_lon[keep])
     with pytest.raises(SourceError, match=r"gap\.nc.*'thetao': longitude has gaps"):
         GridSource.scan([str(gap)], "thetao", "glorys")
+
+
+def test_v2_subsurface_is_not_the_surface_scaled():
+    # Anomalies from each latitude row's mean: in "simple" the 1062 m field is the surface
+    # eddy field scaled (corr ~0.96); in "v2" its own modes and heave dominate.
+    region = (-33.0, -20.0, 38.0, 51.0)
+    corr = {}
+    for mode in ("simple", "v2"):
+        ocean = SyntheticOcean(region, seed=0, mode=mode)
+        t = ocean.glorys(DAY).astype(np.float64)
+        with warnings.catch_warnings():  # rows of land or below the sea floor: NaN, as wanted
+            warnings.simplefilter("ignore", RuntimeWarning)
+            a = t - np.nanmean(t, axis=2, keepdims=True)
+        k = int(np.argmin(np.abs(GLORYS_DEPTHS - 1062.44)))
+        ok = np.isfinite(a[0]) & np.isfinite(a[k])
+        corr[mode] = float(np.corrcoef(a[0][ok], a[k][ok])[0, 1])
+        if mode == "v2":
+            assert 0.05 < np.nanstd(a[k]) < 0.5  # a deep signal of about a tenth of a degree
+            lat2 = ocean.g_lat[:, None] * np.ones((1, ocean.g_lon.size))
+            f = ocean.fields_grid(ocean.g_lat, ocean.g_lon, DAY)
+            mld = ocean.mixed_layer_depth(lat2, f, DAY)
+            assert 15 < mld.min() and mld.max() < 400 and mld.max() > 2 * mld.min()
+    assert corr["simple"] > 0.9 and abs(corr["v2"]) < 0.4
