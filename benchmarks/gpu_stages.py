@@ -66,6 +66,11 @@ PACKAGES = {"numpy": "numpy", "accelerate": "accelerate", "omegaconf": "omegacon
             "safetensors": "safetensors", "skimage": "scikit-image", "pytest": "pytest",
             "xdist": "pytest-xdist"}
 COMPILE_MODES = ("compile", "triton+compile")
+# A step mode is "+"-joined tokens: eager|triton, then the trainer's speed options
+# (docs/cluster.md, "Speed options"): compile, cl (channels_last), fused (fused AdamW),
+# ckpt (activation checkpointing of every level), bench (cudnn.benchmark).
+STEP_MODES = ("eager", "triton", "triton+cl", "triton+cl+fused+bench", "triton+ckpt")
+COMPILE_STEP_MODES = (*COMPILE_MODES, "triton+compile+cl+fused+bench")
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ class Plan:
     compile_backend: str = "inductor"
     trainer_steps: int = 50
     trainer_batch: int = 32
+    step_modes: tuple[str, ...] = STEP_MODES
+    compile_step_modes: tuple[str, ...] = COMPILE_STEP_MODES
     trainer_tile: int = 128
     # Train days of the trainer's synthetic store (4 tiles a day, 2017) and its one val day.
     trainer_dates: tuple[str, str] = ("2017-12-08", "2018-01-01")
@@ -100,7 +107,11 @@ class Plan:
                    tiny={"model": {"unet": {"dim": 8, "dim_mults": [1]}}},
                    warmup_steps=1, timed_steps=1, compile_backend="aot_eager",
                    trainer_steps=10, trainer_batch=2, trainer_tile=32,
-                   trainer_dates=("2017-12-30", "2018-01-03"))
+                   trainer_dates=("2017-12-30", "2018-01-03"),
+                   # The speed options once, on the eager step: each interpreted Triton step
+                   # costs seconds, and the options' wiring is the same with either kernels.
+                   step_modes=("eager", "triton", "eager+cl+fused+bench+ckpt"),
+                   compile_step_modes=COMPILE_MODES)
 
 
 # ============================================================================ small helpers
@@ -935,12 +946,21 @@ def _train_step(w: Workload, mode: str, plan: Plan, device: Any) -> Callable[[di
     (foreach, the trainer's optimizer), with kernels and torch.compile per `mode`."""
     import torch
 
-    w.unet.set_kernels("triton" if mode in ("triton", "triton+compile") else "eager")
-    if mode in COMPILE_MODES:
+    tokens = set(mode.split("+"))
+    unknown = tokens - {"eager", "triton", "compile", "cl", "fused", "ckpt", "bench"}
+    if unknown:
+        raise ValueError(f"step mode {mode!r}: unknown options {sorted(unknown)}")
+    w.unet.set_kernels("triton" if "triton" in tokens else "eager")
+    torch.backends.cudnn.benchmark = "bench" in tokens
+    w.unet.set_channels_last("cl" in tokens)
+    w.unet.set_activation_checkpointing("all" if "ckpt" in tokens else "none")
+    if "compile" in tokens:
         raise_recompile_limits()
         w.unet.compile(dynamic=False, backend=plan.compile_backend)
     params = [p for p in w.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=True)
+    fused = "fused" in tokens
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=None if fused else True,
+                            fused=fused or None)
 
     def step(batch: dict) -> Any:
         opt.zero_grad(set_to_none=True)
@@ -1435,8 +1455,8 @@ STAGES: dict[str, Callable[[Ctx], int]] = {
     "parity": stage_parity,
     "calls": stage_calls,
     "calls_compile": lambda ctx: stage_calls(ctx, compiled=True),
-    "step": lambda ctx: stage_step(ctx, ("eager", "triton")),
-    "step_compile": lambda ctx: stage_step(ctx, COMPILE_MODES),
+    "step": lambda ctx: stage_step(ctx, ctx.plan.step_modes),
+    "step_compile": lambda ctx: stage_step(ctx, ctx.plan.compile_step_modes),
     "profile": stage_profile,
     "latent": stage_latent,
     "trainer": stage_trainer,

@@ -8,8 +8,12 @@ and the decoder concatenates [running, skip] in that order.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from depthdif_hpc.kernels.dispatch import KERNEL_MODES
 from depthdif_hpc.model.embeddings import SinusoidalTimeEmbedding
@@ -96,6 +100,56 @@ class UNet(nn.Module):
         self.final_conv = nn.Sequential(
             ConvNextBlock(dim, dim, coord_emb_dim=coord_emb_dim), nn.Conv2d(dim, out_dim, 1)
         )
+        self.levels = len(dim_mults)
+        self.memory_format = torch.contiguous_format
+        self.checkpoint_levels: frozenset[int] = frozenset()
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """Parameters and activations in torch.channels_last (NHWC in memory) or contiguous NCHW.
+
+        Convolutions follow the format of their input and weight; the forward re-asserts it after
+        every stage so that an op that returns NCHW (a reshape in the attention, a kernel that
+        writes contiguous output) does not switch the rest of the network back.
+        """
+        self.memory_format = torch.channels_last if enabled else torch.contiguous_format
+        # Convolution weights only: the (1, C, 1, 1) LayerNorm parameters are the same bytes in
+        # either format, but their gradients come back with NCHW strides, which DDP's bucket
+        # views would flag and copy on every step.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                m.weight.data = m.weight.data.to(memory_format=self.memory_format)
+
+    def set_activation_checkpointing(self, levels: Iterable[int] | str) -> None:
+        """Recompute the activations of these U-Net levels in the backward pass ("none", "all"
+        or level indices: 0 is full resolution, `levels - 1` the bottleneck with the mid blocks).
+
+        Each stage of a chosen level is one checkpointed segment (the down stage, the up stage,
+        the mid blocks at the bottleneck level, the final block at level 0): only the segment's
+        inputs are kept, everything inside is recomputed once during the backward pass.
+        """
+        if isinstance(levels, str):
+            if levels not in ("none", "all"):
+                raise ValueError(f"activation checkpointing: 'none', 'all' or level indices, got {levels!r}")
+            chosen = set(range(self.levels)) if levels == "all" else set()
+        else:
+            chosen = {int(level) for level in levels}
+        bad = sorted(level for level in chosen if not 0 <= level < self.levels)
+        if bad:
+            raise ValueError(f"activation checkpointing levels {bad}: this U-Net has levels "
+                             f"0..{self.levels - 1}")
+        self.checkpoint_levels = frozenset(chosen)
+
+    def _stage(self, level: int, fn: Callable[..., Any], *args: Any) -> Any:
+        if level in self.checkpoint_levels and torch.is_grad_enabled():
+            # Non-reentrant: works with inputs that need no grad, keyword-free closures and
+            # torch.compile; the U-Net has no randomness, so the recomputation is exact.
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _format(self, x: torch.Tensor) -> torch.Tensor:
+        if self.memory_format is torch.contiguous_format:
+            return x  # today's path: formats as the ops return them
+        return x.contiguous(memory_format=self.memory_format)
 
     def set_kernels(self, mode: str) -> None:
         """How ConvNeXt fronts and linear attention run: "eager", "triton" or "auto".
@@ -125,28 +179,44 @@ class UNet(nn.Module):
                 f"({self.num_downsamples} downsamplings)"
             )
         orig = x
+        x = self._format(x)
         t = self.time_mlp(time) if self.time_mlp is not None else None
         skips = []
-        for block1, block2, attn, down in self.downs:
-            x = block1(x, t, c_emb)
-            x = block2(x, t, c_emb)
-            x = attn(x)
-            skips.append(x)
-            x = down(x)
-        x = self.mid_block1(x, t, c_emb)
-        x = self.mid_attn(x)
-        x = self.mid_block2(x, t, c_emb)
-        for block1, block2, attn, up in self.ups:
-            x = torch.cat((x, skips.pop()), dim=1)
-            x = block1(x, t, c_emb)
-            x = block2(x, t, c_emb)
-            x = attn(x)
-            x = up(x)
+        for level, stage in enumerate(self.downs):
+            skip, x = self._stage(level, self._down, stage, x, t, c_emb)
+            skips.append(skip)
+        x = self._stage(self.levels - 1, self._mid, x, t, c_emb)
+        for j, stage in enumerate(self.ups):
+            x = self._stage(self.levels - 1 - j, self._up, stage, x, skips.pop(), t, c_emb)
         # skips[0] (full resolution) is left unused, as in the reference.
-        out = self.final_conv[1](self.final_conv[0](x, None, c_emb))
+        out = self._stage(0, self._final, x, c_emb)
         if self.output_mean_scale:
             out_mean = out.mean(dim=(1, 2, 3), keepdim=True)
             out = out - orig.mean(dim=(1, 2, 3), keepdim=True) + out_mean
         if self.residual:
             out = out + orig
         return out
+
+    # One stage each: the unit of activation checkpointing and of the memory-format re-assertion.
+
+    def _down(self, stage: nn.ModuleList, x: torch.Tensor, t: torch.Tensor | None,
+              c_emb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        block1, block2, attn, down = stage
+        x = self._format(block2(self._format(block1(x, t, c_emb)), t, c_emb))
+        skip = self._format(attn(x))
+        return skip, self._format(down(skip))
+
+    def _mid(self, x: torch.Tensor, t: torch.Tensor | None, c_emb: torch.Tensor | None) -> torch.Tensor:
+        x = self._format(self.mid_block1(x, t, c_emb))
+        x = self._format(self.mid_attn(x))
+        return self._format(self.mid_block2(x, t, c_emb))
+
+    def _up(self, stage: nn.ModuleList, x: torch.Tensor, skip: torch.Tensor, t: torch.Tensor | None,
+            c_emb: torch.Tensor | None) -> torch.Tensor:
+        block1, block2, attn, up = stage
+        x = self._format(torch.cat((x, skip), dim=1))
+        x = self._format(block2(self._format(block1(x, t, c_emb)), t, c_emb))
+        return self._format(up(self._format(attn(x))))
+
+    def _final(self, x: torch.Tensor, c_emb: torch.Tensor | None) -> torch.Tensor:
+        return self.final_conv[1](self._format(self.final_conv[0](x, None, c_emb)))

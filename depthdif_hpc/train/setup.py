@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from depthdif_hpc.config import Config, ConfigError
+from depthdif_hpc.model.unet import UNet
 
 
 def resolve_precision(cfg: Config) -> str:
@@ -150,3 +151,35 @@ def make_accelerator(cfg: Config, world_size: int) -> tuple[Any, str, dict | Non
                           f"{accelerator.num_processes} processes (for CPU runs use torchrun: "
                           "`accelerate launch --cpu --num_processes N` starts one)")
     return accelerator, precision, ds_cfg
+
+
+def apply_speed_options(model: torch.nn.Module, cfg: Config, zero_stage: int) -> None:
+    """The trainer's speed options (docs/cluster.md, "Speed options") on the freshly built model,
+    before Accelerate wraps it in DDP or a DeepSpeed engine.
+
+    torch.compile compiles the U-Net in place (`nn.Module.compile`): parameter names, checkpoints
+    and EMA are unchanged, and the wrappers see an ordinary module whose forward runs the
+    compiled graph. That is the order DeepSpeed's own `engine.compile()` uses (the engine's
+    module compiled in place, hooks outside it), so ZeRO 1/2 reduce the gradients the compiled
+    backward produces. ZeRO-3 gathers parameters in per-submodule hooks inside the forward,
+    which the graph would have to break at every module: refused.
+    """
+    tr = cfg.trainer
+    torch.backends.cudnn.benchmark = tr.cudnn_benchmark
+    wanted = {"channels_last": tr.channels_last, "compile": tr.compile,
+              "activation_checkpointing": tr.activation_checkpointing != "none"}
+    unet = getattr(model, "model", None)
+    if not isinstance(unet, UNet):
+        on = [k for k, v in wanted.items() if v]
+        if on:
+            raise ConfigError(f"trainer.{on[0]} applies to the diffusion U-Net; model.model_type = "
+                              f"{cfg.model.model_type!r} has none")
+        return
+    if tr.compile and zero_stage == 3:
+        raise ConfigError("trainer.compile = true with DeepSpeed ZeRO stage 3: its parameter gathering "
+                          "hooks split the compiled graph at every module; use ZeRO 1/2 or DDP")
+    unet.set_channels_last(tr.channels_last)
+    unet.set_activation_checkpointing(tr.activation_checkpointing)
+    if tr.compile:
+        kwargs = {} if tr.compile_mode == "default" else {"mode": tr.compile_mode}
+        unet.compile(backend=tr.compile_backend, **kwargs)

@@ -46,7 +46,7 @@ from depthdif_hpc.model.build import build_model
 from depthdif_hpc.model.flops import peak_flops, train_step_flops_per_sample
 from depthdif_hpc.train.ema import ShardedEMA, is_zero3_param
 from depthdif_hpc.train.optim import LRController, build_optimizer
-from depthdif_hpc.train.setup import make_accelerator
+from depthdif_hpc.train.setup import apply_speed_options, make_accelerator
 from depthdif_hpc.train.state import Progress, TrainState, find_resume
 from depthdif_hpc.train.steplog import StepLog, StepRecord
 from depthdif_hpc.train.stream import (
@@ -179,6 +179,7 @@ class Trainer:
         if self.resume_from is None and cfg.model.load_checkpoint:
             note = load_weights(model, cfg.model.load_checkpoint)
             log.info(f"warm start: weights from {cfg.model.load_checkpoint}" + (f" ({note})" if note else ""))
+        apply_speed_options(model, cfg, self.zero_stage)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(model, cfg))
         self.engine = self.model if self.deepspeed else None
         self.module: torch.nn.Module = acc.unwrap_model(self.model)
@@ -234,6 +235,8 @@ class Trainer:
 
     def close(self) -> None:
         self.steplog.close()
+        if hasattr(self.train_stream, "close"):
+            self.train_stream.close()  # persistent loader workers stop now, not at exit
 
     # ================================================================== start-up records
 

@@ -1,0 +1,207 @@
+"""The trainer's speed options (docs/cluster.md, "Speed options") on CPU: each one leaves the
+numbers of the default step (fp32 tolerance) and is really in effect.
+
+torch.compile runs with backend aot_eager here: it traces the same graph (custom kernel ops kept
+whole, autograd through AOTAutograd) but generates no code. Inductor's C++ code generation took
+171 s for this tiny U-Net on the 2-core test machine (forward + backward), far beyond a unit
+test; the GPU benchmark command measures the inductor step (docs/gpu_run.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from common import args, steps
+from memdata import factory
+
+from depthdif_hpc.config import ConfigError, load_config
+from depthdif_hpc.model.unet import UNet
+from depthdif_hpc.train.cli import main
+from depthdif_hpc.train.optim import build_optimizer
+from depthdif_hpc.train.setup import apply_speed_options
+
+ROOT = Path(__file__).resolve().parents[2]
+OPTIONS = ["trainer.compile=true", "trainer.compile_backend=aot_eager", "trainer.channels_last=true",
+           "trainer.fused_adamw=true", "trainer.activation_checkpointing=all",
+           "trainer.cudnn_benchmark=true"]
+
+
+def _cfg(tmp_path, *extra: str):
+    a = args(tmp_path, *extra)
+    files = [x for i, x in enumerate(a) if i and a[i - 1] == "--config"]
+    return load_config(*files, overrides=[x for x in a if "=" in x])
+
+
+def _unet() -> UNet:
+    torch.manual_seed(0)
+    # FiLM (coord embedding), a first block without LN and a mid level: every block kind.
+    return UNet(8, 3, (1, 2), channels=6, coord_emb_dim=4)
+
+
+def _inputs() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(2, 6, 16, 16, generator=g), torch.randint(0, 20, (2,), generator=g),
+            torch.randn(2, 4, generator=g))
+
+
+def _fwd_bwd(model: UNet) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(*_inputs())
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_same(a: tuple, b: tuple) -> None:
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+    assert a[1].keys() == b[1].keys()
+    for k in a[1]:
+        torch.testing.assert_close(a[1][k], b[1][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_channels_last_matches_contiguous_and_stays_channels_last():
+    ref = _unet()
+    cl = copy.deepcopy(ref)
+    cl.set_channels_last(True)
+    four_d = [m.weight for m in cl.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in four_d)
+    assert sum(not p.is_contiguous() for p in four_d) >= 8  # the 3x3 convs (others are both)
+    formats: list[tuple[str, bool]] = []
+    for name, m in cl.named_modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d) or type(m).__name__ in (
+                "ConvNextBlock", "Residual"):
+            m.register_forward_hook(lambda m, i, o, name=name: formats.append(
+                (name, o.is_contiguous(memory_format=torch.channels_last))))
+    out = _fwd_bwd(cl)
+    assert formats and all(ok for _, ok in formats), [n for n, ok in formats if not ok]
+    assert out[0].is_contiguous(memory_format=torch.channels_last)
+    _assert_same(out, _fwd_bwd(ref))
+
+
+@pytest.mark.parametrize("levels", ["all", [0], [1]])
+def test_activation_checkpointing_same_gradients_and_recomputes(levels):
+    ref, ck = _unet(), _unet()
+    ck.set_activation_checkpointing(levels)
+    calls = {"level0": 0, "level1": 0}
+
+    def count(key):
+        def hook(*_):
+            calls[key] += 1
+        return hook
+
+    ck.downs[0][0].register_forward_hook(count("level0"))  # first block, level 0
+    ck.mid_block1.register_forward_hook(count("level1"))  # bottleneck, level 1
+    _assert_same(_fwd_bwd(ck), _fwd_bwd(ref))
+    chosen = {0, 1} if levels == "all" else set(levels)
+    # A checkpointed block runs again during the backward pass.
+    assert calls == {f"level{i}": 2 if i in chosen else 1 for i in (0, 1)}
+
+
+def test_bad_checkpointing_levels_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"levels \[2\].*0\.\.1"):
+        _unet().set_activation_checkpointing([2])
+    with pytest.raises(ConfigError, match="trainer.activation_checkpointing.*2 levels"):
+        _cfg(tmp_path, "trainer.activation_checkpointing=[0,2]")
+    with pytest.raises(ConfigError, match="trainer.activation_checkpointing.*'none', 'all'"):
+        _cfg(tmp_path, "trainer.activation_checkpointing=some")
+    with pytest.raises(ConfigError, match="trainer.compile_mode.*inductor"):
+        _cfg(tmp_path, "trainer.compile_backend=aot_eager", "trainer.compile_mode=max-autotune")
+
+
+def test_fused_adamw_matches_foreach(tmp_path):
+    results = []
+    for fused in (False, True):
+        cfg = _cfg(tmp_path, f"trainer.fused_adamw={str(fused).lower()}")
+        model = _unet()
+        opt = build_optimizer(model, cfg)
+        assert bool(opt.defaults["fused"]) is fused and bool(opt.defaults["foreach"]) is not fused
+        for _ in range(3):
+            _fwd_bwd(model)
+            opt.step()
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(results[1][k], _unet().state_dict()[k]) for k in results[1])
+
+
+def test_refusals(tmp_path):
+    cfg = _cfg(tmp_path, "trainer.compile=true")
+    model = torch.nn.Module()
+    model.model = _unet()
+    with pytest.raises(ConfigError, match="trainer.compile.*ZeRO stage 3"):
+        apply_speed_options(model, cfg, zero_stage=3)
+    with pytest.raises(ConfigError, match="trainer.channels_last applies to the diffusion U-Net"):
+        apply_speed_options(torch.nn.Linear(2, 2), _cfg(tmp_path, "trainer.channels_last=true"), 0)
+
+
+def _run(run_dir: Path, *extra: str, hooks=None) -> int:
+    return main(args(run_dir, "trainer.max_steps=4", *extra), data_factory=factory(), hooks=hooks)
+
+
+def test_training_with_every_option_matches_eager(tmp_path):
+    """compile + channels_last + fused AdamW + checkpointing + cudnn.benchmark through the real
+    entry point: losses of every step equal the default run's within fp32 tolerance."""
+    seen: dict[str, object] = {}
+
+    def record_input(module, inputs) -> None:
+        seen.setdefault("input_requires_grad", inputs[0].requires_grad)
+
+    def eager_hook(tr):
+        if tr.step == 1:  # the next step's U-Net input
+            tr.module.model.register_forward_pre_hook(record_input)
+
+    def options_hook(tr):
+        unet = tr.module.model
+        seen["compiled"] = unet._compiled_call_impl is not None
+        seen["channels_last"] = unet.downs[0][0].ds_conv.weight.is_contiguous(memory_format=torch.channels_last)
+        seen["checkpointed"] = sorted(unet.checkpoint_levels)
+        seen["benchmark"] = torch.backends.cudnn.benchmark
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        assert _run(tmp_path / "eager", hooks={"after_step": eager_hook}) == 0
+        assert _run(tmp_path / "fast", *OPTIONS, hooks={"after_step": options_hook}) == 0
+    finally:
+        torch.backends.cudnn.benchmark = before
+        torch._dynamo.reset()
+    # The network input (noisy target + condition) carries no gradient: nobody uses one.
+    assert seen.pop("input_requires_grad") is False
+    assert seen == {"compiled": True, "channels_last": True, "checkpointed": [0, 1], "benchmark": True}
+    eager, fast = steps(tmp_path / "eager"), steps(tmp_path / "fast")
+    assert [r["step"] for r in fast] == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in fast]),
+                               torch.tensor([r["loss"] for r in eager]), rtol=1e-4, atol=1e-6)
+
+
+def _torchrun(out: Path, train_args: list[str]) -> None:
+    with socket.socket() as sock:  # torchrun's static rendezvous cannot take port 0
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(Path(__file__).resolve().parent / "worker.py"), str(out), "--", *train_args]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
+
+
+@pytest.mark.slow
+def test_compiled_step_under_ddp_and_zero2(tmp_path):
+    """Two ranks: the compiled, channels_last, checkpointed U-Net with fused AdamW under DDP and
+    under DeepSpeed ZeRO-2 trains to the same weights as the default DDP run."""
+    base = ["trainer.max_steps=3"]
+    _torchrun(tmp_path / "eager", args(tmp_path / "eager_run", *base))
+    ref = torch.load(tmp_path / "eager.params.pt")
+    for name, extra in (("ddp", []), ("zero2", ["trainer.distributed=deepspeed",
+                                                "trainer.deepspeed_config=configs/deepspeed/zero2.json"])):
+        _torchrun(tmp_path / name, args(tmp_path / f"{name}_run", *base, *OPTIONS, *extra))
+        got = torch.load(tmp_path / f"{name}.params.pt")
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+        torch.testing.assert_close(torch.tensor([r["loss"] for r in steps(tmp_path / f"{name}_run")]),
+                                   torch.tensor([r["loss"] for r in steps(tmp_path / "eager_run")]),
+                                   rtol=1e-4, atol=1e-6)
