@@ -15,7 +15,8 @@ import os
 import resource
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -80,7 +81,8 @@ class StepLog:
 
     def __init__(self, cfg: Config, run_dir: Path, *, rank: int, world: int, device: torch.device,
                  ctrl_group: Any, step: int, flops_per_sample: int = 0,
-                 peak_flops: float | None = None) -> None:
+                 peak_flops: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.rank, self.world, self.device, self.ctrl_group = rank, world, device, ctrl_group
         self.is_main = rank == 0
@@ -95,7 +97,10 @@ class StepLog:
         self.tb: Any = None
         self.wandb: Any = None
         self.pbar: Any = None
-        self.window_t0 = time.perf_counter()
+        # Seconds, monotonic; the window's wall time and its data wait are read from it alone
+        # (tests drive it by hand).
+        self.clock = clock
+        self.window_t0 = clock()
         self.window_step0 = step
         self.window_samples = 0
         self.window_wait = 0.0
@@ -135,11 +140,22 @@ class StepLog:
 
     def reset_window(self, step: int) -> None:
         """Throughput windows exclude validation and checkpoint time."""
-        self.window_t0, self.window_step0 = time.perf_counter(), step
+        self.window_t0, self.window_step0 = self.clock(), step
         self.window_samples, self.window_wait = 0, 0.0
 
-    def add_wait(self, seconds: float) -> None:
-        self.window_wait += seconds
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """The block's time counts as waiting for data in the current window.
+
+        On a GPU the host blocks here while the device may still run queued work, so the
+        fraction is what the host lost to the loader, the number that says whether more loader
+        workers would speed the step up.
+        """
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.window_wait += self.clock() - t0
 
     def record(self, rec: StepRecord, samples: int, area: int) -> None:
         """One optimizer step; `samples` across all ranks, `area` = H * W of its batches."""
@@ -197,8 +213,7 @@ class StepLog:
         if not self.is_main or not n:
             return
         assert self.steps_fh is not None
-        now = time.perf_counter()
-        span = now - self.window_t0
+        span = self.clock() - self.window_t0
         steps_in_window = max(1, step - self.window_step0)
         perf = {
             "perf/step_time_s": span / steps_in_window,

@@ -20,7 +20,6 @@ import os
 import random
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
@@ -318,15 +317,14 @@ class Trainer:
 
     def _fetch(self, it: Iterator[dict]) -> tuple[list[dict], bool]:
         batches = []
-        t0 = time.perf_counter()
         exhausted = False
-        for _ in range(self.cfg.trainer.gradient_accumulation_steps):
-            try:
-                batches.append(next(it))
-            except StopIteration:
-                exhausted = True
-                break
-        self.steplog.add_wait(time.perf_counter() - t0)
+        with self.steplog.waiting():
+            for _ in range(self.cfg.trainer.gradient_accumulation_steps):
+                try:
+                    batches.append(next(it))
+                except StopIteration:
+                    exhausted = True
+                    break
         return batches, exhausted
 
     def _train_step(self, batches: list[dict]) -> None:
