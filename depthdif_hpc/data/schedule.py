@@ -8,12 +8,17 @@ samples of it). A worker emits its range through a bounded shuffle buffer seeded
 epoch, rank, worker). Everything here is a pure function of the sizes, the seed and the epoch:
 that is what makes exact mid-epoch resume possible, since a restarted worker replays the
 schedule without reading data and starts at the first batch not yet consumed.
+
+The same replay tells which samples a run at another world size (or worker count) consumed
+before it stopped (`Schedule.consumed`). A resume in a new layout continues that epoch with
+`done` set to those samples: the epoch's sequence without them is cut over the new ranks and
+workers exactly as a whole epoch would be, and the next epoch is a whole one again.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -73,6 +78,10 @@ class Schedule:
     seed: int = 7
     buffer: int = 64  # shuffle buffer, samples
     even_ranks: bool = True
+    # Samples of epoch `done_epoch` consumed before this layout took over (sorted indices):
+    # that epoch deals out only the others. None: every epoch is whole.
+    done_epoch: int = -1
+    done: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -80,26 +89,40 @@ class Schedule:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} not in [0, world_size={self.world_size})")
 
-    def rank_samples(self) -> int:
-        """Samples this rank gets per epoch (the same every epoch)."""
+    def _left(self, epoch: int | None) -> int:
+        """Samples of `epoch` to deal out (all n, unless part of it was consumed elsewhere)."""
+        if epoch is not None and epoch == self.done_epoch and self.done is not None:
+            return self.n - int(self.done.size)
+        return self.n
+
+    def rank_samples(self, epoch: int | None = None) -> int:
+        """Samples this rank gets in `epoch` (None: in a whole epoch, the same every epoch)."""
+        n = self._left(epoch)
         if self.even_ranks:
-            return self.n // self.world_size
-        return self.n // self.world_size + (self.rank < self.n % self.world_size)  # array_split
+            return n // self.world_size
+        return n // self.world_size + (self.rank < n % self.world_size)  # array_split
 
-    def rank_batches(self) -> int:
-        """Batches this rank yields per epoch, over all its workers (only the last is partial)."""
-        return math.ceil(self.rank_samples() / self.batch_size)
+    def rank_batches(self, epoch: int | None = None) -> int:
+        """Batches this rank yields in `epoch`, over all its workers (only the last is partial)."""
+        return math.ceil(self.rank_samples(epoch) / self.batch_size)
 
-    def rank_range(self, epoch: int) -> np.ndarray:
-        """This rank's samples of `epoch`, in read order."""
+    def epoch_sequence(self, epoch: int) -> np.ndarray:
+        """All samples of `epoch` still to be dealt out, in read order (shards permuted)."""
         n_shards = math.ceil(self.n / self.shard)
         order = np.arange(n_shards)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(n_shards)
         seq = np.concatenate([np.arange(s * self.shard, min((s + 1) * self.shard, self.n))
                               for s in order]) if self.n else np.zeros(0, np.int64)
+        if self._left(epoch) != self.n:
+            seq = seq[~np.isin(seq, self.done)]
+        return seq
+
+    def rank_range(self, epoch: int) -> np.ndarray:
+        """This rank's samples of `epoch`, in read order."""
+        seq = self.epoch_sequence(epoch)
         if self.even_ranks:
-            per = self.n // self.world_size
+            per = seq.size // self.world_size
             return seq[self.rank * per:(self.rank + 1) * per]
         return np.array_split(seq, self.world_size)[self.rank]
 
@@ -129,7 +152,20 @@ class Schedule:
         worker = (worker + first) % workers  # DataLoader worker id -> schedule slot
         skip = got[worker] * self.batch_size
         piece = pieces[worker]
-        rng = (np.random.default_rng([self.seed, epoch, self.rank, worker, workers])
-               if self.shuffle else None)
-        order = buffered_order(piece.size, self.buffer, rng)
+        order = buffered_order(piece.size, self.buffer, self._worker_rng(epoch, worker, workers))
         return piece, piece[order[skip:]]
+
+    def _worker_rng(self, epoch: int, slot: int, workers: int) -> np.random.Generator | None:
+        return (np.random.default_rng([self.seed, epoch, self.rank, slot, workers])
+                if self.shuffle else None)
+
+    def consumed(self, epoch: int, workers: int, consumed_batches: int) -> np.ndarray:
+        """The samples this rank emitted in the first `consumed_batches` batches of `epoch`,
+        read by `workers` loader workers (0 or 1: in-process), sorted."""
+        workers = max(1, workers)
+        pieces = self.worker_ranges(epoch, workers)
+        nb = [math.ceil(p.size / self.batch_size) for p in pieces]
+        got, _ = consumed_per_worker(consumed_batches, nb)
+        out = [p[buffered_order(p.size, self.buffer, self._worker_rng(epoch, s, workers))[:g * self.batch_size]]
+               for s, (p, g) in enumerate(zip(pieces, got, strict=True))]
+        return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)

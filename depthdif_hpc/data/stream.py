@@ -23,12 +23,15 @@ DataLoader that counts consumed batches and has `state_dict()`, `load_state_dict
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import math
 import os
 import signal
+import weakref
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -90,19 +93,72 @@ class ShardStream(IterableDataset):
         """Start `epoch` from its beginning (shard order and buffers depend on it)."""
         self._pos[0], self._pos[1] = int(epoch), 0
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         sc = self.schedule
-        return {"epoch": int(self._pos[0]), "consumed_batches": int(self._pos[1]),
-                "batch_size": sc.batch_size, "seed": sc.seed, "world_size": sc.world_size,
-                "n_samples": self.n}
+        sd: dict[str, Any] = {"epoch": int(self._pos[0]), "consumed_batches": int(self._pos[1]),
+                              "batch_size": sc.batch_size, "seed": sc.seed, "world_size": sc.world_size,
+                              "n_samples": self.n, "shard": sc.shard, "shuffle": sc.shuffle,
+                              "buffer": sc.buffer, "even_ranks": sc.even_ranks}
+        if sc.done is not None and sc.done_epoch == sd["epoch"]:
+            # The same on every rank; a bitmask keeps it at n/8 bytes whatever was consumed.
+            mask = np.zeros(self.n, bool)
+            mask[sc.done] = True
+            sd["done_epoch"], sd["done"] = sc.done_epoch, np.packbits(mask).tobytes()
+        return sd
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def _check_same(self, state: dict[str, Any], keys: tuple[str, ...]) -> None:
         now = self.state_dict()
-        for key in ("batch_size", "seed", "world_size", "n_samples"):
+        for key in keys:
             if key in state and state[key] != now[key]:
                 raise StoreError(f"cannot resume {self.store}:{self.split}: saved {key}={state[key]}, "
                                  f"now {now[key]}")
+
+    def _done_of(self, state: dict[str, Any]) -> np.ndarray | None:
+        if "done" not in state or state.get("done_epoch") != state["epoch"]:
+            return None
+        return np.flatnonzero(np.unpackbits(np.frombuffer(state["done"], np.uint8), count=self.n))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_same(state, ("batch_size", "seed", "world_size", "n_samples", "shard", "shuffle",
+                                 "buffer", "even_ranks"))
+        done = self._done_of(state)
+        self.schedule = replace(self.schedule, done_epoch=int(state["epoch"]) if done is not None else -1,
+                                done=done)
         self._pos[0], self._pos[1] = int(state["epoch"]), int(state["consumed_batches"])
+
+    def load_layout_states(self, states: list[dict[str, Any]]) -> None:
+        """Continue the epoch that every rank of a run in another layout (world size, batch size
+        or loader workers) had reached: `states` are its ranks' `state_dict()`s, in rank order.
+
+        The samples none of them consumed are dealt over this run's ranks and workers as a whole
+        epoch's are (with even_ranks, the remainder that does not divide by the world size is
+        left out, as at every epoch's end); no consumed sample comes again.
+        """
+        if not states:
+            raise StoreError("cannot resume: no saved stream positions")
+        world = len(states)
+        epochs = {int(st["epoch"]) for st in states}
+        if len(epochs) != 1:
+            raise StoreError(f"cannot resume {self.store}:{self.split}: the saved ranks are in different "
+                             f"epochs {sorted(epochs)}")
+        epoch = epochs.pop()
+        for r, st in enumerate(states):
+            if st.get("world_size", world) != world:
+                raise StoreError(f"cannot resume: saved rank {r} says world_size={st['world_size']}, "
+                                 f"{world} ranks were saved")
+            self._check_same(st, ("seed", "n_samples", "shard", "shuffle", "buffer", "even_ranks"))
+        sc = self.schedule
+        done = [self._done_of(states[0])]
+        for r, st in enumerate(states):
+            old = replace(sc, rank=r, world_size=world, batch_size=int(st["batch_size"]),
+                          done_epoch=epoch if done[0] is not None else -1, done=done[0])
+            done.append(old.consumed(epoch, int(st.get("num_workers", 0)), int(st["consumed_batches"])))
+        every = np.concatenate([d for d in done if d is not None])
+        if np.unique(every).size != every.size:
+            raise StoreError(f"cannot resume {self.store}:{self.split}: the saved positions overlap "
+                             "(they are not the ranks of one run)")
+        self.schedule = replace(sc, done_epoch=epoch, done=np.sort(every))
+        self._pos[0], self._pos[1] = epoch, 0
 
     def __len__(self) -> int:
         """Samples this rank yields per epoch."""
@@ -280,6 +336,20 @@ def ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's 
         signal.signal(s, signal.SIG_IGN)
 
 
+# Loaders whose workers may still run. A worker ignores SIGTERM, and the interpreter's exit stops
+# daemonic children (DataLoader workers) with SIGTERM and then waits for them: a loader with
+# persistent workers still referenced at exit would hang the exit forever. `_close_loaders` runs
+# first (atexit is last-in, first-out; multiprocessing registers its hook at import) and stops
+# them the DataLoader's way, by a sentinel on their queues.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_loaders() -> None:
+    for loader in list(_LIVE):
+        loader.close()
+
+
 class StreamLoader:
     """DataLoader over a ShardStream that knows its position: resumable mid-epoch.
 
@@ -318,8 +388,17 @@ class StreamLoader:
             self.loader = DataLoader(dataset, batch_size=dataset.schedule.batch_size,
                                      num_workers=num_workers, pin_memory=pin_memory, **kw)
         self._ring_slots = (prefetch_factor or 2) + 1
+        if num_workers > 0:
+            _LIVE.add(self)
         self._ring_busy = False  # an iteration (and its workers) may still use dataset.ring
         self._consumed = int(dataset._pos[1])
+
+    def close(self) -> None:
+        """Stop the persistent workers now (they otherwise live as long as the loader)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()
+            self.loader._iterator = None
 
     def _ring(self) -> BatchRing:
         """The ring of the workers this iteration runs on (created before they start)."""
@@ -344,18 +423,24 @@ class StreamLoader:
         self.dataset.set_epoch(epoch)
         self._consumed = 0
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         sd = self.dataset.state_dict()
         sd["consumed_batches"] = self._consumed
         sd["num_workers"] = self.num_workers
         return sd
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if "num_workers" in state and state["num_workers"] != self.num_workers:
             raise StoreError(f"cannot resume: saved with num_workers={state['num_workers']}, "
-                             f"now {self.num_workers} (the per-worker schedules differ)")
+                             f"now {self.num_workers} (the per-worker schedules differ; "
+                             "load_layout_states continues in a new layout)")
         self.dataset.load_state_dict(state)
         self._consumed = int(state["consumed_batches"])
+
+    def load_layout_states(self, states: list[dict[str, Any]]) -> None:
+        """Continue the epoch of a run saved in another layout (`ShardStream.load_layout_states`)."""
+        self.dataset.load_layout_states(states)
+        self._consumed = 0
 
     def __iter__(self) -> Iterator[Batch]:
         ds = self.dataset

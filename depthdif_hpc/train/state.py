@@ -96,18 +96,20 @@ class TrainState:
     def load(self, path: Path, progress: Progress, stream: DataStream) -> dict:
         """Restore every rank's state from `path`; returns its manifest."""
         man = layout.read_manifest(path)
-        mine = {"world_size": self.world, "distributed": self.cfg.trainer.distributed,
-                "zero_stage": self.zero_stage}
+        mine = {"distributed": self.cfg.trainer.distributed, "zero_stage": self.zero_stage}
         for key, value in mine.items():
             if man.get(key) != value:
                 raise ConfigError(
                     f"checkpoint {path} was written with {key} = {man.get(key)}, this run has {key} = "
-                    f"{value}: resuming would not continue exactly (data positions and RNG are per rank). "
+                    f"{value}: the optimizer state is laid out differently. "
                     "Start a new run_dir with model.load_checkpoint=<that checkpoint> to warm start instead.")
+        saved_world = int(man.get("world_size", self.world))
         state = json.loads((path / layout.TRAINER_STATE).read_text())
         from safetensors.torch import load_file
 
         if self.engine is not None:
+            if saved_world != self.world:
+                raise ConfigError(self._zero_world_refusal(path, saved_world))
             load_path, _ = self.engine.load_checkpoint(str(path), tag=layout.DEEPSPEED_TAG,
                                                        load_optimizer_states=True,
                                                        load_lr_scheduler_states=False, load_module_strict=True)
@@ -124,6 +126,14 @@ class TrainState:
             else:
                 log.warning(f"{path} has no EMA state ({f.name}); EMA restarts from the current weights")
                 self.ema.update(0)
+        progress.step = int(state["step"])
+        progress.epoch = int(state["epoch"])
+        progress.samples_seen = int(state.get("samples_seen", 0))
+        self.lr_ctl.load_state_dict(state["lr_controller"])
+        stream.set_epoch(progress.epoch)
+        if saved_world != self.world:
+            self._load_other_world(path, saved_world, progress, stream)
+            return man
         rank_state = torch.load(path / layout.rank_state_name(self.rank), map_location="cpu",
                                 weights_only=False)
         random.setstate(rank_state["python_rng"])
@@ -132,14 +142,50 @@ class TrainState:
         if torch.cuda.is_available() and rank_state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(rank_state["cuda_rng"], self.device)
         self.gen.set_state(rank_state["loss_generator"].to(self.gen.get_state().device))
-        progress.step = int(state["step"])
-        progress.epoch = int(state["epoch"])
-        progress.samples_seen = int(state.get("samples_seen", 0))
-        self.lr_ctl.load_state_dict(state["lr_controller"])
-        stream.set_epoch(progress.epoch)
         stream.load_state_dict(rank_state["data"])
         log.info(f"resumed from {path}: step {progress.step}, epoch {progress.epoch}")
         return man
+
+    def _load_other_world(self, path: Path, saved_world: int, progress: Progress, stream: DataStream) -> None:
+        """The per-rank part of a resume at another world size (the model, optimizer, EMA and LR
+        controller were already loaded: without ZeRO they do not depend on the world size).
+
+        The data stream continues the saved epoch with the samples no saved rank consumed, dealt
+        over the new ranks. The per-rank random streams cannot continue (there is no saved
+        stream for a new rank, nor a new rank for every saved one): every rank reseeds from
+        (training seed, step, rank), so the run is reproducible but not the one that would have
+        run at either world size."""
+        datas = []
+        for r in range(saved_world):
+            f = path / layout.rank_state_name(r)
+            if not f.is_file():
+                raise FileNotFoundError(f"checkpoint {path} lacks {f.name}: the stream positions of all "
+                                        f"{saved_world} saved ranks are needed to resume at another world size")
+            datas.append(torch.load(f, map_location="cpu", weights_only=False)["data"])
+        if not hasattr(stream, "load_layout_states"):
+            raise ConfigError(f"checkpoint {path} was written by {saved_world} ranks, this run has {self.world}, "
+                              "and its data stream cannot continue an epoch in a new rank layout")
+        stream.load_layout_states(datas)
+        seed = int(np.random.SeedSequence([self.cfg.training.seed, progress.step, self.rank]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        self.gen.manual_seed(seed)
+        per_rank = self.cfg.dataloader.batch_size * self.cfg.trainer.gradient_accumulation_steps
+        old_batch = int(datas[0].get("batch_size", self.cfg.dataloader.batch_size))
+        old_global = old_batch * self.cfg.trainer.gradient_accumulation_steps * saved_world
+        log.warning(f"resumed from {path} (written by {saved_world} ranks) on {self.world} ranks: step "
+                    f"{progress.step}, epoch {progress.epoch}. Weights, optimizer moments, EMA and the LR "
+                    f"schedule continue; the global batch is now {per_rank * self.world} samples per "
+                    f"step (was {old_global}: the per-rank batch is kept, so the step counter and LR "
+                    "schedule now see a different number of samples per step); the rest of the epoch "
+                    "is dealt over the new ranks; per-rank random streams are reseeded "
+                    "(docs/cluster.md, 'What happens when')")
+
+    def _zero_world_refusal(self, path: Path, saved_world: int) -> str:
+        return (f"checkpoint {path} was written by {saved_world} ranks under DeepSpeed ZeRO-{self.zero_stage}, "
+                f"this run has {self.world}: ZeRO partitions the optimizer state by rank. Resume on "
+                f"{saved_world} ranks, or warm start a new run_dir with model.load_checkpoint={path}")
 
     # ------------------------------------------------------------------ save
 

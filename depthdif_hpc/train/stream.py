@@ -2,7 +2,7 @@
 
 The product path is `depthdif_hpc.data.make_dataloader(cfg, split, rank, world_size, ...)`: an
 iterable whose dataset (or the loader itself) has `set_epoch`, `state_dict` and
-`load_state_dict`. `wrap_stream` adapts whatever a data factory returns and refuses a loader
+`load_state_dict` (and, to resume at another world size, `load_layout_states`). `wrap_stream` adapts whatever a data factory returns and refuses a loader
 without position state, since exact resume needs it.
 """
 
@@ -23,6 +23,7 @@ class DataStream(Protocol):
     def __iter__(self) -> Iterator[Batch]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+    def load_layout_states(self, states: list[dict]) -> None: ...
 
 
 DataFactory = Callable[[Config, str, int, int], Any]
@@ -50,6 +51,21 @@ class StatefulStream:
 
     def load_state_dict(self, state: dict) -> None:
         self._owner.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stop the loader's workers, if it has a way to."""
+        if hasattr(self.loader, "close"):
+            self.loader.close()
+
+    def load_layout_states(self, states: list[dict]) -> None:
+        """Continue the epoch of a run saved at another world size: `states` are its ranks'
+        positions in rank order (the product stream re-deals the samples none of them took)."""
+        owner = self.loader if hasattr(self.loader, "load_layout_states") else getattr(self.loader, "dataset", None)
+        if not hasattr(owner, "load_layout_states"):
+            raise TypeError(f"{type(self.loader).__name__} cannot continue an epoch saved at another "
+                            "world size (it has no load_layout_states; depthdif_hpc.data.make_dataloader's "
+                            "stream has)")
+        owner.load_layout_states(states)
 
 
 def wrap_stream(loader: Any) -> DataStream:

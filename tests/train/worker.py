@@ -1,8 +1,10 @@
 """torchrun target for the multi-process tests: the real entry point with the test data stream.
 
-usage: torchrun --nproc_per_node 2 tests/train/worker.py OUT_JSON [--stop-at N] [--hang-at N] -- <train args>
-Writes per-rank facts (final parameter digest, exit code) to OUT_JSON.rank<R>; with --gather,
-rank 0 also saves the gathered full parameters (ZeRO-3 export check) next to it.
+usage: torchrun --nproc_per_node 2 tests/train/worker.py OUT_JSON [--stop-at N] [--hang-at N]
+       [--product-data] -- <train args>
+Writes per-rank facts (final parameter digest, exit code) to OUT_JSON.rank<R>; rank 0 also saves
+the gathered full parameters (and EMA) next to it. --product-data: the real data stream
+(dataset.store=...) instead of the in-memory test stream.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def run() -> int:
             elif tr.ema is not None:
                 tr.ema.full_state_dict()  # collective under ZeRO-3
 
-    code = main(train_args, data_factory=factory(), hooks={"after_step": after_step})
+    data = None if "--product-data" in opts else factory()
+    code = main(train_args, data_factory=data, hooks={"after_step": after_step})
     facts["exit_code"] = code
     rank = int(os.environ.get("RANK", "0"))
     Path(f"{out}.rank{rank}").write_text(json.dumps(facts))
