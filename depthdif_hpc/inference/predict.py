@@ -5,9 +5,13 @@ deviation (and optionally the members), in degC with NaN outside y_valid_mask, w
 Zarr store (layout in depthdif_hpc/inference/writer.py) and optionally NetCDF. Under torchrun
 (or srun) ranks take disjoint samples; a rerun skips samples already done.
 
-`--withhold-fraction F` hides that fraction of each sample's observed profile columns from the
-condition (deterministically per sample id) and records them, so `evaluate` can score the
-reconstruction against observations the model never saw.
+`--withhold-fraction F` hides observed profiles from the condition and records the hidden
+pixels (`withheld`, with the attribute `withhold_mode`), so `evaluate` can score the
+reconstruction against observations the model never saw. `--withhold columns` (default) hides
+a fraction F of each sample's observed columns (deterministic per sample id); `--withhold
+floats` hides every profile of a fraction F of the store's floats (deterministic per seed, the
+same floats in every sample), since random columns leave a float's neighbouring profiles in
+the condition.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -26,9 +30,54 @@ from tqdm import tqdm
 from depthdif_hpc.config import SamplerName
 from depthdif_hpc.data.batch import Batch
 from depthdif_hpc.data.grid import Tile
+from depthdif_hpc.data.profiles import PLATFORM_MORE
 from depthdif_hpc.data.store import META, read_manifest
 from depthdif_hpc.data.stream import ShardStream
 from depthdif_hpc.inference.writer import PredictionWriter, create_prediction_store
+
+Withhold = Literal["columns", "floats"]
+
+
+def _hide(batch: Batch, hidden: torch.Tensor) -> torch.Tensor:
+    """Remove the (B, H, W) `hidden` columns from the condition x; returns `hidden`."""
+    keep = ~hidden[:, None]
+    batch["x"] = batch["x"] * keep
+    batch["x_valid_mask"] = batch["x_valid_mask"] & keep
+    return hidden
+
+
+def withheld_platforms(platforms: list[str], fraction: float, seed: int) -> np.ndarray:
+    """(len(platforms),) bool: which floats a whole-float holdout hides.
+
+    round(fraction * n) of the n named platforms (an empty id means the file had none and is
+    never chosen), picked by a permutation seeded with `seed` alone, so every sample, rank and
+    rerun hides the same floats.
+    """
+    named = np.flatnonzero(np.array([bool(p) for p in platforms], bool))
+    chosen = np.zeros(len(platforms), bool)
+    k = int(round(fraction * named.size))
+    if k:
+        chosen[np.random.default_rng(seed).permutation(named)[:k]] = True
+    return chosen
+
+
+def float_columns(rows_cols: np.ndarray, platform: np.ndarray, withheld: np.ndarray,
+                  height: int, width: int) -> torch.Tensor:
+    """(H, W) bool: the observed pixels (`rows_cols` (n, 2), `platform` (n, slots) from the
+    store's obs and obs_platform rows) holding a profile of a withheld float, or more floats
+    than the store could list (PLATFORM_MORE: it cannot prove they are not withheld)."""
+    ids = np.asarray(platform)
+    hit = (ids == PLATFORM_MORE) | ((ids >= 0) & withheld[np.maximum(ids, 0)])
+    out = torch.zeros(height, width, dtype=torch.bool)
+    sel = hit.any(axis=1)
+    rc = torch.from_numpy(np.asarray(rows_cols, np.int64)[sel])
+    out[rc[:, 0], rc[:, 1]] = True
+    return out
+
+
+def withhold_floats(batch: Batch, columns: torch.Tensor) -> torch.Tensor:
+    """Hide the (B, H, W) `columns` (float_columns per sample) from x; returns them."""
+    return _hide(batch, columns & batch["x_valid_mask"].any(dim=1))
 
 
 def withhold_columns(batch: Batch, fraction: float, seed: int) -> torch.Tensor:
@@ -50,10 +99,7 @@ def withhold_columns(batch: Batch, fraction: float, seed: int) -> torch.Tensor:
         k = min(idx.numel() - 1, max(1, round(fraction * idx.numel())))
         pick = idx[torch.randperm(idx.numel(), generator=g)[:k]]
         hidden[i].view(-1)[pick] = True
-    keep = ~hidden[:, None]
-    batch["x"] = batch["x"] * keep
-    batch["x_valid_mask"] = batch["x_valid_mask"] & keep
-    return hidden
+    return _hide(batch, hidden)
 
 
 def predict_split(
@@ -71,6 +117,7 @@ def predict_split(
     sampler_overrides: dict | None = None,
     clamp_known_pixels: bool | None = None,
     withhold_fraction: float = 0.0,
+    withhold: Withhold = "columns",
     seed: int = 0,
     device: str | torch.device = "cpu",
     limit: int | None = None,
@@ -79,9 +126,15 @@ def predict_split(
 ) -> dict[str, int]:
     """Predict one split of a store into `out`; returns counts of written and skipped samples.
 
-    `sampler` None: the model's own default (`model.sampling` of its config)."""
+    `sampler` None: the model's own default (`model.sampling` of its config). `withhold`:
+    "columns" or "floats" (module docstring); the prediction store records the mode in its
+    `withhold_mode` attribute and, for floats, the withheld ids in `withheld_platforms`."""
     if ensemble < 1:
         raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+    if withhold not in get_args(Withhold):
+        raise ValueError(f"withhold {withhold!r}: expected one of {get_args(Withhold)}")
+    if not 0.0 <= withhold_fraction <= 1.0:
+        raise ValueError(f"withhold_fraction must be in [0, 1], got {withhold_fraction}")
     smp = model.make_sampler(sampler, **(sampler_overrides or {}))
     man = read_manifest(store)
     if split not in man["splits"]:
@@ -91,12 +144,22 @@ def predict_split(
         n = min(n, limit)
     tile = int(man["tile_size"])
     depth_m = list(man["levels_m"])
+    floats = withhold == "floats" and withhold_fraction > 0
+    chosen = np.zeros(0, bool)
+    extra: dict = {}
+    if floats:
+        if "platforms" not in man:
+            raise ValueError(f"store {store} has no platform ids (built before obs_platform "
+                             "existed): rebuild it to withhold whole floats, or use --withhold columns")
+        chosen = withheld_platforms(man["platforms"], withhold_fraction, seed)
+        extra["withheld_platforms"] = [p for p, c in zip(man["platforms"], chosen, strict=True) if c]
     if rank == 0:
         create_prediction_store(out, n=n, depth_m=depth_m, height=tile, width=tile,
                                 members=ensemble if keep_members else 0,
                                 attrs={"source_store": str(Path(store).resolve()), "split": split,
                                        "sampler": smp.name, "ensemble": ensemble,
-                                       "withhold_fraction": withhold_fraction, "seed": seed})
+                                       "withhold_fraction": withhold_fraction, "seed": seed,
+                                       "withhold_mode": withhold, **extra})
     if barrier is not None:
         barrier()
     writer = PredictionWriter(out)
@@ -106,6 +169,7 @@ def predict_split(
     offset = stream.id_offset
     loader = DataLoader(stream, batch_size=batch_size, num_workers=0)
     meta = _meta_rows(store, split)
+    src = _split_group(store, split) if floats else None
     model = model.to(device).eval()
     written = skipped = 0
     bar = tqdm(total=len(stream), desc=f"predict[{rank}]", disable=not progress, leave=False)
@@ -117,7 +181,12 @@ def predict_split(
         if not todo:
             continue
         batch = {k: v[todo] for k, v in batch.items()}
-        hidden = withhold_columns(batch, withhold_fraction, seed)
+        if floats:
+            cols = torch.stack([_float_columns_of(src, meta, int(sid) - offset, chosen, tile)
+                                for sid in batch["sample_id"]])
+            hidden = withhold_floats(batch, cols)
+        else:
+            hidden = withhold_columns(batch, withhold_fraction, seed)
         rep = {k: v.repeat_interleave(ensemble, dim=0).to(device) for k, v in batch.items()}
         g = torch.Generator(device=device).manual_seed(seed * 7919 + int(batch["sample_id"][0]))
         res = model.predict(rep, sampler=smp, clamp_known_pixels=clamp_known_pixels, generator=g)
@@ -141,9 +210,19 @@ def predict_split(
 
 
 def _meta_rows(store: str | Path, split: str) -> np.ndarray:
+    return _split_group(store, split)["meta"][:]
+
+
+def _split_group(store: str | Path, split: str):
     import zarr
 
-    return zarr.open_group(str(store), mode="r")[f"{split}/meta"][:]
+    return zarr.open_group(str(store), mode="r")[split]
+
+
+def _float_columns_of(grp, meta: np.ndarray, i: int, chosen: np.ndarray, tile: int) -> torch.Tensor:
+    """float_columns of sample i of a store split group."""
+    n = int(meta[i, META["n_obs_pixels"]])
+    return float_columns(grp["obs"][i, :n, :2], grp["obs_platform"][i, :n], chosen, tile, tile)
 
 
 def to_netcdf(pred: str | Path, path: str | Path) -> Path:
@@ -189,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", action="store_true", help="also store every ensemble member")
     ap.add_argument("--clamp-known-pixels", choices=("true", "false"), help="default: config")
     ap.add_argument("--blur", choices=("true", "false"), help="Gaussian blur; default: config")
-    ap.add_argument("--withhold-fraction", type=float, default=0.0)
+    ap.add_argument("--withhold-fraction", type=float, default=0.0,
+                    help="fraction of observed columns (or of floats) hidden from the condition")
+    ap.add_argument("--withhold", choices=get_args(Withhold), default="columns",
+                    help="columns: random columns per sample; floats: every profile of whole floats")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, help="only the first N samples of the split")
@@ -214,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         model, args.store, args.out, split=args.split, rank=rank, world_size=world,
         batch_size=args.batch_size, ensemble=args.ensemble, keep_members=args.members,
         sampler=args.sampler, sampler_overrides=smp_over, clamp_known_pixels=clamp,
-        withhold_fraction=args.withhold_fraction, seed=args.seed, device=device, limit=args.limit,
+        withhold_fraction=args.withhold_fraction, withhold=args.withhold, seed=args.seed,
+        device=device, limit=args.limit,
         progress=rank == 0, barrier=barrier,
     )
     print(f"rank {rank}: wrote {counts['written']}, skipped {counts['skipped']} already done "

@@ -1,11 +1,19 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 import zarr
 
 from depthdif_hpc.data.grid import Tile
+from depthdif_hpc.data.store import META, read_manifest
 from depthdif_hpc.data.stream import ShardStream
-from depthdif_hpc.inference.predict import predict_split, to_netcdf, withhold_columns
+from depthdif_hpc.inference.predict import (
+    predict_split,
+    to_netcdf,
+    withheld_platforms,
+    withhold_columns,
+)
 
 
 def _truth_valid(store, split="val"):
@@ -92,3 +100,70 @@ def test_tile_pixel_axes_at_the_grid_corner():
     lat, lon = t.pixel_lats()[:2], t.pixel_lons()
     np.testing.assert_allclose(lat, [89.95, 89.85], atol=1e-5)
     np.testing.assert_allclose(lon, [-179.95, -179.85, -179.75], atol=1e-5)
+
+
+class _ConditionRecorder(torch.nn.Module):
+    """Stands in for the model: records which columns each sample's condition still holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def make_sampler(self, name=None, **overrides):
+        return SimpleNamespace(name="recorder")
+
+    def predict(self, batch, **kw):
+        for sid, xv in zip(batch["sample_id"].tolist(), batch["x_valid_mask"], strict=True):
+            self.seen[sid] = xv.any(dim=0).clone()
+        y = torch.zeros_like(batch["y"]).masked_fill(~batch["y_valid_mask"], float("nan"))
+        return SimpleNamespace(y_hat_denorm=y)
+
+
+def test_withhold_floats_hides_whole_floats(tiny_store, tmp_path):
+    out = tmp_path / "pred.zarr"
+    model = _ConditionRecorder()
+    predict_split(model, tiny_store, out, withhold="floats", withhold_fraction=0.4, seed=3,
+                  progress=False)
+    g = zarr.open_group(str(out), mode="r")
+    names = read_manifest(tiny_store)["platforms"]
+    chosen = set(g.attrs["withheld_platforms"])
+    assert g.attrs["withhold_mode"] == "floats"
+    assert len(chosen) == round(0.4 * len(names)) and 0 < len(chosen) < len(names)
+    src = zarr.open_group(str(tiny_store), mode="r")["val"]
+    meta = src["meta"][:]
+    offset = read_manifest(tiny_store)["sample_id_offset"]["val"]
+    hidden_pixels = visible_pixels = 0
+    for i in range(meta.shape[0]):
+        n = meta[i, META["n_obs_pixels"]]
+        rows_cols, plat = src["obs"][i, :n, :2], src["obs_platform"][i, :n]
+        withheld = g["withheld"][i].astype(bool)
+        seen = model.seen[i + offset].numpy()
+        for (r, c), ids in zip(rows_cols, plat, strict=True):
+            floats = {names[k] for k in ids if k >= 0}
+            # Every pixel of a withheld float is hidden from the model and recorded; every
+            # other observed pixel stays in the condition.
+            assert withheld[r, c] == bool(floats & chosen) == (not seen[r, c]), (i, r, c, floats)
+            hidden_pixels += int(withheld[r, c])
+            visible_pixels += int(not withheld[r, c])
+        observed = np.zeros_like(withheld)
+        observed[rows_cols[:, 0], rows_cols[:, 1]] = True
+        assert not (withheld & ~observed).any()  # only observed pixels are marked withheld
+    assert hidden_pixels > 0 and visible_pixels > 0
+    # The same floats for the same seed, other floats for another seed.
+    again = withheld_platforms(names, 0.4, 3)
+    assert {names[k] for k in np.flatnonzero(again)} == chosen
+    assert not np.array_equal(withheld_platforms(names, 0.4, 4), again)
+
+
+def test_withhold_floats_refuses_a_store_without_platform_ids(tiny_store, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(tiny_store, old)
+    man = json.loads((old / "manifest.json").read_text())
+    man.pop("platforms")
+    (old / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ValueError, match="no platform ids"):
+        predict_split(_ConditionRecorder(), old, tmp_path / "p.zarr", withhold="floats",
+                      withhold_fraction=0.3, progress=False)
