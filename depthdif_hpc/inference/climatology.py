@@ -192,10 +192,13 @@ class Climatology:
         rr, cc = np.meshgrid(np.arange(row0, row0 + h), np.arange(col0, col0 + w), indexing="ij")
         return self.at(rr.ravel(), cc.ravel(), date).reshape(self.depth, h, w)
 
-    def own_fraction(self, row0: int, col0: int, h: int, w: int) -> float:
-        """Share of (pixel, level) pairs of a patch that have their own fit (not the fallback)."""
+    def own_fraction(self, row0: int, col0: int, h: int, w: int, valid: np.ndarray | None = None) -> float:
+        """Share of the (pixel, level) pairs of a patch (those `valid` (D, h, w) marks, default all)
+        that have their own fit, not the domain-wide fallback."""
         rr, cc = np.meshgrid(np.arange(row0, row0 + h), np.arange(col0, col0 + w), indexing="ij")
-        return float(self.coefficients(rr.ravel(), cc.ravel())[1].mean())
+        own = self.coefficients(rr.ravel(), cc.ravel())[1].T.reshape(self.depth, h, w)
+        sel = np.ones_like(own) if valid is None else valid
+        return float(own[sel].mean()) if sel.any() else float("nan")
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -229,9 +232,9 @@ def store_identity(store: str | Path) -> str:
     return hashlib.sha256((Path(store) / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
-def iter_split_temperatures(store: str | Path, split: str):
-    """(sample index, (D, H, W) degC GLORYS-like target with NaN where invalid, meta row), read
-    shard by shard from the stored codes (independent of the model's normalization)."""
+def iter_split_fields(store: str | Path, split: str):
+    """(sample index, (1 + D, H, W) degC [eo, GLORYS-like y] with NaN where invalid, meta row),
+    read shard by shard from the stored codes (independent of the model's normalization)."""
     import zarr
 
     store = Path(store)
@@ -251,7 +254,47 @@ def iter_split_temperatures(store: str | Path, split: str):
         b = min(a + per, n)
         codes, rows = fields(a, b), meta[a:b]
         for k in range(b - a):
-            yield a + k, q.decode_c(codes[k, 1:]), rows[k]
+            yield a + k, q.decode_c(codes[k]), rows[k]
+
+
+class ObservationReader:
+    """The observed profile columns of a split's samples in degC, on global grid indices.
+
+    Samples are ordered by day (docs/data_store.md#layout), so the columns of one day are read
+    once and kept until the day changes."""
+
+    def __init__(self, store: str | Path, split: str) -> None:
+        import zarr
+
+        man = read_manifest(store)
+        g = zarr.open_group(str(store), mode="r")[split]
+        self.meta = g["meta"][:]
+        self._obs = g["obs"]
+        self.depth = len(man["levels_m"])
+        self.tile = int(man["tile_size"])
+        self.res = float(man["resolution_deg"])
+        self._q = quantizer_from(man)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._day = None
+
+    def origin(self, i: int) -> tuple[int, int]:
+        return int(self.meta[i, META["row0"]]), int(self.meta[i, META["col0"]])
+
+    def same_day(self, i: int) -> np.ndarray:
+        return np.flatnonzero(self.meta[:, META["day"]] == self.meta[i, META["day"]])
+
+    def columns(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global rows (n,), cols (n,) and values (D, n) degC (NaN: level not observed)."""
+        day = int(self.meta[i, META["day"]])
+        if day != self._day:
+            self._cache, self._day = {}, day
+        if i not in self._cache:
+            k = int(self.meta[i, META["n_obs_pixels"]])
+            o = self._obs[i][:k]
+            r0, c0 = self.origin(i)
+            self._cache[i] = (o[:, 0].astype(np.int64) + r0, o[:, 1].astype(np.int64) + c0,
+                              self._q.decode_c(o[:, 2:2 + self.depth]).T.astype(np.float64))
+        return self._cache[i]
 
 
 def fit_store(store: str | Path, cfg: ClimatologyConfig, split: str = "train",
@@ -265,8 +308,8 @@ def fit_store(store: str | Path, cfg: ClimatologyConfig, split: str = "train",
     acc = ClimatologyAccumulator(len(man["levels_m"]), cfg.harmonics, cfg.ridge, cfg.block_px)
     bar = tqdm(total=int(man["splits"][split]["n_samples"]), desc="climatology", disable=not progress,
                leave=False)
-    for _, temp, row in iter_split_temperatures(store, split):
-        acc.add(temp, int(row[META["row0"]]), int(row[META["col0"]]), int(row[META["date"]]))
+    for _, temp, row in iter_split_fields(store, split):
+        acc.add(temp[1:], int(row[META["row0"]]), int(row[META["col0"]]), int(row[META["date"]]))
         bar.update(1)
     bar.close()
     return acc.finish({"store": store_identity(store), "split": split})

@@ -1,59 +1,182 @@
 """`python -m depthdif_hpc.inference.evaluate --pred OUT.zarr --store STORE --report DIR`.
 
-Scores a prediction store against the truth in the data store, next to three baselines
-(depthdif_hpc/inference/baselines.py): inverse-distance weighting of the observed profiles,
-the training-set climatology per depth and day of year, and the surface field carried down by
-the mean profile. Everything is in degC and streamed sample by sample.
+Scores a prediction store against the truth in the data store, next to four baselines
+(docs/metrics.md#baselines): optimal interpolation of the profiles on the climatology
+(depthdif_hpc/inference/oi.py), inverse-distance weighting, the per-pixel seasonal climatology of
+the train split (depthdif_hpc/inference/climatology.py) and the SST anomaly carried down.
+Everything is in degC, read from the store's codes and streamed sample by sample.
 
 Supports (per depth level):
-* `hidden`: ocean pixels (y_valid) that the condition did not contain, scored against y;
-* `withheld`: observed profile values that predict hid from the condition (--withhold-fraction),
-  scored against the observations themselves;
-Also: PSNR/SSIM as in docs/metrics.md#reconstruction-metrics (depthdif_hpc.metrics) and the ensemble
-spread-skill ratio. Writes DIR/report.md, DIR/metrics.json and PNG figures.
+* `hidden`: ocean pixels (y valid) that the condition did not contain, scored against y;
+* `withheld`: observed profile values that predict hid from the condition (random columns or
+  whole floats, whichever the prediction store records), scored against the observations.
+Per method and support: RMSE, MAE, bias, R^2; for the model's ensemble and OI: CRPS,
+spread-skill and (ensemble members stored) rank histograms; PSNR/SSIM as in
+docs/metrics.md#reconstruction-metrics. Writes DIR/report.md, DIR/metrics.json and PNG figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from depthdif_hpc.data.stream import ShardStream
-from depthdif_hpc.inference.baselines import Climatology, idw, surface_extended
-from depthdif_hpc.inference.report import fmt, json_default, report_levels
-from depthdif_hpc.metrics import DepthStats, recon_metrics
-from depthdif_hpc.normalization import denormalize_temperature
+from depthdif_hpc.config import Config, EvaluationConfig, OIConfig, validate_config
+from depthdif_hpc.data.store import META
+from depthdif_hpc.inference.baselines import idw, surface_extended
+from depthdif_hpc.inference.climatology import (
+    Climatology,
+    ObservationReader,
+    iter_split_fields,
+    load_or_fit,
+)
+from depthdif_hpc.inference.oi import (
+    OIParams,
+    analyse,
+    fit_hyperparameters,
+    haversine_km,
+    pixel_latlon,
+)
+from depthdif_hpc.inference.report import fmt, report_levels, write_json
+from depthdif_hpc.metrics import (
+    DepthMean,
+    DepthStats,
+    crps_ensemble_fair,
+    crps_gaussian,
+    ensemble_ranks,
+    recon_metrics,
+    spread_skill,
+)
 
-METHODS = ("model", "idw", "climatology", "surface_extended")
+METHODS = ("model", "oi", "idw", "climatology", "surface_extended")
 SUPPORTS = ("hidden", "withheld")
+PROBABILISTIC = ("model", "oi")
+KM_PER_DEG = 111.19
 
 
-def fit_climatology(store: str | Path, window_days: int = 15, batch_size: int = 8) -> Climatology:
-    """Climatology from the train split, streamed (per-sample sums only)."""
-    stream = ShardStream(store, "train", shuffle=False, even_ranks=False)
-    sums, counts, dates = [], [], []
-    for b in DataLoader(stream, batch_size=batch_size):
-        v = b["y_valid_mask"].double()
-        t = denormalize_temperature(b["y"].double())
-        sums.append((t * v).sum(dim=(2, 3)))
-        counts.append(v.sum(dim=(2, 3)))
-        dates.append(b["date"])
-    if not sums:
-        raise ValueError(f"store {store} has no train samples to fit the climatology")
-    return Climatology.from_sums(torch.cat(sums), torch.cat(counts), torch.cat(dates), window_days)
+def fit_oi(store: str | Path, clim: Climatology, cfg: OIConfig) -> OIParams:
+    """OI hyperparameters from up to cfg.fit_samples evenly spaced train samples (their own
+    observations, anomalies from the climatology)."""
+    reader = ObservationReader(store, "train")
+    n = len(reader.meta)
+    if n == 0:
+        raise ValueError(f"store {store} has no train samples to fit the OI hyperparameters")
+    idx = np.unique(np.linspace(0, n - 1, min(cfg.fit_samples, n)).round().astype(int))
+
+    def samples():
+        for i in idx:
+            rows, cols, vals = reader.columns(int(i))
+            if rows.size:
+                lat, lon = pixel_latlon(rows, cols, reader.res)
+                yield lat, lon, vals - clim.at(rows, cols, int(reader.meta[i, META["date"]]))
+
+    return fit_hyperparameters(samples(), cfg, reader.depth)
+
+
+def halo_observations(reader: ObservationReader, i: int, halo_km: float,
+                      withheld_of: Callable[[int], np.ndarray | None]) -> tuple[np.ndarray, ...]:
+    """Columns of same-day samples outside sample i's patch and within halo_km of it (each global
+    pixel once), without those withheld in their own sample's prediction."""
+    r0, c0 = reader.origin(i)
+    t, res = reader.tile, reader.res
+    top, left = 90.0 - r0 * res, -180.0 + c0 * res
+    bottom, right = top - t * res, left + t * res
+    coslat = max(math.cos(math.radians(max(abs(top), abs(bottom)) + halo_km / KM_PER_DEG)), 0.05)
+    seen: set[int] = set()
+    out_r, out_c, out_v = [], [], []
+    for j in reader.same_day(i):
+        if j == i:
+            continue
+        rj, cj = reader.origin(int(j))
+        # cheap rejection of far patches before reading their columns
+        if (abs(rj - r0) - t) * res * KM_PER_DEG > halo_km or \
+                (abs(cj - c0) - t) * res * KM_PER_DEG * coslat > halo_km:
+            continue
+        rows, cols, vals = reader.columns(int(j))
+        keep = ~((rows >= r0) & (rows < r0 + t) & (cols >= c0) & (cols < c0 + t))
+        wh = withheld_of(int(j))
+        if wh is not None:
+            keep &= ~wh[rows - rj, cols - cj]
+        lat, lon = pixel_latlon(rows, cols, res)
+        keep &= haversine_km(lat, lon, np.clip(lat, bottom, top), np.clip(lon, left, right)) <= halo_km
+        for k in np.flatnonzero(keep):
+            key = int(rows[k]) * 10_000 + int(cols[k])
+            if key not in seen:
+                seen.add(key)
+                out_r.append(rows[k])
+                out_c.append(cols[k])
+                out_v.append(vals[:, k])
+    if not out_r:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((reader.depth, 0))
+    return np.asarray(out_r), np.asarray(out_c), np.stack(out_v, axis=1)
+
+
+def withheld_mode(attrs: dict) -> str:
+    """How predict chose the withheld observations: its recorded mode, else columns/none."""
+    mode = attrs.get("withhold_mode", attrs.get("withhold"))
+    if mode:
+        return str(mode)
+    return "columns" if float(attrs.get("withhold_fraction", 0) or 0) > 0 else "none"
+
+
+class _Scores:
+    """Every streamed sum of one evaluation."""
+
+    def __init__(self, depth: int, members: int) -> None:
+        self.depth, self.members = depth, members
+        self.stats = {(m, s): DepthStats(depth) for m in METHODS for s in SUPPORTS}
+        self.crps = {(m, s): DepthMean(depth) for m in PROBABILISTIC for s in SUPPORTS}
+        self.var = {(m, s): DepthMean(depth) for m in PROBABILISTIC for s in SUPPORTS}
+        self.ranks = {s: np.zeros((depth, members + 1), np.int64) for s in SUPPORTS} if members > 1 else {}
+        self.psnr: dict[str, list[float]] = {m: [0.0, 0.0] for m in METHODS}
+        self.ssim: dict[str, list[float]] = {m: [0.0, 0.0] for m in METHODS}
+        self.rng = np.random.default_rng(0)
+
+    def add_probabilistic(self, s: str, target: np.ndarray, mask: np.ndarray, model_mean: np.ndarray,
+                          model_var: np.ndarray | None, members: np.ndarray | None,
+                          oi_mean: np.ndarray | None, oi_var: np.ndarray | None) -> None:
+        sel = mask & np.isfinite(target) & np.isfinite(model_mean)
+        if members is not None:
+            sel &= np.isfinite(members).all(axis=0)
+        lvl, yy, xx = np.nonzero(sel)
+        if lvl.size == 0:
+            return
+        tgt = target[lvl, yy, xx]
+        if model_var is not None:
+            self.var[("model", s)].add(model_var[lvl, yy, xx], lvl)
+        if members is not None:
+            mem = members[:, lvl, yy, xx].T
+            self.crps[("model", s)].add(crps_ensemble_fair(tgt, mem), lvl)
+            np.add.at(self.ranks[s], (lvl, ensemble_ranks(tgt, mem, self.rng)), 1)
+        if oi_mean is not None:
+            sel_o = np.isfinite(oi_mean[lvl, yy, xx])
+            lo, mu, v = lvl[sel_o], oi_mean[lvl, yy, xx][sel_o], oi_var[lvl, yy, xx][sel_o]
+            self.crps[("oi", s)].add(crps_gaussian(tgt[sel_o], mu, np.sqrt(v)), lo)
+            self.var[("oi", s)].add(v, lo)
+
+    def add_image(self, m: str, f: np.ndarray, truth: np.ndarray, y_valid: np.ndarray) -> None:
+        r = recon_metrics(torch.from_numpy(f)[None], torch.from_numpy(truth)[None],
+                          torch.from_numpy(y_valid)[None])
+        if r["recon_psnr_bands"]:
+            self.psnr[m][0] += r["recon_psnr_full_recon"] * r["recon_psnr_bands"]
+            self.psnr[m][1] += r["recon_psnr_bands"]
+        if r["recon_ssim_bands"]:
+            self.ssim[m][0] += r["recon_ssim_full_recon"] * r["recon_ssim_bands"]
+            self.ssim[m][1] += r["recon_ssim_bands"]
 
 
 def evaluate(pred_path: str | Path, store: str | Path, report: str | Path, *,
-             idw_power: float = 2.0, figures: bool = True, progress: bool = True) -> dict:
+             cfg: EvaluationConfig | None = None, climatology_path: str | Path | None = None,
+             figures: bool = True, progress: bool = True) -> dict:
+    cfg = cfg or EvaluationConfig()
+    validate_config(Config(evaluation=cfg), {})  # names the offending evaluation.* key
     pred = zarr.open_group(str(pred_path), mode="r")
     split = pred.attrs.get("split", "val")
     done = pred["done"][:].astype(bool)
@@ -61,69 +184,89 @@ def evaluate(pred_path: str | Path, store: str | Path, report: str | Path, *,
         raise ValueError(f"{pred_path} holds no finished sample (run predict first)")
     depth_m = np.asarray(pred["depth"][:], dtype=float)
     d = len(depth_m)
-    clim = fit_climatology(store)
-    mean_profile = clim.mean_profile()
-    stats = {(m, s): DepthStats(d) for m in METHODS for s in SUPPORTS}
-    spread_sq = np.zeros(d)
-    spread_n = np.zeros(d)
-    psnr_sum, psnr_n, ssim_sum, ssim_n = {}, {}, {}, {}
     ensemble = int(pred.attrs.get("ensemble", 1))
-    stream = ShardStream(store, split, shuffle=False, even_ranks=False)
-    offset = stream.id_offset
+    has_members = "members" in pred and ensemble > 1
+    clim, clim_file = load_or_fit(store, cfg.climatology, climatology_path, progress=progress)
+    if clim.depth != d:
+        raise ValueError(f"climatology has {clim.depth} levels, the predictions {d}")
+    oi_params = fit_oi(store, clim, cfg.oi) if cfg.oi.enabled else None
+    reader = ObservationReader(store, split)
+
+    def withheld_of(j: int) -> np.ndarray | None:
+        return pred["withheld"][j].astype(bool) if j < len(done) and done[j] else None
+
+    sc = _Scores(d, ensemble if has_members else 0)
+    own_fraction = []
     keep_for_figures = None
     bar = tqdm(total=int(done.sum()), desc="evaluate", disable=not progress, leave=False)
-    for b in DataLoader(stream, batch_size=1):
-        i = int(b["sample_id"][0]) - offset
-        if i >= len(done) or not done[i]:
+    for i, fields_c, meta_row in iter_split_fields(store, split):
+        if i >= len(done):
+            break
+        if not done[i]:
             continue
         bar.update(1)
-        truth = denormalize_temperature(b["y"][0].double()).numpy()
-        y_valid = b["y_valid_mask"][0].numpy()
-        truth = np.where(y_valid, truth, np.nan)
-        x_valid = b["x_valid_mask"][0].numpy()
-        obs = np.where(x_valid, denormalize_temperature(b["x"][0].double()).numpy(), np.nan)
+        eo, truth = fields_c[0].astype(np.float64), fields_c[1:].astype(np.float64)
+        y_valid = np.isfinite(truth)
+        _, h, w = truth.shape
+        r0, c0, date = int(meta_row[META["row0"]]), int(meta_row[META["col0"]]), int(meta_row[META["date"]])
+        rows, cols, vals = reader.columns(i)
+        obs = np.full((d, h, w), np.nan)
+        obs[:, rows - r0, cols - c0] = vals
+        x_valid = np.isfinite(obs)
         withheld = pred["withheld"][i].astype(bool)
         cond_valid = x_valid & ~withheld[None]
-        mean = pred["mean"][i].astype(np.float64)
-        # baselines see exactly what the model saw
-        xc = torch.from_numpy(np.nan_to_num(obs) * cond_valid)[None]
+        bg = clim.patch(r0, c0, h, w, date)
+        own_fraction.append(clim.own_fraction(r0, c0, h, w, y_valid))
+        xc = torch.from_numpy(np.where(cond_valid, obs, 0.0))[None]
         fields = {
-            "model": mean,
-            "idw": idw(xc, torch.from_numpy(cond_valid)[None], idw_power)[0].numpy(),
-            "climatology": clim.predict(b["date"], (1, d, *truth.shape[1:]))[0].double().numpy(),
-            "surface_extended": surface_extended(
-                denormalize_temperature(b["eo"].double()), mean_profile.double())[0].numpy(),
+            "model": pred["mean"][i].astype(np.float64),
+            "idw": idw(xc, torch.from_numpy(cond_valid)[None], cfg.idw_power)[0].numpy(),
+            "climatology": bg,
+            "surface_extended": surface_extended(torch.from_numpy(eo)[None, None],
+                                                 torch.from_numpy(bg)[None])[0].numpy(),
         }
+        oi_var = None
+        if oi_params is not None:
+            keep = ~withheld[rows - r0, cols - c0]
+            hr, hc, hv = halo_observations(reader, i, cfg.oi.halo_km, withheld_of)
+            o_rows, o_cols = np.concatenate([rows[keep], hr]), np.concatenate([cols[keep], hc])
+            o_vals = np.concatenate([vals[:, keep], hv], axis=1)
+            anom = o_vals - clim.at(o_rows, o_cols, date)
+            rr, cc = np.meshgrid(np.arange(r0, r0 + h), np.arange(c0, c0 + w), indexing="ij")
+            t_lat, t_lon = pixel_latlon(rr.ravel(), cc.ravel(), reader.res)
+            o_lat, o_lon = pixel_latlon(o_rows, o_cols, reader.res)
+            mu, var = analyse(oi_params, bg.reshape(d, -1), t_lat, t_lon, o_lat, o_lon, anom)
+            fields["oi"], oi_var = mu.reshape(d, h, w), var.reshape(d, h, w)
+        fields = {m: np.where(y_valid, f, np.nan) for m, f in fields.items()}
         hidden = y_valid & ~cond_valid
         w_mask = x_valid & withheld[None]
+        targets = {"hidden": (truth, hidden), "withheld": (obs, w_mask)}
         for m, f in fields.items():
-            f = np.where(y_valid, f, np.nan)
-            stats[(m, "hidden")].add(f, truth, hidden)
-            stats[(m, "withheld")].add(f, obs, w_mask)
-            r = recon_metrics(torch.from_numpy(f)[None], torch.from_numpy(truth)[None],
-                              torch.from_numpy(y_valid)[None])
-            if r["recon_psnr_bands"]:
-                psnr_sum[m] = psnr_sum.get(m, 0.0) + r["recon_psnr_full_recon"] * r["recon_psnr_bands"]
-                psnr_n[m] = psnr_n.get(m, 0.0) + r["recon_psnr_bands"]
-            if r["recon_ssim_bands"]:
-                ssim_sum[m] = ssim_sum.get(m, 0.0) + r["recon_ssim_full_recon"] * r["recon_ssim_bands"]
-                ssim_n[m] = ssim_n.get(m, 0.0) + r["recon_ssim_bands"]
-        if ensemble > 1:
-            std = pred["std"][i].astype(np.float64)
-            sel = hidden & np.isfinite(std)
-            spread_sq += np.where(sel, std**2, 0).sum(axis=(1, 2))
-            spread_n += sel.sum(axis=(1, 2))
+            for s, (tgt, mask) in targets.items():
+                sc.stats[(m, s)].add(f, tgt, mask)
+            sc.add_image(m, f, truth, y_valid)
+        std = pred["std"][i].astype(np.float64) if ensemble > 1 else None
+        members = pred["members"][i].astype(np.float64) if has_members else None
+        for s, (tgt, mask) in targets.items():
+            sc.add_probabilistic(s, tgt, mask, fields["model"], None if std is None else std**2, members,
+                                 fields.get("oi"), oi_var)
         if keep_for_figures is None:
-            keep_for_figures = dict(i=i, truth=truth, mean=mean, std=pred["std"][i], obs=obs,
+            lat, lon = pixel_latlon(np.arange(r0, r0 + h), np.arange(c0, c0 + w), reader.res)
+            keep_for_figures = dict(i=i, truth=truth, mean=fields["model"], std=pred["std"][i], obs=obs,
                                     withheld=withheld, cond_valid=cond_valid, idw=fields["idw"],
-                                    lat=pred["lat"][i], lon=pred["lon"][i], date=int(b["date"][0]))
+                                    oi=fields.get("oi"), lat=lat, lon=lon, date=date)
     bar.close()
-    result = _summarise(stats, depth_m, spread_sq, spread_n, ensemble, psnr_sum, psnr_n, ssim_sum, ssim_n)
+    result = _summarise(sc, depth_m, ensemble, has_members)
     result["n_samples"] = int(done.sum())
     result["split"] = split
+    result["withheld_mode"] = withheld_mode(dict(pred.attrs))
+    result["climatology"] = {**clim.attrs, "file": str(clim_file) if clim_file else None,
+                             "own_fit_fraction": float(np.nanmean(own_fraction))}
+    if oi_params is not None:
+        result["oi"] = {**oi_params.to_dict(), "halo_km": cfg.oi.halo_km}
     report = Path(report)
     report.mkdir(parents=True, exist_ok=True)
-    (report / "metrics.json").write_text(json.dumps(result, indent=1, default=json_default))
+    write_json(report / "metrics.json", result)
     figs = []
     if figures and keep_for_figures is not None:
         from depthdif_hpc.inference import report_figures as rf
@@ -133,58 +276,105 @@ def evaluate(pred_path: str | Path, store: str | Path, report: str | Path, *,
     return result
 
 
-def _summarise(stats, depth_m, spread_sq, spread_n, ensemble, psnr_sum, psnr_n, ssim_sum, ssim_n) -> dict:
-    out: dict = {"depth_m": depth_m.tolist(), "overall": {}, "per_depth": {}}
-    for (m, s), st in stats.items():
+def _summarise(sc: _Scores, depth_m: np.ndarray, ensemble: int, has_members: bool) -> dict:
+    out: dict = {"depth_m": depth_m.tolist(), "ensemble": ensemble, "members_stored": has_members,
+                 "overall": {}, "per_depth": {}, "crps": {}, "spread_skill": {}}
+    for (m, s), st in sc.stats.items():
         out["overall"].setdefault(s, {})[m] = st.overall()
         out["per_depth"].setdefault(s, {})[m] = {k: v.tolist() for k, v in st.per_depth().items()}
-    out["psnr"] = {m: psnr_sum[m] / psnr_n[m] for m in psnr_sum}
-    out["ssim"] = {m: (ssim_sum[m] / ssim_n[m]) if m in ssim_sum else 0.0 for m in METHODS}
-    if ensemble > 1:
-        # spread-skill: RMS ensemble spread over RMSE of the ensemble mean, with the finite-
-        # ensemble factor sqrt((K + 1) / K); about 1 for a well-calibrated ensemble.
-        h = stats[("model", "hidden")]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            spread = np.sqrt(spread_sq / np.where(spread_n > 0, spread_n, np.nan))
-            rmse = np.sqrt(h.s2 / np.where(h.n > 0, h.n, np.nan))
-            factor = math.sqrt((ensemble + 1) / ensemble)
-            out["spread_skill_per_depth"] = (factor * spread / rmse).tolist()
-            tot = factor * math.sqrt(spread_sq.sum() / max(spread_n.sum(), 1)) / max(
-                h.overall()["rmse"], 1e-12)
-        out["spread_skill"] = float(tot)
-    # the issue's headline: at how many depths the model beats each baseline on hidden pixels
+    for s in SUPPORTS:
+        for m in PROBABILISTIC:
+            crps = sc.crps[(m, s)]
+            if crps.n.sum():
+                out["crps"].setdefault(s, {})[m] = {"overall": crps.overall(),
+                                                    "per_depth": crps.per_depth().tolist()}
+            v, st = sc.var[(m, s)], sc.stats[(m, s)]
+            if v.n.sum() and st.n.sum():
+                k = ensemble if m == "model" else None
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    per = spread_skill(v.per_depth(), st.s2 / np.where(st.n > 0, st.n, np.nan), k)
+                out["spread_skill"].setdefault(s, {})[m] = {
+                    "overall": float(spread_skill(v.overall(), st.s2.sum() / st.n.sum(), k)),
+                    "per_depth": per.tolist()}
+    if sc.ranks:
+        out["rank_histogram"] = {s: {"counts": r.sum(axis=0).tolist(), "per_depth": r.tolist()}
+                                 for s, r in sc.ranks.items()}
+    out["psnr"] = {m: v[0] / v[1] for m, v in sc.psnr.items() if v[1]}
+    out["ssim"] = {m: v[0] / v[1] if v[1] else 0.0 for m, v in sc.ssim.items()}
+    # at how many depths the model's hidden-pixel RMSE is below each baseline's
     model_rmse = np.asarray(out["per_depth"]["hidden"]["model"]["rmse"], dtype=float)
     out["model_better_than"] = {}
     for m in METHODS[1:]:
         base = np.asarray(out["per_depth"]["hidden"][m]["rmse"], dtype=float)
         ok = np.isfinite(model_rmse) & np.isfinite(base)
-        out["model_better_than"][m] = {"depths": int((model_rmse[ok] < base[ok]).sum()),
-                                       "of": int(ok.sum())}
+        out["model_better_than"][m] = {"depths": int((model_rmse[ok] < base[ok]).sum()), "of": int(ok.sum())}
     return out
 
 
 def _markdown(r: dict, depth_m: np.ndarray, figs: list[Path], pred_path, store) -> str:
     lines = [f"# DepthDif evaluation ({r['split']} split, {r['n_samples']} samples)", "",
-             f"Predictions: `{pred_path}`  ", f"Truth and observations: `{store}`", ""]
-    for s, title in (("hidden", "Ocean pixels not in the condition, against GLORYS-like truth (degC)"),
-                     ("withheld", "Withheld profiles, against the observations (degC)")):
-        lines += [f"## {title}", "", "| method | RMSE | MAE | bias | points |", "|---|---:|---:|---:|---:|"]
-        for m in METHODS:
+             f"Predictions: `{pred_path}`  ", f"Truth and observations: `{store}`  ",
+             f"Withheld observations: {r['withheld_mode']}; ensemble of {r['ensemble']}"
+             + ("" if r["members_stored"] else " (members not stored: no ensemble CRPS or rank histogram)"), ""]
+    titles = {"hidden": "Ocean pixels not in the condition, against the GLORYS-like truth (degC)",
+              "withheld": f"Withheld observations ({r['withheld_mode']}), against the observations (degC)"}
+    methods = [m for m in METHODS if m in r["overall"]["hidden"]
+               and (m != "oi" or "oi" in r)]
+    for s in SUPPORTS:
+        lines += [f"## {titles[s]}", "", "| method | RMSE | MAE | bias | R^2 (mean over levels) | CRPS | spread-skill | points |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for m in methods:
             o = r["overall"][s][m]
-            lines.append(f"| {m} | {fmt(o['rmse'])} | {fmt(o['mae'])} | {fmt(o['bias'])} | {o['count']} |")
+            crps = r["crps"].get(s, {}).get(m, {}).get("overall")
+            ss = r["spread_skill"].get(s, {}).get(m, {}).get("overall")
+            lines.append(f"| {m} | {fmt(o['rmse'])} | {fmt(o['mae'])} | {fmt(o['bias'])} | {fmt(o['r2'])} | "
+                         f"{fmt(crps)} | {fmt(ss)} | {o['count']} |")
         lines.append("")
-    lines += ["## RMSE per depth on hidden pixels (degC)", "",
-              "| depth (m) | " + " | ".join(METHODS) + " |", "|---:|" + "---:|" * len(METHODS)]
+    for s in SUPPORTS:
+        lines += [f"## RMSE per depth, {s} (degC)", "",
+                  "| depth (m) | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
+        for k in report_levels(depth_m):
+            row = [fmt(r["per_depth"][s][m]["rmse"][k]) for m in methods]
+            lines.append(f"| {depth_m[k]:.1f} | " + " | ".join(row) + " |")
+        lines.append("")
+    prob = [(s, m) for s in SUPPORTS for m in PROBABILISTIC if m in r["crps"].get(s, {})]
+    if prob:
+        lines += ["## CRPS per depth (degC; ensemble: fair estimator, OI: Gaussian)", "",
+                  "| depth (m) | " + " | ".join(f"{m} {s}" for s, m in prob) + " |", "|---:|" + "---:|" * len(prob)]
+        for k in report_levels(depth_m):
+            lines.append(f"| {depth_m[k]:.1f} | "
+                         + " | ".join(fmt(r["crps"][s][m]["per_depth"][k]) for s, m in prob) + " |")
+        lines.append("")
+    lines += ["## R^2 per depth, hidden", "", "| depth (m) | " + " | ".join(methods) + " |",
+              "|---:|" + "---:|" * len(methods)]
     for k in report_levels(depth_m):
-        row = [fmt(r["per_depth"]["hidden"][m]["rmse"][k]) for m in METHODS]
-        lines.append(f"| {depth_m[k]:.1f} | " + " | ".join(row) + " |")
+        lines.append(f"| {depth_m[k]:.1f} | "
+                     + " | ".join(fmt(r["per_depth"]["hidden"][m]["r2"][k]) for m in methods) + " |")
     lines += ["", "Model RMSE below the baseline's at: " + ", ".join(
         f"{m} {v['depths']}/{v['of']} depths" for m, v in r["model_better_than"].items()), ""]
-    lines += ["## Image metrics (docs/metrics.md#reconstruction-metrics)", "", "| method | PSNR (dB) | SSIM |", "|---|---:|---:|"]
-    for m in METHODS:
+    if "rank_histogram" in r:
+        lines += ["## Rank histogram of the truth among the members (pooled over levels)", ""]
+        for s, h in r["rank_histogram"].items():
+            lines.append(f"* {s}: " + " ".join(str(c) for c in h["counts"]))
+        lines.append("")
+    lines += ["## Image metrics (docs/metrics.md#reconstruction-metrics)", "", "| method | PSNR (dB) | SSIM |",
+              "|---|---:|---:|"]
+    for m in methods:
         lines.append(f"| {m} | {fmt(r['psnr'].get(m, math.nan))} | {fmt(r['ssim'].get(m, 0.0))} |")
-    if "spread_skill" in r:
-        lines += ["", f"Ensemble spread-skill ratio (hidden pixels): {fmt(r['spread_skill'])}"]
+    c = r["climatology"]
+    lines += ["", "## Baseline settings", "",
+              f"* climatology: mean + {c['harmonics']} annual harmonics per pixel and level, ridge {c['ridge']}, "
+              f"{c['n_samples']} train samples; {fmt(100 * c['own_fit_fraction'])} % of the scored (pixel, level) "
+              f"pairs have their own fit (the rest: the domain-wide fit); file `{c['file']}`"]
+    if "oi" in r:
+        o = r["oi"]
+        lines.append(f"* OI: {o['covariance']} correlation, halo {o['halo_km']:g} km, fitted on "
+                     f"{o['fit_samples']} train samples ({o['method']})")
+        lines += ["", "| depth (m) | length (km) | noise/signal | signal std (degC) | train obs |",
+                  "|---:|---:|---:|---:|---:|"]
+        for k in report_levels(depth_m):
+            lines.append(f"| {depth_m[k]:.1f} | {o['length_km'][k]:g} | {o['noise_ratio'][k]:g} | "
+                         f"{fmt(math.sqrt(o['signal_var'][k]))} | {int(o['fit_observations_per_level'][k])} |")
     if figs:
         lines += ["", "## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figs]
     return "\n".join(lines) + "\n"
@@ -197,11 +387,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", required=True, help="the data store the predictions were made from")
     ap.add_argument("--report", required=True, help="output folder for report.md, metrics.json, PNGs")
     ap.add_argument("--idw-power", type=float, default=2.0)
+    ap.add_argument("--climatology", help="climatology cache file (default: STORE/derived/climatology_*.npz)")
+    ap.add_argument("--harmonics", type=int, default=2, help="annual harmonics of the climatology")
+    ap.add_argument("--oi-covariance", choices=("gaussian", "roemmich_gilson"), default="gaussian")
+    ap.add_argument("--oi-halo-km", type=float, default=300.0)
+    ap.add_argument("--no-oi", action="store_true", help="skip the OI baseline")
     ap.add_argument("--no-figures", action="store_true")
     args = ap.parse_args(argv)
-    r = evaluate(args.pred, args.store, args.report, idw_power=args.idw_power, figures=not args.no_figures)
-    o = r["overall"]["hidden"]
-    print("hidden-pixel RMSE (degC): " + ", ".join(f"{m} {fmt(o[m]['rmse'])}" for m in METHODS))
+    cfg = EvaluationConfig(idw_power=args.idw_power)
+    cfg.climatology.harmonics = args.harmonics
+    cfg.oi.covariance = args.oi_covariance
+    cfg.oi.halo_km = args.oi_halo_km
+    cfg.oi.enabled = not args.no_oi
+    r = evaluate(args.pred, args.store, args.report, cfg=cfg, climatology_path=args.climatology,
+                 figures=not args.no_figures)
+    for s in SUPPORTS:
+        o = r["overall"][s]
+        print(f"{s} RMSE (degC): " + ", ".join(f"{m} {fmt(o[m]['rmse'])}" for m in METHODS if m in o))
     print(f"report: {Path(args.report) / 'report.md'}")
     return 0
 

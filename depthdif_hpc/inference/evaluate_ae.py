@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 
 from depthdif_hpc.data.store import StoreError, read_manifest
 from depthdif_hpc.data.stream import make_dataloader
-from depthdif_hpc.inference.report import fmt, json_safe, report_levels
+from depthdif_hpc.inference.report import fmt, report_levels, write_json
 from depthdif_hpc.metrics import DepthStats, recon_metrics
 from depthdif_hpc.model.latent import AutoencoderModel
 from depthdif_hpc.normalization import denormalize_temperature
@@ -152,7 +151,7 @@ def evaluate_autoencoder(checkpoint: str | Path, store: str | Path, report: str 
     result["per_depth"]["count"] = [int(c) for c in per["count"]]
     report = Path(report)
     report.mkdir(parents=True, exist_ok=True)
-    (report / "metrics.json").write_text(json.dumps(json_safe(result), indent=1))
+    write_json(report / "metrics.json", result)
     fig = _figure(report / FIGURE, result) if figures else None
     (report / "report.md").write_text(_markdown(result, fig))
     return result

@@ -3,7 +3,10 @@ levels a table shows, and strict JSON for metrics.json."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,19 +24,13 @@ def report_levels(depth_m: np.ndarray) -> list[int]:
     return sorted({int(np.argmin(np.abs(depth_m - z))) for z in REPORT_DEPTHS_M})
 
 
-def json_default(o: Any) -> Any:
-    """`json.dumps(default=...)` for numpy scalars and arrays."""
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))
-
-
 def json_safe(o: Any) -> Any:
-    """NaN/inf -> null (recursively), so metrics.json is strict JSON."""
+    """Plain JSON values (recursively): numpy scalars and arrays become numbers and lists, and
+    NaN/inf become null, so metrics.json is strict JSON that any reader accepts."""
     if isinstance(o, dict):
         return {k: json_safe(v) for k, v in o.items()}
+    if isinstance(o, np.ndarray):
+        o = o.tolist()
     if isinstance(o, list | tuple):
         return [json_safe(v) for v in o]
     if isinstance(o, np.generic):
@@ -41,3 +38,15 @@ def json_safe(o: Any) -> Any:
     if isinstance(o, float) and not math.isfinite(o):
         return None
     return o
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Strict JSON (json_safe), written to a temporary file, fsynced and renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(json_safe(obj), indent=1, allow_nan=False))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

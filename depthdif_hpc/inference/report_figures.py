@@ -12,16 +12,26 @@ import numpy as np  # noqa: E402
 
 from depthdif_hpc.normalization import PLOT_MAX_C, PLOT_MIN_C  # noqa: E402
 
-COLORS = {"model": "C3", "idw": "C0", "climatology": "C2", "surface_extended": "C1"}
+COLORS = {"model": "C3", "oi": "C4", "idw": "C0", "climatology": "C2", "surface_extended": "C1"}
 
 
 def make_all(out: Path, depth_m: np.ndarray, result: dict, s: dict) -> list[Path]:
-    return [
+    figs = [
         rmse_per_depth(out / "rmse_per_depth.png", depth_m, result),
+        scores_per_depth(out / "scores_per_depth.png", depth_m, result),
         maps(out / "maps.png", depth_m, s),
         profiles(out / "profiles.png", depth_m, s),
         section(out / "section.png", depth_m, s),
     ]
+    if "rank_histogram" in result:
+        figs.append(rank_histogram(out / "rank_histogram.png", result))
+    return figs
+
+
+def _present(r: dict, support: str, key: str = "rmse") -> list[str]:
+    """Methods with at least one finite value (OI is absent when it was switched off)."""
+    return [m for m in COLORS if m in r["per_depth"][support]
+            and np.isfinite(np.asarray(r["per_depth"][support][m][key], dtype=float)).any()]
 
 
 def _save(fig, path: Path) -> Path:
@@ -34,16 +44,56 @@ def rmse_per_depth(path: Path, depth_m: np.ndarray, r: dict) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 5), sharey=True)
     for ax, support, title in ((axes[0], "hidden", "hidden ocean pixels vs truth"),
                                (axes[1], "withheld", "withheld profiles vs observations")):
-        for m, c in COLORS.items():
+        for m in _present(r, support):
             rmse = np.asarray(r["per_depth"][support][m]["rmse"], dtype=float)
-            ax.plot(rmse, depth_m, label=m, color=c, lw=2 if m == "model" else 1.2)
-        ax.set_title(title)
+            ax.plot(rmse, depth_m, label=m, color=COLORS[m], lw=2 if m == "model" else 1.2)
+        ax.set_title(f"{title} ({r.get('withheld_mode', '')})" if support == "withheld" else title)
         ax.set_xlabel("RMSE (degC)")
         ax.grid(alpha=0.3)
     axes[0].set_yscale("symlog", linthresh=10)
     axes[0].invert_yaxis()
     axes[0].set_ylabel("depth (m)")
     axes[0].legend()
+    return _save(fig, path)
+
+
+def scores_per_depth(path: Path, depth_m: np.ndarray, r: dict) -> Path:
+    """CRPS (model ensemble, OI) on both supports and R^2 of every method on hidden pixels."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 5), sharey=True)
+    for ax, support in zip(axes[:2], ("hidden", "withheld"), strict=True):
+        for m, v in r.get("crps", {}).get(support, {}).items():
+            ax.plot(np.asarray(v["per_depth"], dtype=float), depth_m, color=COLORS[m], label=m)
+        ax.set_title(f"CRPS, {support}")
+        ax.set_xlabel("CRPS (degC)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for m in _present(r, "hidden", "r2"):
+        r2 = np.asarray(r["per_depth"]["hidden"][m]["r2"], dtype=float)
+        axes[2].plot(r2, depth_m, color=COLORS[m], label=m, lw=2 if m == "model" else 1.2)
+    axes[2].set_xlim(-1, 1)
+    axes[2].set_title("R^2, hidden pixels")
+    axes[2].set_xlabel("R^2")
+    axes[2].grid(alpha=0.3)
+    axes[2].legend()
+    axes[0].set_yscale("symlog", linthresh=10)
+    axes[0].invert_yaxis()
+    axes[0].set_ylabel("depth (m)")
+    return _save(fig, path)
+
+
+def rank_histogram(path: Path, r: dict) -> Path:
+    """Rank of the truth among the members, pooled over levels; flat when calibrated."""
+    hists = r["rank_histogram"]
+    fig, axes = plt.subplots(1, len(hists), figsize=(5 * len(hists), 4), squeeze=False)
+    for ax, (support, h) in zip(axes[0], hists.items(), strict=True):
+        counts = np.asarray(h["counts"], dtype=float)
+        freq = counts / max(counts.sum(), 1)
+        ax.bar(np.arange(len(counts)), freq, color="C3")
+        ax.axhline(1 / len(counts), color="k", ls="--", lw=1, label="calibrated")
+        ax.set_title(f"rank histogram, {support} ({int(counts.sum())} points)")
+        ax.set_xlabel("rank of the truth among the members")
+        ax.set_ylabel("frequency")
+        ax.legend()
     return _save(fig, path)
 
 
@@ -90,6 +140,8 @@ def profiles(path: Path, depth_m: np.ndarray, s: dict, n: int = 4) -> Path:
         ax.plot(mu, depth_m, color="C3", label="model")
         ax.plot(s["truth"][:, r, c], depth_m, color="k", lw=1, label="truth")
         ax.plot(s["idw"][:, r, c], depth_m, color="C0", lw=1, ls="--", label="IDW")
+        if s.get("oi") is not None:
+            ax.plot(s["oi"][:, r, c], depth_m, color="C4", lw=1, ls=":", label="OI")
         ax.scatter(s["obs"][:, r, c], depth_m, s=10, color="k", marker="o", label=f"{kind} profile")
         ax.set_yscale("symlog", linthresh=10)
         ax.invert_yaxis()

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from depthdif_hpc.inference.baselines import Climatology, idw, surface_extended
+from depthdif_hpc.inference.baselines import idw, surface_extended
 
 
 def test_idw_hand_worked_example():
@@ -39,29 +39,14 @@ def test_idw_no_observation_is_nan():
     assert torch.isnan(out).all()
 
 
-def test_climatology_window_and_fallback():
-    temps = torch.zeros(3, 2, 2, 2)
-    temps[0] = 10.0
-    temps[1] = 20.0
-    temps[2, 0] = 5.0
-    temps[2, 1] = 7.0
-    valid = torch.ones_like(temps, dtype=torch.bool)
-    valid[2, 1, 0, 0] = False  # excluded from the mean
-    temps[2, 1, 0, 0] = 1e6
-    dates = torch.tensor([20180101, 20180105, 20180701])
-    clim = Climatology.fit(temps, valid, dates, window_days=10)
-    assert float(clim.table[0, 0]) == pytest.approx(15.0)  # Jan 1: samples 0 and 1
-    assert float(clim.table[181, 1]) == pytest.approx(7.0)  # Jul 1 (doy 182): sample 2 only
-    # a day far from every sample falls back to the all-year mean of that depth
-    assert float(clim.table[90, 0]) == pytest.approx((10 * 4 + 20 * 4 + 5 * 4) / 12)
-    pred = clim.predict(torch.tensor([20180101]), (1, 2, 2, 2))
-    assert pred.shape == (1, 2, 2, 2) and float(pred[0, 0, 1, 1]) == pytest.approx(15.0)
-
-
 def test_surface_extended():
     sst = torch.tensor([[[[20.0, 22.0]]]])
-    prof = torch.tensor([18.0, 15.0, 4.0])
-    out = surface_extended(sst, prof)
+    # background per pixel: 18/15/4 at pixel 0, 19/17/5 at pixel 1
+    bg = torch.tensor([[[18.0, 19.0]], [[15.0, 17.0]], [[4.0, 5.0]]])[None]
+    out = surface_extended(sst, bg)
     assert out.shape == (1, 3, 1, 2)
-    assert out[0, :, 0, 1].tolist() == [22.0, 19.0, 8.0]
+    assert out[0, :, 0, 0].tolist() == [20.0, 17.0, 6.0]  # anomaly +2 carried down
+    assert out[0, :, 0, 1].tolist() == [22.0, 20.0, 8.0]  # anomaly +3
     assert not math.isnan(float(out.sum()))
+    with pytest.raises(ValueError, match="do not match"):
+        surface_extended(sst, bg[:, :, :, :1])

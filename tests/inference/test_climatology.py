@@ -92,8 +92,8 @@ def test_store_fit_is_streamed_cached_and_reused(tiny_store, tmp_path, monkeypat
     clim, where = cl.load_or_fit(tiny_store, cfg, path)
     assert where == path and path.is_file()
     # the fit equals the direct per-pixel mean where the train split has one date per pixel
-    temps = list(cl.iter_split_temperatures(tiny_store, "train"))
-    i, t, row = temps[0]
+    i, t, row = next(cl.iter_split_fields(tiny_store, "train"))
+    t = t[1:]
     pred = clim.patch(int(row[META["row0"]]), int(row[META["col0"]]), t.shape[1], t.shape[2],
                       int(row[META["date"]]))
     ok = np.isfinite(t)

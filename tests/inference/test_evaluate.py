@@ -3,11 +3,13 @@ import math
 
 import matplotlib.image as mpimg
 import numpy as np
+import scoringrules as sr
 import torch
 import zarr
 
 from depthdif_hpc.data.stream import ShardStream
-from depthdif_hpc.inference.evaluate import evaluate
+from depthdif_hpc.inference.climatology import ObservationReader
+from depthdif_hpc.inference.evaluate import evaluate, halo_observations
 from depthdif_hpc.inference.predict import predict_split
 from depthdif_hpc.metrics import DepthStats
 from depthdif_hpc.normalization import denormalize_temperature
@@ -29,7 +31,8 @@ def test_depth_stats_by_hand():
 
 def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
     pred = tmp_path / "pred.zarr"
-    predict_split(tiny_model, tiny_store, pred, ensemble=2, withhold_fraction=0.5, limit=4, progress=False)
+    predict_split(tiny_model, tiny_store, pred, ensemble=3, keep_members=True, withhold_fraction=0.5, limit=4,
+                  progress=False)
     report = tmp_path / "report"
     r = evaluate(pred, tiny_store, report, progress=False)
     assert r["n_samples"] == 4
@@ -37,6 +40,7 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
     g = zarr.open_group(str(pred), mode="r")
     s = ShardStream(tiny_store, "val", shuffle=False, even_ranks=False)
     se = n = sw = nw = 0.0
+    crps_sum = crps_n = 0.0
     for item in s:
         i = int(item["sample_id"]) - s.id_offset
         if i >= 4:
@@ -48,6 +52,10 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
         m = g["mean"][i]
         se += ((m - truth)[hidden] ** 2).sum()
         n += hidden.sum()
+        mem = g["members"][i]  # (M, D, H, W)
+        crps_sum += sr.crps_ensemble(truth[hidden], np.moveaxis(mem, 0, -1)[hidden], estimator="fair",
+                                     backend="numpy").sum()
+        crps_n += hidden.sum()
         obs = denormalize_temperature(item["x"].double()).numpy()
         sel = xv & wh[None]
         sw += ((m - obs)[sel] ** 2).sum()
@@ -56,13 +64,62 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
     assert math.isclose(r["overall"]["hidden"]["model"]["rmse"], math.sqrt(se / n), rel_tol=1e-5)
     assert math.isclose(r["overall"]["withheld"]["model"]["rmse"], math.sqrt(sw / nw), rel_tol=1e-5)
     assert r["overall"]["hidden"]["model"]["count"] == n
-    assert 0 < r["spread_skill"] < math.inf
-    saved = json.loads((report / "metrics.json").read_text())
+    assert math.isclose(r["crps"]["hidden"]["model"]["overall"], crps_sum / crps_n, rel_tol=1e-5)
+    assert 0 < r["spread_skill"]["hidden"]["model"]["overall"] < math.inf
+    assert 0 < r["spread_skill"]["hidden"]["oi"]["overall"] < math.inf
+    assert r["withheld_mode"] == "columns"
+    # OI scores every point the model scores, and its CRPS is a Gaussian's
+    assert r["overall"]["hidden"]["oi"]["count"] == n and r["crps"]["withheld"]["oi"]["overall"] > 0
+    hist = r["rank_histogram"]["hidden"]["counts"]
+    assert len(hist) == 4 and sum(hist) == n
+    assert len(r["oi"]["length_km"]) == 50 and r["oi"]["fit_samples"] > 0
+    assert r["climatology"]["own_fit_fraction"] == 1.0  # val tiles sit where the train tiles are
+
+    def no_nan(name):
+        raise ValueError(f"metrics.json holds {name}")
+
+    saved = json.loads((report / "metrics.json").read_text(), parse_constant=no_nan)
     assert saved["overall"]["hidden"]["idw"]["count"] > 0
     md = (report / "report.md").read_text()
-    for name in ("rmse_per_depth.png", "maps.png", "profiles.png", "section.png"):
+    for name in ("rmse_per_depth.png", "scores_per_depth.png", "rank_histogram.png", "maps.png", "profiles.png",
+                 "section.png"):
         img = mpimg.imread(report / name)
         assert img.shape[0] > 100 and img.shape[1] > 100 and float(np.std(img)) > 0.01, name
         assert name in md
-    assert "| climatology |" in md
+    assert "| climatology |" in md and "| oi |" in md and "## CRPS per depth" in md
     assert torch.isfinite(torch.tensor(r["psnr"]["model"]))
+
+
+def test_halo_takes_neighbours_outside_the_patch_once_and_skips_their_withheld(tiny_store):
+    reader = ObservationReader(tiny_store, "val")
+    i = 0
+    r0, c0 = reader.origin(i)
+    t = reader.tile
+    neighbours = [int(j) for j in reader.same_day(i) if j != i]
+    assert neighbours, "the tiny store has four overlapping tiles per day"
+    outside = set()
+    for j in neighbours:
+        rows, cols, _ = reader.columns(j)
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            if not (r0 <= r < r0 + t and c0 <= c < c0 + t):
+                outside.add((r, c))
+    assert outside
+    rows, cols, vals = halo_observations(reader, i, 5000.0, lambda j: None)
+    got = list(zip(rows.tolist(), cols.tolist(), strict=True))
+    assert len(got) == len(set(got)) and set(got) == outside  # each global pixel once
+    assert vals.shape == (50, len(got)) and np.isfinite(vals).any(axis=0).all()
+    assert len(halo_observations(reader, i, 0.0, lambda j: None)[0]) == 0
+    # a column withheld in the predictions of every sample that holds it is not used
+    target = sorted(outside)[0]
+    masks = {}
+    for j in neighbours:
+        rj, cj = reader.origin(j)
+        jr, jc, _ = reader.columns(j)
+        m = np.zeros((t, t), bool)
+        for r, c in zip(jr.tolist(), jc.tolist(), strict=True):
+            if (r, c) == target:
+                m[r - rj, c - cj] = True
+        masks[j] = m
+    rows2, cols2, _ = halo_observations(reader, i, 5000.0, masks.get)
+    got2 = set(zip(rows2.tolist(), cols2.tolist(), strict=True))
+    assert got2 == outside - {target}
