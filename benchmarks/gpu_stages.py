@@ -429,6 +429,7 @@ class Bench:
 
 FRONT_ARGS = ("x", "dw_weight", "dw_bias", "time_bias", "film_scale", "film_shift", "ln_weight",
               "ln_bias")
+NORM_ARGS = ("x", "weight", "bias")
 
 
 @dataclass
@@ -436,10 +437,10 @@ class Call:
     """One distinct kernel call of a U-Net forward: what selects a compiled kernel (shape and
     argument dtypes, absent arguments) and where the model makes it."""
 
-    kind: str  # front | attention
-    shape: tuple[int, ...]  # front: (C, H, W); attention: (heads, d, H, W)
+    kind: str  # front | attention | norm (the attention's PreNorm)
+    shape: tuple[int, ...]  # front, norm: (C, H, W); attention: (heads, d, H, W)
     dtypes: tuple[str | None, ...]  # per tensor argument, None when the model passes None
-    extra: float  # eps (front) or scale (attention)
+    extra: float  # eps (front, norm) or scale (attention)
     sites: list[str] = field(default_factory=list)
 
     @property
@@ -450,23 +451,26 @@ class Call:
             if self.dtypes[0] != "bf16":
                 flags.append(f"x {self.dtypes[0]}")
             return f"front C{c} {h}x{w}" + (f" ({', '.join(flags)})" if flags else "")
+        if self.kind == "norm":
+            c, h, w = self.shape
+            return f"norm C{c} {h}x{w}" + (f" (x {self.dtypes[0]})" if self.dtypes[0] != "bf16" else "")
         heads, d, h, w = self.shape
         return f"attention N{h * w} ({h}x{w}, {heads}x{d})"
 
     def dtype_text(self) -> str:
-        names = FRONT_ARGS if self.kind == "front" else ("q", "k", "v")
+        names = {"front": FRONT_ARGS, "norm": NORM_ARGS}.get(self.kind, ("q", "k", "v"))
         return " ".join(f"{n}={d}" for n, d in zip(names, self.dtypes, strict=True) if d is not None)
 
 
 def record_calls(unet: Any, batch: int, px: int, device: Any) -> list[Call]:
-    """Every distinct front / attention kernel call of one U-Net forward under bf16 autocast,
+    """Every distinct front / attention / norm kernel call of one U-Net forward under bf16 autocast,
     as the model's layers hand them to the kernel dispatcher (the process-wide `DISPATCHER` of
     depthdif_hpc.kernels.dispatch, swapped for a recorder that runs the eager reference), with
     the module that made each call: dtypes and absent arguments are the model's own."""
     import torch
     from depthdif_hpc.kernels import dispatch as kernel_dispatch
 
-    from depthdif_hpc.model.layers import ConvNextBlock, LinearAttention
+    from depthdif_hpc.model.layers import ConvNextBlock, LinearAttention, PreNorm
 
     site = [""]
     site_hw: dict[str, tuple[int, int]] = {}
@@ -478,6 +482,10 @@ def record_calls(unet: Any, batch: int, px: int, device: Any) -> list[Call]:
                    tuple(dname(a.dtype) if a is not None else None for a in args[:8]))
             extra = float(args[8]) if len(args) > 8 else 1e-5
             ref = impls("front")[1]
+        elif op == "layer_norm":
+            key = ("norm", tuple(args[0].shape[1:]), tuple(dname(a.dtype) for a in args[:3]))
+            extra = float(args[3]) if len(args) > 3 else 1e-5
+            ref = impls("norm")[1]
         elif op == "linear_attention":
             heads, d, n = args[0].shape[1:]
             key = ("attention", (heads, d, *site_hw.get(site[0], (n, 1))),
@@ -491,7 +499,7 @@ def record_calls(unet: Any, batch: int, px: int, device: Any) -> list[Call]:
 
     hooks = []
     for name, m in unet.named_modules():
-        if isinstance(m, ConvNextBlock | LinearAttention):
+        if isinstance(m, ConvNextBlock | LinearAttention | PreNorm):
             def pre(mod: Any, args: tuple, name: str = name) -> None:
                 site[0] = name
                 site_hw[name] = tuple(args[0].shape[-2:])
@@ -561,13 +569,16 @@ def call_inputs(call: Call, batch: int, mix: str, device: Any, seed: int = 0) ->
         return [r((batch, C, H, W), 0), r((C, 1, 7, 7), 1, 1 / 7), r((C,), 2, 0.5),
                 r((batch, C), 3, 0.5), r((batch, C), 4, 0.3), r((batch, C), 5, 0.3),
                 r((C,), 6, 0.2, 1.0), r((C,), 7, 0.2)]
+    if call.kind == "norm":
+        C, H, W = call.shape
+        return [r((batch, C, H, W), 0), r((C,), 1, 0.2, 1.0), r((C,), 2, 0.2)]
     heads, d, H, W = call.shape
     return [r((batch, 3 * heads * d, H, W), 0)]
 
 
 def call_fn(call: Call, impl: Callable[..., Any]) -> Callable[[list[Any]], Any]:
     """inputs -> impl's output for this call (attention: q, k, v split from the qkv leaf)."""
-    if call.kind == "front":
+    if call.kind in ("front", "norm"):
         return lambda inp: impl(*inp, call.extra)
     heads, d, H, W = call.shape
 
@@ -585,6 +596,8 @@ def impls(kind: str) -> tuple[Callable, Callable]:
 
     if kind == "front":
         return K.convnext_front, K.convnext_front_reference
+    if kind == "norm":
+        return K.layer_norm, K.layer_norm_reference
     return K.linear_attention, K.linear_attention_reference
 
 
@@ -770,8 +783,6 @@ def stage_parity(ctx: Ctx) -> int:
     under bf16 autocast, kernels vs eager, against an fp32 reference."""
     import torch
 
-    from depthdif_hpc import kernels as K
-
     torch.manual_seed(0)
     plan = ctx.plan
     unet = ambient_unet(plan, ctx.device)
@@ -788,24 +799,13 @@ def stage_parity(ctx: Ctx) -> int:
         kern, ref = impls(call.kind)
         for mix in mixes:
             inputs = call_inputs(call, B, mix, ctx.device, seed=len(call.sites))
-            names = list(FRONT_ARGS) if call.kind == "front" else ["qkv"]
-            kname = "convnext_front" if call.kind == "front" else "linear_attention"
+            names = {"front": list(FRONT_ARGS), "norm": list(NORM_ARGS)}.get(call.kind, ["qkv"])
+            kname = {"front": "convnext_front", "norm": "layer_norm"}.get(call.kind,
+                                                                          "linear_attention")
             case = f"{call.label} B{B}"
             bad += _guarded(ctx, kname, case, mix, functools.partial(
                 _op_parity, ctx, kname, case, mix, call_fn(call, kern), call_fn(call, ref),
                 inputs, names, eager_autocast=mix == "training"))
-    # FiLM is fused into the front in the model; its standalone kernel is checked at the ambient
-    # U-Net's first width.
-    C, side = (8, 8) if plan.rehearsal else (96, 32)
-    for mix in mixes[:-1]:
-        dtype = torch.float32 if mix == "fp32" else torch.bfloat16
-        g = torch.Generator().manual_seed(3)
-        inputs = [(torch.randn(*s, generator=g) * sd).to(ctx.device, dtype).requires_grad_(True)
-                  for s, sd in (((B, C, side, side), 1.0), ((B, C), 0.3), ((B, C), 0.3))]
-        case = f"film C{C} {side}x{side} B{B}"
-        bad += _guarded(ctx, "film", case, mix, functools.partial(
-            _op_parity, ctx, "film", case, mix, lambda i: K.film(*i),
-            lambda i: K.film_reference(*i), inputs, ["x", "scale", "shift"], eager_autocast=False))
     bad += _guarded(ctx, "unet", "unet", "autocast",
                     functools.partial(_unet_autocast_parity, ctx, unet))
     log(f"parity: {bad} tensors out of tolerance")
@@ -861,7 +861,7 @@ def _unet_autocast_parity(ctx: Ctx, unet: Any) -> int:
 
 
 def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
-    """Per-call timings of every distinct front / attention call of the ambient U-Net at the
+    """Per-call timings of every distinct front / attention / norm call of the ambient U-Net at the
     plan's batch under bf16 autocast: the Triton kernel and the eager reference (calls), or
     torch.compile of the eager reference (calls_compile). Forward and forward + backward."""
     import torch
@@ -1117,8 +1117,8 @@ def _batch_of(ctx: Ctx, preset: str, mode: str) -> int:
 
 
 # Kernel classes of the profile, in matching order (first match wins).
-CLASSES = ("triton front", "triton attention", "optimizer", "conv", "gemm", "norm/reduce",
-           "elementwise", "other")
+CLASSES = ("triton front", "triton attention", "triton norm", "optimizer", "conv", "gemm",
+           "norm/reduce", "elementwise", "other")
 _KEYWORDS = {
     "optimizer": ("adam", "multi_tensor", "foreach", "clip_grad"),
     "conv": ("conv", "cudnn", "fprop", "dgrad", "wgrad", "nchwtonhwc", "nhwctonchw", "depthwise",
@@ -1141,8 +1141,9 @@ def kernel_names() -> dict[str, set[str]]:
         return {getattr(v, "__name__", k) for k, v in vars(mod).items()
                 if any(c.__name__ == "KernelInterface" for c in type(v).__mro__)}
 
-    return {"triton front": jit("convnext_front") | jit("film"),
-            "triton attention": jit("linear_attention")}
+    return {"triton front": jit("convnext_front"),
+            "triton attention": jit("linear_attention"),
+            "triton norm": jit("layer_norm")}
 
 
 def classify(name: str, names: dict[str, set[str]]) -> str:
@@ -1150,8 +1151,10 @@ def classify(name: str, names: dict[str, set[str]]) -> str:
     low = name.lower()
     # CPU profiles name the custom ops and their autograd nodes (depthdif_hpc::convnext_front_bwd,
     # GeneratedBackwardFor_depthdif_hpc_convnext_front_fwd_default); GPU profiles the kernels.
-    if name in names["triton front"] or "depthdif_hpc" in low and ("convnext_front" in low or "film" in low):
+    if name in names["triton front"] or "depthdif_hpc" in low and "convnext_front" in low:
         return "triton front"
+    if name in names["triton norm"] or "depthdif_hpc" in low and "layer_norm" in low:
+        return "triton norm"
     if name in names["triton attention"] or "depthdif_hpc" in low and "linear_attention" in low:
         return "triton attention"
     for cls in ("optimizer", "conv", "gemm", "norm/reduce", "elementwise"):
@@ -1424,7 +1427,7 @@ def headlines(out: Path) -> list[str]:
         e = tot.get("eager")
         parts = [f"{k} {v:.2f} ms" + (f" ({e / v:.2f}x)" if e and k != "eager" else "")
                  for k, v in tot.items()]
-        lines.append(f"CALLS fronts+attention per U-Net fwd+bwd at B{calls[0]['batch']}: "
+        lines.append(f"CALLS fronts+attention+norms per U-Net fwd+bwd at B{calls[0]['batch']}: "
                      + ", ".join(parts))
     for r in read(out, "steps"):
         m = fnum(r["mfu"])

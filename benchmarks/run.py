@@ -1,7 +1,7 @@
 """GPU timing driver for the Triton kernels (and a whole U-Net training step).
 
     python benchmarks/run.py                      # ambient shapes, batch 48, bf16 -> results/<gpu>.{csv,md}
-    python benchmarks/run.py --ops film --dtype fp16
+    python benchmarks/run.py --ops layer_norm --dtype fp16
     python benchmarks/run.py --smoke --out /tmp/b # tiny shapes; runs on CPU under TRITON_INTERPRET=1
 
 For every op and U-Net level it times forward, forward+backward (backward = the difference) of
@@ -28,7 +28,7 @@ import torch
 from depthdif_hpc.kernels import DTYPES
 
 HERE = Path(__file__).resolve().parent
-OPS = ("convnext_front", "film", "linear_attention")
+OPS = ("convnext_front", "layer_norm", "linear_attention")
 # Peak HBM bandwidth by device name, used when the device properties do not give the clocks.
 PEAK_BW = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12,
            "A100": 1.555e12}
@@ -217,7 +217,7 @@ def compile_report(dtype: str, arch: int = 90) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     cf = sys.modules["depthdif_hpc.kernels.convnext_front"]
-    fm = sys.modules["depthdif_hpc.kernels.film"]
+    norm = sys.modules["depthdif_hpc.kernels.layer_norm"]
     la = sys.modules["depthdif_hpc.kernels.linear_attention"]
     tl_dt = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[dtype]
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -260,9 +260,10 @@ def compile_report(dtype: str, arch: int = 90) -> int:
             build(cf._bwd_main_kernel, flags | dict(STORE_DH0=True), nw, label)
         dbc, dbp, dnw = cf._dw_tiles(C, px * px)
         build(cf._dw_bwd_kernel, dict(BLOCK_C=dbc, BLOCK_P=dbp), dnw, f"C{C} {dbc}x{dbp}")
-        br, fbp = fm._tiles(48 * C, px * px)
-        build(fm._film_fwd_kernel, dict(BLOCK_R=br, BLOCK_P=fbp), 8, f"C{C} {br}x{fbp}")
-        build(fm._film_bwd_kernel, dict(BLOCK_R=br, BLOCK_P=fbp), 8, f"C{C} {br}x{fbp}")
+        lbc, lbp, lone, lnw = norm._tiles(C, px * px, True)
+        lflags = dict(ONE_CHUNK=lone, BLOCK_C=lbc, BLOCK_P=lbp)
+        build(norm._ln_fwd_kernel, lflags, lnw, f"C{C} {lbc}x{lbp} NHWC")
+        build(norm._ln_bwd_kernel, lflags, lnw, f"C{C} {lbc}x{lbp} NHWC")
     prec = "ieee" if dtype == "fp32" else "tf32"
     bd, bn, bnr, _, _ = la._plan(192, 128 * 128, 32, torch.device("cpu"))
     for fn, b in ((la._ctx_partial_kernel, bnr), (la._out_kernel, bn), (la._dctx_partial_kernel, bnr),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ("convnext_front", "film", "linear_attention")
+OPS = ("convnext_front", "layer_norm", "linear_attention")
 MAX_SMEM_SM90 = 227 * 1024
 
 
@@ -94,15 +94,17 @@ def test_launches_are_specialised_like_the_jit():
     got = _run_snippet("""
 import importlib, json, torch
 from compile_report import specialize
-k = importlib.import_module("depthdif_hpc.kernels.film")._film_fwd_kernel
+k = importlib.import_module("depthdif_hpc.kernels.layer_norm")._ln_fwd_kernel
 x = torch.zeros(64)
-spec = lambda *a: [list(s) for s in specialize(k, a, dict(BLOCK_R=4, BLOCK_P=16, num_warps=4))[1]]
-print(json.dumps({"a": spec(x, x[1:], x[4:], x.bfloat16(), 1, 7),
-                  "b": spec(x, x, x, x, 32, 2**31)}))
+blocks = dict(ONE_CHUNK=True, BLOCK_C=16, BLOCK_P=4, num_warps=4)
+spec = lambda *a: [list(s) for s in specialize(k, a, blocks)[1]]
+print(json.dumps({"a": spec(x, x[1:], x[4:], x.bfloat16(), x, x, 1, 7, 5, 5, 5, 1e-5),
+                  "b": spec(x, x, x, x, x, x, 32, 2**31, 5, 5, 5, 1e-5)}))
 """)
-    assert got["a"] == [["*fp32", "D"], ["*fp32", ""], ["*fp32", "D"], ["*bf16", "D"],
-                        ["constexpr", 1], ["i32", ""], ["constexpr", 4], ["constexpr", 16]]
-    assert got["b"][4:6] == [["i32", "D"], ["i64", "D"]]
+    assert got["a"][:8] == [["*fp32", "D"], ["*fp32", ""], ["*fp32", "D"], ["*bf16", "D"],
+                            ["*fp32", "D"], ["*fp32", "D"], ["constexpr", 1], ["i32", ""]]
+    assert got["a"][-3:] == [["constexpr", True], ["constexpr", 16], ["constexpr", 4]]
+    assert got["b"][6:8] == [["i32", "D"], ["i64", "D"]]
 
 
 @pytest.mark.slow

@@ -92,7 +92,8 @@ def test_rehearsal_runs_every_stage(tmp_path):
     assert env["stages"].split() == ALL_STAGES
 
     _, parity = table(out, "parity")
-    assert {r["kernel"] for r in parity} == {"convnext_front", "linear_attention", "film", "unet"}
+    assert {r["kernel"] for r in parity} == {"convnext_front", "linear_attention", "layer_norm",
+                                             "unet"}
     assert all(r["ok"] == "yes" for r in parity)
     assert {r["mix"] for r in parity if r["kernel"] == "convnext_front"} == {"fp32", "training"}
     front_cases = {r["case"] for r in parity if r["kernel"] == "convnext_front"}
@@ -109,7 +110,7 @@ def test_rehearsal_runs_every_stage(tmp_path):
         by_call.setdefault(r["call"], set()).add(r["impl"])
         assert float(r["fwd_ms"]) > 0 and float(r["fwdbwd_ms"]) > 0 and int(r["per_step"]) >= 1
     assert all(v == {"eager", "triton", "compile"} for v in by_call.values()), by_call
-    assert {r["kind"] for r in calls} == {"front", "attention"}
+    assert {r["kind"] for r in calls} == {"front", "attention", "norm"}
 
     _, steps = table(out, "steps")
     modes = {(r["stage"], r["mode"]) for r in steps}
@@ -268,6 +269,7 @@ def test_profile_classes_of_gpu_kernel_names():
     cases = {
         "_bwd_main_kernel": "triton front",
         "_ctx_partial_kernel": "triton attention",
+        "_ln_bwd_kernel": "triton norm",
         "void multi_tensor_apply_kernel<TensorListMetadata<4>, _AdamW...>": "optimizer",
         "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "conv",
         "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>": "conv",

@@ -3,11 +3,12 @@
 Each op is a `torch.library.custom_op` (namespace ``depthdif_hpc``) with a fake (meta) kernel and a
 registered autograd formula whose backward is itself a custom op, so eager autograd and
 `torch.compile` (which treats the ops as opaque nodes) both work, on GPUs and, under
-TRITON_INTERPRET=1, on CPU. Inputs: fp32, bf16 or fp16, contiguous NCHW (made contiguous if not).
+TRITON_INTERPRET=1, on CPU. Inputs: fp32, bf16 or fp16, contiguous NCHW (made contiguous if not;
+`layer_norm` also keeps channels_last).
 Beside each kernel, `<op>_reference` is the small eager PyTorch version it is checked against.
 
 * `convnext_front`: LN_c((dwconv7x7(x) + b + time_bias) * (1 + s) + beta), see convnext_front.py
-* `film`: x * (1 + scale) + shift, see film.py
+* `layer_norm`: LayerNorm over the channels of (B, C, H, W), as PreNorm, see layer_norm.py
 * `linear_attention`: softmax_n(k) context, out = scale * ctx^T q, see linear_attention.py
 
 The model calls them through `run_op(op, mode, *args)` (dispatch.py), which picks the kernel or
@@ -24,7 +25,7 @@ from .dispatch import (
     KernelOp,
     run_op,
 )
-from .film import film, film_reference
+from .layer_norm import layer_norm, layer_norm_reference
 from .linear_attention import linear_attention, linear_attention_reference
 
 __all__ = [
@@ -37,8 +38,8 @@ __all__ = [
     "convnext_front",
     "convnext_front_reference",
     "dtype_name",
-    "film",
-    "film_reference",
+    "layer_norm",
+    "layer_norm_reference",
     "linear_attention",
     "linear_attention_reference",
     "run_op",

@@ -59,7 +59,7 @@ def check_parity(
     first = next(t for t in inputs if t is not None)
     dtype = first.dtype
     tol = TOL[dtype] if tol is None else tol
-    # All three ops return a tensor shaped like their first input.
+    # Every op returns a tensor shaped like its first input.
     g = torch.Generator(device="cpu").manual_seed(seed)
     dy = torch.randn(first.shape, generator=g).to(device=first.device, dtype=dtype)
     out, grads = run_with_grads(kernel, inputs, dy, *extra)
@@ -106,11 +106,22 @@ CONVNEXT_NAMES = ("x", "dw_weight", "dw_bias", "time_bias", "film_scale", "film_
                   "ln_weight", "ln_bias")
 
 
-def film_inputs(B: int, C: int, H: int, W: int, *, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu", seed: int = 0) -> list[torch.Tensor]:
+LAYER_NORM_NAMES = ("x", "weight", "bias")
+
+
+def layer_norm_inputs(
+    B: int, C: int, H: int, W: int, *, dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu", channels_last: bool = False, seed: int = 0,
+) -> list[torch.Tensor]:
+    """[x, weight, bias] like PreNorm's: x with a per-pixel offset (so centering matters, as after
+    a residual add), weight near 1, bias near 0; x in channels_last if asked."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    return [(torch.randn(*s, generator=g) * sd).to(device, dtype)
-            for s, sd in (((B, C, H, W), 1.0), ((B, C), 0.3), ((B, C), 0.3))]
+    x = torch.randn(B, C, H, W, generator=g) * 2 + torch.randn(B, 1, H, W, generator=g) * 3
+    x = x.to(device, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return [x, (torch.randn(C, generator=g) * 0.2 + 1).to(device, dtype),
+            (torch.randn(C, generator=g) * 0.2).to(device, dtype)]
 
 
 def linear_attention_inputs(B: int, heads: int, d: int, N: int, *, dtype: torch.dtype = torch.float32,

@@ -61,6 +61,12 @@ def override_blocks(**sizes: int) -> Iterator[None]:
         _OVERRIDES.update(saved)
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor laid out NHWC (channels_last) and not also plain contiguous."""
+    return (t.ndim == 4 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
 def check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")

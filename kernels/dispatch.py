@@ -20,7 +20,9 @@ and the same absent optional arguments (these select the compiled variant), at m
 (1 in the interpreter) and 16 x 16 pixels. The reference runs in fp64 on the same rounded values;
 the output and every gradient must agree within the parity tolerance (`_testing.TOL`) of the
 lowest-precision dtype involved. A variant is keyed by (op, device, argument dtypes, shape class)
-and checked once per process, under a lock. Under `torch.compile` the check runs eagerly while
+and checked once per process, under a lock; the shape class ends in "channels_last" when the
+first argument is laid out NHWC (a different compiled kernel: its unit stride is the channel's),
+and that variant is checked on a channels_last input. Under `torch.compile` the check runs eagerly while
 the call is traced (`torch.compiler.assume_constant_result`); the graph holds the chosen
 implementation.
 """
@@ -41,15 +43,16 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ._testing import (
     CONVNEXT_NAMES,
+    LAYER_NORM_NAMES,
     TOL,
     check_parity,
     convnext_inputs,
-    film_inputs,
+    layer_norm_inputs,
     linear_attention_inputs,
 )
-from ._utils import SUPPORTED_DTYPES, interpreting
+from ._utils import SUPPORTED_DTYPES, interpreting, is_channels_last
 from .convnext_front import convnext_front, convnext_front_reference
-from .film import film, film_reference
+from .layer_norm import layer_norm, layer_norm_reference
 from .linear_attention import linear_attention, linear_attention_reference
 
 KERNEL_MODES = ("eager", "triton", "auto")
@@ -62,7 +65,8 @@ CHECK_POSITIONS = CHECK_SIDE * CHECK_SIDE
 
 
 # (op, device, dtype of each tensor argument or None where absent, shape class): one variant.
-Key = tuple[str, torch.device, tuple[torch.dtype | None, ...], tuple[int, ...]]
+Key = tuple[str, torch.device, tuple[torch.dtype | None, ...], tuple[int | str, ...]]
+CHANNELS_LAST = "channels_last"  # last entry of a shape class whose first argument is NHWC
 # Shapes of an op's tensor arguments, None where absent.
 Shapes = tuple[tuple[int, ...] | None, ...]
 _UNCHECKED: Any = object()
@@ -108,9 +112,10 @@ def _convnext_sample(shapes: Shapes, device: torch.device) -> list[torch.Tensor 
     )
 
 
-def _film_sample(shapes: Shapes, device: torch.device) -> list[torch.Tensor | None]:
+def _layer_norm_sample(shapes: Shapes, device: torch.device) -> list[torch.Tensor | None]:
     B, C, H, W = shapes[0]
-    return film_inputs(_check_batch(B), C, min(H, CHECK_SIDE), min(W, CHECK_SIDE), device=device)
+    return layer_norm_inputs(_check_batch(B), C, min(H, CHECK_SIDE), min(W, CHECK_SIDE),
+                             device=device)
 
 
 def _linear_attention_sample(shapes: Shapes, device: torch.device) -> list[torch.Tensor | None]:
@@ -126,8 +131,9 @@ OPS: dict[str, KernelOp] = {
         # across channel chunks (two different compiled kernels).
         KernelOp("convnext_front", convnext_front, convnext_front_reference, CONVNEXT_NAMES,
                  _convnext_sample, lambda shapes: (shapes[0][1],)),
-        KernelOp("film", film, film_reference, ("x", "scale", "shift"), _film_sample,
-                 lambda shapes: ()),
+        # As for the front: the channel count decides one register tile or channel chunks.
+        KernelOp("layer_norm", layer_norm, layer_norm_reference, LAYER_NORM_NAMES,
+                 _layer_norm_sample, lambda shapes: (shapes[0][1],)),
         # The head size sets the tile (BLOCK_D) of every dot.
         KernelOp("linear_attention", linear_attention, linear_attention_reference,
                  ("q", "k", "v"), _linear_attention_sample, lambda shapes: (shapes[0][2],),
@@ -210,7 +216,10 @@ class KernelDispatcher:
             return spec.kernel
         shapes: Shapes = tuple(tuple(int(s) for s in a.shape) if a is not None else None
                                for a in args[:n])
-        key: Key = (op, device, dtypes, tuple(spec.shape_class(shapes)))
+        shape_class = tuple(spec.shape_class(shapes))
+        if is_channels_last(args[0]):
+            shape_class += (CHANNELS_LAST,)
+        key: Key = (op, device, dtypes, shape_class)
         extra = tuple(args[n:])
         warn = mode == "auto"
         if torch.compiler.is_compiling():
@@ -259,6 +268,8 @@ class KernelDispatcher:
                 fresh = spec.sample(shapes, device)
                 inputs = [t.to(d) if t is not None else None
                           for t, d in zip(fresh, dtypes, strict=True)]
+                if shape_class[-1:] == (CHANNELS_LAST,):
+                    inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
                 check_parity(spec.kernel, spec.reference, inputs, spec.tensor_args,
                              *extra, tol=_tolerance(spec, dtypes),
                              ref_dtype=torch.float64)
@@ -304,7 +315,8 @@ DISPATCHER = KernelDispatcher()
 
 
 def run_op(op: str, mode: str, *args: Any) -> torch.Tensor:
-    """Run kernel op `op` ("convnext_front", "film" or "linear_attention") on `args` under `mode`.
+    """Run kernel op `op` ("convnext_front", "layer_norm" or "linear_attention") on `args`
+    under `mode`.
 
     Uses the process-wide `DISPATCHER`, so each kernel variant is checked once per process.
     """

@@ -89,7 +89,7 @@ def test_kernels_and_unet_import_and_run_without_the_training_stack(tmp_path: Pa
 
         assert Path(depthdif_hpc.__file__).resolve().parent == Path(CHECKOUT, "depthdif_hpc").resolve()
 
-        from depthdif_hpc.kernels._testing import film_inputs
+        from depthdif_hpc.kernels._testing import layer_norm_inputs
         from depthdif_hpc.model.unet import UNet
 
         torch.manual_seed(0)
@@ -98,10 +98,10 @@ def test_kernels_and_unet_import_and_run_without_the_training_stack(tmp_path: Pa
         assert out.shape == (1, 3, 8, 8) and bool(torch.isfinite(out).all())
 
         # One Triton kernel (interpreter), directly and through the self-checking dispatcher.
-        x, s, t = film_inputs(2, 6, 5, 7)
-        ref = K.film_reference(x, s, t)
-        assert torch.allclose(K.film(x, s, t), ref, atol=1e-6)
-        assert torch.allclose(K.run_op("film", "triton", x, s, t), ref, atol=1e-6)
+        x, w, b = layer_norm_inputs(2, 6, 5, 7)
+        ref = K.layer_norm_reference(x, w, b)
+        assert torch.allclose(K.layer_norm(x, w, b), ref, atol=1e-5)
+        assert torch.allclose(K.run_op("layer_norm", "triton", x, w, b), ref, atol=1e-5)
 
         # The package's lazy names resolve without omegaconf; only loading YAML needs it.
         from depthdif_hpc import Config, DepthDif, build_model  # noqa: F401
@@ -128,13 +128,13 @@ def test_benchmarks_import_and_run_without_the_training_stack(tmp_path: Path):
 
         bench = Path(CHECKOUT, "benchmarks")
         names = sorted(p.stem for p in bench.glob("bench_*.py"))
-        assert {"bench_convnext_front", "bench_film", "bench_linear_attention"} <= set(names)
+        assert {"bench_convnext_front", "bench_layer_norm", "bench_linear_attention"} <= set(names)
         for name in names:
             spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
             spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
         out = Path("results")
-        sys.argv = ["run.py", "--smoke", "--ops", "film", "--no-step", "--out", str(out)]
+        sys.argv = ["run.py", "--smoke", "--ops", "layer_norm", "--no-step", "--out", str(out)]
         try:
             runpy.run_path(str(bench / "run.py"), run_name="__main__")
         except SystemExit as exc:

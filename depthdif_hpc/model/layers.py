@@ -1,6 +1,6 @@
 """Building blocks of the ConvNeXt U-Net.
 
-The ConvNeXt block front and the linear attention core run through
+The ConvNeXt block front, the attention's PreNorm and the linear attention core run through
 `depthdif_hpc.kernels.dispatch`: a Triton kernel or its eager reference, per the block's
 `kernel_mode` (set by `UNet.set_kernels` from `model.kernels`). Attribute names follow
 the research code's layout (`ds_conv`, `mlp`, `net`, `res_conv`, `to_qkv`, `to_out`, `fn`, `g`,
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from depthdif_hpc.kernels.dispatch import run_op
+from depthdif_hpc.kernels.layer_norm import layer_norm_reference
 
 LN_EPS = 1e-5
 
@@ -27,9 +28,7 @@ class ChannelLayerNorm(nn.Module):
         self.b = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = torch.var(x, dim=1, unbiased=False, keepdim=True)
-        mean = torch.mean(x, dim=1, keepdim=True)
-        return (x - mean) / (var + self.eps).sqrt() * self.g + self.b
+        return layer_norm_reference(x, self.g.view(-1), self.b.view(-1), self.eps)
 
 
 class ConvNextBlock(nn.Module):
@@ -102,13 +101,21 @@ class LinearAttention(nn.Module):
 
 
 class PreNorm(nn.Module):
+    """fn(ChannelLayerNorm(x)); the norm runs as the `layer_norm` kernel op or its reference.
+
+    The residual around it (Residual) adds x to the output of fn's final 1x1 convolution, not to
+    the norm's output, so there is no add for the norm kernel to fuse.
+    """
+
     def __init__(self, dim: int, fn: nn.Module) -> None:
         super().__init__()
         self.fn = fn
         self.norm = ChannelLayerNorm(dim)
+        self.kernel_mode = "eager"  # set by UNet.set_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.norm(x))
+        n = self.norm
+        return self.fn(run_op("layer_norm", self.kernel_mode, x, n.g.view(-1), n.b.view(-1), n.eps))
 
 
 class Residual(nn.Module):

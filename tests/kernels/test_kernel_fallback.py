@@ -24,11 +24,11 @@ from depthdif_hpc.kernels import (
     KernelDispatcher,
     KernelFallbackWarning,
     convnext_front_reference,
-    film,
-    film_reference,
+    layer_norm,
+    layer_norm_reference,
 )
 from depthdif_hpc.kernels import dispatch as dispatch_module
-from depthdif_hpc.kernels._testing import TOL, convnext_inputs, film_inputs
+from depthdif_hpc.kernels._testing import TOL, convnext_inputs, layer_norm_inputs
 
 from depthdif_hpc.model.unet import UNet
 
@@ -62,43 +62,46 @@ def _arange_of_three(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
 
 
-def film_that_does_not_compile(x, scale, shift):
+def norm_that_does_not_compile(x, weight, bias):
     y = torch.empty_like(x)
     _arange_of_three[(1,)](x, y, x.numel(), BLOCK=3)
     return y
 
 
-def film_with_wrong_values(x, scale, shift):
-    return film(x, 2 * scale, shift)
+def norm_with_wrong_values(x, weight, bias):
+    return layer_norm(x, 2 * weight, bias)
 
 
-class _ShiftGradientLost(torch.autograd.Function):
-    """The Triton forward (right values) with a backward that drops d(shift)."""
+class _BiasGradientLost(torch.autograd.Function):
+    """The Triton forward (right values) with a backward that drops d(bias)."""
 
     @staticmethod
-    def forward(ctx, x, scale, shift):
-        ctx.save_for_backward(x, scale)
-        return film(x, scale, shift)
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return layer_norm(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
-        x, scale = ctx.saved_tensors
-        return dy * (1 + scale[:, :, None, None]), (dy * x).sum((2, 3)), torch.zeros_like(scale)
+        x, weight, bias = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (x, weight)]
+            dx, dw = torch.autograd.grad(layer_norm_reference(*leaves, bias), leaves, dy)
+        return dx, dw, torch.zeros_like(bias)
 
 
-def film_with_wrong_gradient(x, scale, shift):
-    return _ShiftGradientLost.apply(x, scale, shift)
+def norm_with_wrong_gradient(x, weight, bias):
+    return _BiasGradientLost.apply(x, weight, bias)
 
 
 BROKEN = [
-    pytest.param(film_that_does_not_compile, "arange", id="compile-error"),
-    pytest.param(film_with_wrong_values, "parity failed", id="wrong-values"),
-    pytest.param(film_with_wrong_gradient, "dshift", id="wrong-gradient-only"),
+    pytest.param(norm_that_does_not_compile, "arange", id="compile-error"),
+    pytest.param(norm_with_wrong_values, "parity failed", id="wrong-values"),
+    pytest.param(norm_with_wrong_gradient, "dbias", id="wrong-gradient-only"),
 ]
 
 
-def film_call(seed: int = 0):
-    return [t.requires_grad_() for t in film_inputs(2, 6, 5, 7, device=DEVICE, seed=seed)]
+def norm_call(seed: int = 0):
+    return [t.requires_grad_() for t in layer_norm_inputs(2, 6, 5, 7, device=DEVICE, seed=seed)]
 
 
 def grads(out: torch.Tensor, inputs) -> list[torch.Tensor]:
@@ -108,16 +111,16 @@ def grads(out: torch.Tensor, inputs) -> list[torch.Tensor]:
 @pytest.mark.parametrize(("broken", "error"), BROKEN)
 def test_auto_warns_once_and_falls_back_to_eager(broken, error):
     kernel = Counted(broken)
-    d = dispatcher_with("film", kernel, auto_device=always)
-    inputs = film_call()
+    d = dispatcher_with("layer_norm", kernel, auto_device=always)
+    inputs = norm_call()
     with pytest.warns(KernelFallbackWarning) as record:
-        out = d("film", "auto", *inputs)
+        out = d("layer_norm", "auto", *inputs)
     assert len(record) == 1
     msg = str(record[0].message)
-    assert msg.startswith("Triton kernel film failed its self-check")
+    assert msg.startswith("Triton kernel layer_norm failed its self-check")
     assert f"on {DEVICE} " in msg and "dtypes float32" in msg and error in msg, msg
     # The reference's values and gradients, not the kernel's.
-    ref = film_reference(*inputs)
+    ref = layer_norm_reference(*inputs)
     assert torch.equal(out, ref)
     for g, r in zip(grads(out, inputs), grads(ref, inputs), strict=True):
         assert torch.equal(g, r)
@@ -125,59 +128,59 @@ def test_auto_warns_once_and_falls_back_to_eager(broken, error):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for seed in (1, 2):
-            d("film", "auto", *film_call(seed))
+            d("layer_norm", "auto", *norm_call(seed))
     assert kernel.calls == 1
     assert list(d.verdicts().values()) == [msg.split(". model.kernels=auto")[0]]
 
 
 @pytest.mark.parametrize(("broken", "error"), BROKEN)
 def test_triton_mode_raises_naming_op_device_and_dtype(broken, error):
-    pattern = rf"film .*on {re.escape(str(DEVICE))} with dtypes float32 .*{error}"
+    pattern = rf"layer_norm .*on {re.escape(str(DEVICE))} with dtypes float32 .*{error}"
     with pytest.raises(KernelCheckError, match=pattern):
-        dispatcher_with("film", broken)("film", "triton", *film_call())
+        dispatcher_with("layer_norm", broken)("layer_norm", "triton", *norm_call())
     # Also after auto has fallen back on the same variant: triton never runs a failed kernel.
-    d = dispatcher_with("film", broken, auto_device=always)
+    d = dispatcher_with("layer_norm", broken, auto_device=always)
     with pytest.warns(KernelFallbackWarning):
-        d("film", "auto", *film_call())
+        d("layer_norm", "auto", *norm_call())
     with pytest.raises(KernelCheckError, match=pattern):
-        d("film", "triton", *film_call())
+        d("layer_norm", "triton", *norm_call())
 
 
 def test_healthy_kernel_passes_the_check_and_is_used():
-    kernel = Counted(film)
-    d = dispatcher_with("film", kernel, auto_device=always)
+    kernel = Counted(layer_norm)
+    d = dispatcher_with("layer_norm", kernel, auto_device=always)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for seed in range(3):
-            inputs = film_call(seed)
-            out = d("film", "auto", *inputs)
-            ref = film_reference(*inputs)
+            inputs = norm_call(seed)
+            out = d("layer_norm", "auto", *inputs)
+            ref = layer_norm_reference(*inputs)
             assert torch.allclose(out, ref, atol=1e-6)
             for g, r in zip(grads(out, inputs), grads(ref, inputs), strict=True):
                 assert torch.allclose(g, r, atol=1e-5)
     assert kernel.calls == 1 + 3  # the check, then every call
     (key, verdict), = d.verdicts().items()
-    assert key == ("film", DEVICE, (torch.float32,) * 3, ()) and verdict is None
-    assert d.select("film", "triton", *film_call()) is kernel
+    assert key == ("layer_norm", DEVICE, (torch.float32,) * 3, (6,)) and verdict is None
+    assert d.select("layer_norm", "triton", *norm_call()) is kernel
 
 
 def test_eager_and_auto_off_the_gate_never_touch_the_kernel():
     def kernel(*args):
         raise AssertionError("the kernel must not run")
 
-    d = dispatcher_with("film", kernel)  # default gate: CUDA devices only
-    inputs = film_inputs(2, 3, 4, 4)  # CPU
+    d = dispatcher_with("layer_norm", kernel)  # default gate: CUDA devices only
+    inputs = layer_norm_inputs(2, 3, 4, 4)  # CPU
     for mode in ("eager", "auto"):
-        assert torch.equal(d("film", mode, *inputs), film_reference(*inputs))
-    assert dispatcher_with("film", kernel, auto_device=always).select(
-        "film", "eager", *inputs) is film_reference
+        assert torch.equal(d("layer_norm", mode, *inputs), layer_norm_reference(*inputs))
+    assert dispatcher_with("layer_norm", kernel, auto_device=always).select(
+        "layer_norm", "eager", *inputs) is layer_norm_reference
     assert d.verdicts() == {}
 
 
 def test_unknown_mode_or_op():
     d = KernelDispatcher()
     with pytest.raises(ValueError, match="kernel mode"):
-        d("film", "cuda", *film_inputs(1, 2, 3, 3))
+        d("layer_norm", "cuda", *layer_norm_inputs(1, 2, 3, 3))
     with pytest.raises(ValueError, match="unknown kernel op"):
         d("gelu", "eager", torch.zeros(1))
     with pytest.raises(ValueError, match="kernel mode"):
@@ -341,11 +344,11 @@ def _compiled_graphs(fn, *args):
 def test_torch_compile_checks_while_tracing(monkeypatch, healthy):
     """Compiled before any eager call: the check runs while the call is traced, and the graph holds
     the kernel (custom op) only if the check passed."""
-    kernel = film if healthy else film_with_wrong_values
-    d = dispatcher_with("film", kernel, auto_device=always)
+    kernel = layer_norm if healthy else norm_with_wrong_values
+    d = dispatcher_with("layer_norm", kernel, auto_device=always)
     monkeypatch.setattr(dispatch_module, "DISPATCHER", d)
-    inputs = film_inputs(2, 6, 5, 7, device=DEVICE)
-    fn = lambda x, s, t: dispatch_module.run_op("film", "auto", x, s, t)  # noqa: E731
+    inputs = layer_norm_inputs(2, 6, 5, 7, device=DEVICE)
+    fn = lambda x, w, b: dispatch_module.run_op("layer_norm", "auto", x, w, b)  # noqa: E731
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         out, graphs = _compiled_graphs(fn, *inputs)
@@ -353,8 +356,8 @@ def test_torch_compile_checks_while_tracing(monkeypatch, healthy):
     assert len(fallbacks) == (0 if healthy else 1)
     (verdict,) = d.verdicts().values()
     assert (verdict is None) == healthy
-    assert ("film_fwd" in graphs[0]) == healthy
-    assert torch.allclose(out, film_reference(*inputs), atol=1e-6)
+    assert ("layer_norm_fwd" in graphs[0]) == healthy
+    assert torch.allclose(out, layer_norm_reference(*inputs), atol=1e-6)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

@@ -1,4 +1,5 @@
-"""Whole U-Net: `set_kernels("triton")` (Triton fronts + linear attention) vs eager, outputs and grads.
+"""Whole U-Net: `set_kernels("triton")` (Triton fronts, PreNorms, linear attention) vs eager,
+outputs and grads.
 
 A small config that still has every block kind: the no-LN first block with a 102-channel input
 (C not a power of two), FiLM everywhere, the final block without time bias, attention at each
@@ -62,6 +63,7 @@ def test_unet_kernels_match_eager_cpu_fp32(monkeypatch):
     assert fronts == {(102, True, False), (8, True, True), (16, True, True), (32, True, True),
                       (8, False, True)}
     assert {k[3] for k in verdicts if k[0] == "linear_attention"} == {(32,)}
+    assert {k[3] for k in verdicts if k[0] == "layer_norm"} == {(8,), (16,)}
 
 
 def test_set_kernels_routes_through_the_triton_ops(monkeypatch):
@@ -85,8 +87,8 @@ def test_set_kernels_routes_through_the_triton_ops(monkeypatch):
     with torch.no_grad():
         model(torch.randn(1, 102, 8, 8), torch.tensor([3]), torch.randn(1, 6))
     # dim_mults (1, 2): 2 down stages x 2 blocks + 2 mid + 1 up stage x 2 + final = 9 blocks;
-    # attention: 2 down + mid + 1 up = 4.
-    assert calls == {"convnext_front": 9, "film": 0, "linear_attention": 4}
+    # attention (each with its PreNorm): 2 down + mid + 1 up = 4.
+    assert calls == {"convnext_front": 9, "layer_norm": 4, "linear_attention": 4}
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
