@@ -5,7 +5,8 @@
    validation);
 3. train a small standard-preset model with the real trainer for a few minutes;
 4. predict the validation split with DDIM (an ensemble, 30% of the profiles withheld);
-5. evaluate against IDW, climatology and the surface-extended baseline and write the report.
+5. evaluate against OI, IDW, the per-pixel climatology and the SST anomaly carried down
+   (RMSE, CRPS, spread-skill, R^2, rank histograms) and write the report.
 
 Each stage reports its progress; a rerun reuses what is already complete (sources, store,
 checkpoint, predictions). Everything goes under --out (default demo_out/).
@@ -116,21 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     pred = out / "predictions.zarr"
     counts = predict_split(model, store, pred, split="val", batch_size=8, ensemble=args.ensemble,
                            sampler="ddim", sampler_overrides={"ddim_num_timesteps": args.ddim_steps},
-                           withhold_fraction=0.3, seed=0)
+                           withhold_fraction=0.3, seed=0, keep_members=True)
     _done(t0, f"-> {pred} ({counts['written']} new, {counts['skipped']} reused)")
 
-    t0 = _stage(5, "evaluate against IDW, climatology and surface-extended baselines")
-    from depthdif_hpc.inference.evaluate import METHODS, evaluate
+    t0 = _stage(5, "evaluate against OI, IDW, climatology and surface-extended baselines")
+    from depthdif_hpc.inference.evaluate import evaluate, summary_lines
 
     report = out / "report"
     r = evaluate(pred, store, report)
     _done(t0)
-    for support in ("hidden", "withheld"):
-        o = r["overall"][support]
-        print(f"      RMSE on {support} pixels (degC): "
-              + ", ".join(f"{m} {o[m]['rmse']:.3f}" for m in METHODS))
-    print("      model RMSE below baseline at: " + ", ".join(
-        f"{m} {v['depths']}/{v['of']} depths" for m, v in r["model_better_than"].items()))
+    print("\n".join("      " + line for line in summary_lines(r)))
     print(f"\nreport: {report / 'report.md'}   (total {time.time() - start:.0f}s)")
     return 0
 

@@ -380,6 +380,31 @@ def _markdown(r: dict, depth_m: np.ndarray, figs: list[Path], pred_path, store) 
     return "\n".join(lines) + "\n"
 
 
+def summary_lines(r: dict) -> list[str]:
+    """A plain-text digest of a result for terminals (the demo and the CLI print it)."""
+    methods = [m for m in METHODS if m != "oi" or "oi" in r]
+    lines = []
+    for s in SUPPORTS:
+        label = f"{s} ({r['withheld_mode']})" if s == "withheld" else s
+        lines.append(f"{label}: {'method':>16} {'RMSE':>7} {'CRPS':>7} {'spr/skl':>7} {'R^2':>7} {'points':>9}")
+        for m in methods:
+            o = r["overall"][s][m]
+            crps = r["crps"].get(s, {}).get(m, {}).get("overall")
+            ss = r["spread_skill"].get(s, {}).get(m, {}).get("overall")
+            lines.append(f"{'':{len(label) + 1}} {m:>16} {fmt(o['rmse']):>7} {fmt(crps):>7} {fmt(ss):>7} "
+                         f"{fmt(o['r2']):>7} {o['count']:>9}")
+    depth_m = np.asarray(r["depth_m"], dtype=float)
+    for s in SUPPORTS:
+        lines.append(f"RMSE per depth, {s} (degC): depth (m) | " + " | ".join(methods))
+        for k in report_levels(depth_m):
+            lines.append(f"  {depth_m[k]:8.1f} | " + " | ".join(fmt(r["per_depth"][s][m]["rmse"][k]) for m in methods))
+    for s, h in r.get("rank_histogram", {}).items():
+        lines.append(f"rank histogram, {s}: " + " ".join(str(c) for c in h["counts"]))
+    lines.append("model RMSE below baseline at: " + ", ".join(
+        f"{m} {v['depths']}/{v['of']} depths" for m, v in r["model_better_than"].items() if v["of"]))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.inference.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -401,9 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.oi.enabled = not args.no_oi
     r = evaluate(args.pred, args.store, args.report, cfg=cfg, climatology_path=args.climatology,
                  figures=not args.no_figures)
-    for s in SUPPORTS:
-        o = r["overall"][s]
-        print(f"{s} RMSE (degC): " + ", ".join(f"{m} {fmt(o[m]['rmse'])}" for m in METHODS if m in o))
+    print("\n".join(summary_lines(r)))
     print(f"report: {Path(args.report) / 'report.md'}")
     return 0
 

@@ -9,7 +9,7 @@ import zarr
 
 from depthdif_hpc.data.stream import ShardStream
 from depthdif_hpc.inference.climatology import ObservationReader
-from depthdif_hpc.inference.evaluate import evaluate, halo_observations
+from depthdif_hpc.inference.evaluate import evaluate, halo_observations, summary_lines
 from depthdif_hpc.inference.predict import predict_split
 from depthdif_hpc.metrics import DepthStats
 from depthdif_hpc.normalization import denormalize_temperature
@@ -87,6 +87,8 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
         assert img.shape[0] > 100 and img.shape[1] > 100 and float(np.std(img)) > 0.01, name
         assert name in md
     assert "| climatology |" in md and "| oi |" in md and "## CRPS per depth" in md
+    text = "\n".join(summary_lines(r))
+    assert "withheld (columns)" in text and f"{r['overall']['hidden']['oi']['rmse']:.3f}" in text
     assert torch.isfinite(torch.tensor(r["psnr"]["model"]))
 
 
