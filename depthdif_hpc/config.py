@@ -42,6 +42,7 @@ CoordEncoding = Literal["unit_sphere", "sincos", "raw"]
 DateEncoding = Literal["day_of_year_sincos"]
 ScheduleName = Literal["linear", "quadratic", "sigmoid", "cosine"]
 SamplerName = Literal["ddpm", "ddim"]
+ValidationSampler = Literal["model", "ddim"]
 Precision = Literal["auto", "bf16", "fp32"]
 Distributed = Literal["ddp", "deepspeed"]
 MatmulPrecision = Literal["highest", "high", "medium"]
@@ -53,6 +54,7 @@ Compressor = Literal["lz4", "lz4hc", "zstd", "zlib", "blosclz"]
 ByteShuffle = Literal["shuffle", "noshuffle", "bitshuffle"]
 ArgoTemperature = Literal["potential", "in_situ"]
 ArgoQC = Literal["en4", "none"]
+NormalizationKind = Literal["global", "per_level"]
 AEType = Literal["depth_band_ae"]
 CovarianceShape = Literal["gaussian", "roemmich_gilson"]
 
@@ -179,8 +181,8 @@ class NoiseConfig:
 
 @dataclass
 class SamplingConfig:
-    """The model's default reverse process (docs/model.md#samplers): predict, evaluation and
-    the validation reconstruction all start from it."""
+    """The model's default reverse process (docs/model.md#samplers): predict and evaluation start
+    from it; the validation reconstruction uses trainer.validation_sampler."""
 
     sampler: SamplerName = "ddpm"
     ddim_num_timesteps: int = 200
@@ -315,8 +317,14 @@ class TrainerConfig:
     # Off: validation runs every val_every_n_steps only. Epochs shrink as ranks are added, so an
     # epoch-end validation would cost more of a larger allocation's time (docs/cluster.md).
     val_at_epoch_end: bool = False
-    full_reconstruction: bool = True  # rank-0 reverse diffusion of the cached val batch
+    full_reconstruction: bool = True  # reverse diffusion of validation samples, shared over the ranks
     full_reconstruction_samples: int = 2  # taken from the first validation batch
+    # The reconstruction's sampler, an in-training diagnostic: "ddim" with validation_ddim_steps
+    # steps (eta, temperature from model.sampling; a count above model.noise.num_timesteps is
+    # clamped to it) costs validation_ddim_steps / num_timesteps of a DDPM chain (50 of 1000:
+    # 1/20); "model": model.sampling, what predict and evaluate use (unchanged by this key).
+    validation_sampler: ValidationSampler = "ddim"
+    validation_ddim_steps: int = 50
     log_intermediates: bool = False  # figures of the reconstruction's reverse chain
     progress_bar: bool = True  # rank 0, only when stderr is a terminal
     # Each rank appends {"step", "ids"} to logs/samples_rank_NNNNN.jsonl: which samples it trained
@@ -340,7 +348,7 @@ class TrainerConfig:
     def check(self) -> Problems:
         for key in ("max_steps", "gradient_accumulation_steps", "log_every_n_steps",
                     "val_every_n_steps", "checkpoint_every_n_steps", "keep_last_checkpoints",
-                    "full_reconstruction_samples"):
+                    "full_reconstruction_samples", "validation_ddim_steps"):
             yield from _positive(key, getattr(self, key))
         yield from _positive("gradient_clip_val", self.gradient_clip_val, strict=False)
         if self.distributed == "deepspeed" and not self.deepspeed_config:
@@ -551,6 +559,22 @@ class DatasetConfig:
     return_coords: bool = True
     random_seed: int = 7
     skip_corrupt_samples: bool = False
+    # Temperature z-score (depthdif_hpc/normalization.py): "global" = the reference's one mean
+    # and std; "per_level" = each depth level its own train-split mean/std, taken from the
+    # store manifest when the lists are empty and then written here, so checkpoints carry them
+    # and predict decodes with the statistics the model was trained with.
+    normalization: NormalizationKind = "global"
+    normalization_mean_c: list[float] = field(default_factory=list)
+    normalization_std_c: list[float] = field(default_factory=list)
+
+    def check(self) -> Problems:
+        m, s = self.normalization_mean_c, self.normalization_std_c
+        if len(m) != len(s):
+            yield "normalization_std_c", len(s), f"needs as many entries as normalization_mean_c ({len(m)})"
+        if any(not v > 0 for v in s):
+            yield "normalization_std_c", s, "every level's std must be > 0"
+        if m and self.normalization == "global":
+            yield "normalization_mean_c", len(m), "per-level statistics given with normalization: global"
 
 
 @dataclass
@@ -617,7 +641,9 @@ class OIConfig:
     enabled: bool = True
     covariance: CovarianceShape = "gaussian"
     # Grids of the marginal-likelihood fit per depth level (signal variance is profiled out).
-    length_grid_km: list[float] = field(default_factory=lambda: [50.0, 100.0, 150.0, 250.0, 400.0])
+    # 25 km: a few 0.1 degree pixels; on the demo ocean the fit picked the smallest value of a grid
+    # that started at 50 km.
+    length_grid_km: list[float] = field(default_factory=lambda: [25.0, 50.0, 100.0, 150.0, 250.0, 400.0, 800.0])
     noise_ratio_grid: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
     rg_long_km: float = 1100.0  # roemmich_gilson: scale of the exponential part
     rg_short_weight: float = 0.77  # roemmich_gilson: weight of the Gaussian part
@@ -971,6 +997,10 @@ def _cross_section_problems(cfg: Config) -> Iterator[tuple[str, Any, str]]:
         yield ("trainer.full_reconstruction_samples", n,
                f"exceeds dataloader.val_batch_size = {cfg.dataloader.val_batch_size} (the samples "
                "come from the first validation batch)")
+    if cfg.dataset.normalization == "per_level" and cfg.model.model_type != "cond_px_dif":
+        yield ("dataset.normalization", "per_level",
+               f"only for model.model_type cond_px_dif (the autoencoder and its evaluation "
+               f"decode with the global z-score), not {cfg.model.model_type}")
 
 
 def validate_config(cfg: Config, origins: dict[str, str]) -> None:

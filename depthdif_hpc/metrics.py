@@ -104,15 +104,19 @@ class DepthStats:
                     "count": self.n}
 
     def overall(self) -> dict[str, float]:
-        """Pooled over all points of all depths (R^2 here is the mean over levels with a value,
-        since pooling levels would credit reproducing the mean profile)."""
+        """Pooled over all points of all depths. R^2 is 1 - sum SSE / sum SST with each level's
+        SST about that level's own mean: pooling about one mean would credit reproducing the mean
+        profile, and a mean of per-level values is dominated by the deep levels, whose variance
+        is tiny."""
         n = self.n.sum()
         if n == 0:
             return {"rmse": math.nan, "mae": math.nan, "bias": math.nan, "r2": math.nan, "count": 0}
-        r2 = self.per_depth()["r2"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            has = self.n > 0
+            sst = (self.t2 - self.t**2 / np.where(has, self.n, 1.0))[has].sum()
+        r2 = float(1.0 - self.s2[has].sum() / sst) if sst > 0 else math.nan
         return {"rmse": float(np.sqrt(self.s2.sum() / n)), "mae": float(self.sa.sum() / n),
-                "bias": float(self.s.sum() / n),
-                "r2": float(np.nanmean(r2)) if np.isfinite(r2).any() else math.nan, "count": int(n)}
+                "bias": float(self.s.sum() / n), "r2": r2, "count": int(n)}
 
 
 @dataclass

@@ -321,7 +321,7 @@ def _markdown(r: dict, depth_m: np.ndarray, figs: list[Path], pred_path, store) 
     methods = [m for m in METHODS if m in r["overall"]["hidden"]
                and (m != "oi" or "oi" in r)]
     for s in SUPPORTS:
-        lines += [f"## {titles[s]}", "", "| method | RMSE | MAE | bias | R^2 (mean over levels) | CRPS | spread-skill | points |",
+        lines += [f"## {titles[s]}", "", "| method | RMSE | MAE | bias | R^2 (within levels) | CRPS | spread-skill | points |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for m in methods:
             o = r["overall"][s][m]

@@ -84,7 +84,8 @@ def test_r2_and_depth_mean_by_hand():
     pd = st.per_depth()
     # level 0: SSE 1, SST about the mean 2 is 2 -> R^2 = 0.5; level 1: constant truth -> undefined
     assert pd["r2"][0] == pytest.approx(0.5) and math.isnan(pd["r2"][1])
-    assert st.overall()["r2"] == pytest.approx(0.5)
+    # overall: SSE of both levels (1 + 1) over the within-level SST (2 + 0)
+    assert st.overall()["r2"] == pytest.approx(1 - 2 / 2)
     dm = DepthMean(3)
     dm.add(np.array([1.0, 3.0, 10.0]), np.array([0, 0, 2]))
     assert dm.per_depth()[0] == 2.0 and math.isnan(dm.per_depth()[1]) and dm.per_depth()[2] == 10.0
