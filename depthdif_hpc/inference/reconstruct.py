@@ -616,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, local = _rank()
     device = a.device
     if device == "cuda" and world > 1:
-        device = f"cuda:{local}"
+        # Under srun --gpus-per-task=1 every task sees one device; under torchrun all of them.
+        device = f"cuda:{local % max(torch.cuda.device_count(), 1)}"
     cfg, model = load_model(a.checkpoint, use_ema=not a.no_ema, overrides=list(a.overrides))
     over = {k: v for k, v in (("ddim_num_timesteps", a.steps), ("ddim_eta", a.eta)) if v is not None}
     figure = None if a.no_figure else (a.figure or str(Path(a.out).with_suffix(".png")))
