@@ -119,11 +119,38 @@ def halo_observations(reader: ObservationReader, i: int, halo_km: float,
 
 
 def withheld_mode(attrs: dict) -> str:
-    """How predict chose the withheld observations: its recorded mode, else columns/none."""
-    mode = attrs.get("withhold_mode", attrs.get("withhold"))
-    if mode:
-        return str(mode)
-    return "columns" if float(attrs.get("withhold_fraction", 0) or 0) > 0 else "none"
+    """How predict chose the withheld observations: its recorded mode ("columns" or "floats"),
+    "none" when nothing was withheld."""
+    if float(attrs.get("withhold_fraction", 0) or 0) <= 0:
+        return "none"
+    return str(attrs.get("withhold_mode", "columns"))
+
+
+def withheld_lookup(pred, done: np.ndarray, store: str | Path, split: str,
+                    meta: np.ndarray) -> Callable[[int], np.ndarray | None]:
+    """j -> the (H, W) withheld mask of sample j: the prediction store's for finished samples;
+    for others, whole-float holdout recomputes it from the withheld float ids (the same floats in
+    every sample), random columns cannot be known (None)."""
+    floats = withheld_mode(dict(pred.attrs)) == "floats"
+    if floats:
+        from depthdif_hpc.data.store import read_manifest
+        from depthdif_hpc.inference.predict import float_columns
+
+        man = read_manifest(store)
+        chosen = np.isin(np.asarray(man["platforms"]), list(pred.attrs.get("withheld_platforms", [])))
+        grp = zarr.open_group(str(store), mode="r")[split]
+        tile = int(man["tile_size"])
+
+    def lookup(j: int) -> np.ndarray | None:
+        if j < len(done) and done[j]:
+            return pred["withheld"][j].astype(bool)
+        if floats:
+            n = int(meta[j, META["n_obs_pixels"]])
+            return np.asarray(float_columns(grp["obs"][j, :n, :2], grp["obs_platform"][j, :n], chosen,
+                                            tile, tile), bool)
+        return None
+
+    return lookup
 
 
 class _Scores:
@@ -192,9 +219,7 @@ def evaluate(pred_path: str | Path, store: str | Path, report: str | Path, *,
     oi_params = fit_oi(store, clim, cfg.oi) if cfg.oi.enabled else None
     reader = ObservationReader(store, split)
 
-    def withheld_of(j: int) -> np.ndarray | None:
-        return pred["withheld"][j].astype(bool) if j < len(done) and done[j] else None
-
+    withheld_of = withheld_lookup(pred, done, store, split, reader.meta)
     sc = _Scores(d, ensemble if has_members else 0)
     own_fraction = []
     keep_for_figures = None

@@ -7,9 +7,15 @@ import scoringrules as sr
 import torch
 import zarr
 
+from depthdif_hpc.config import EvaluationConfig
 from depthdif_hpc.data.stream import ShardStream
 from depthdif_hpc.inference.climatology import ObservationReader
-from depthdif_hpc.inference.evaluate import evaluate, halo_observations, summary_lines
+from depthdif_hpc.inference.evaluate import (
+    evaluate,
+    halo_observations,
+    summary_lines,
+    withheld_lookup,
+)
 from depthdif_hpc.inference.predict import predict_split
 from depthdif_hpc.metrics import DepthStats
 from depthdif_hpc.normalization import denormalize_temperature
@@ -125,3 +131,30 @@ def test_halo_takes_neighbours_outside_the_patch_once_and_skips_their_withheld(t
     rows2, cols2, _ = halo_observations(reader, i, 5000.0, masks.get)
     got2 = set(zip(rows2.tolist(), cols2.tolist(), strict=True))
     assert got2 == outside - {target}
+
+
+def test_whole_float_holdout_is_scored_and_known_for_unpredicted_neighbours(tiny_store, tiny_model, tmp_path):
+    pred = tmp_path / "pred_floats.zarr"
+    predict_split(tiny_model, tiny_store, pred, withhold="floats", withhold_fraction=0.5, limit=4,
+                  progress=False)
+    g = zarr.open_group(str(pred), mode="r")
+    reader = ObservationReader(tiny_store, "val")
+    # pretend only the first two samples were predicted: the masks of the other two (used by the
+    # OI halo) are recomputed from the withheld float ids and equal what predict withheld
+    done = np.array([True, True, False, False])
+    lookup = withheld_lookup(g, done, tiny_store, "val", reader.meta)
+    for j in (2, 3):
+        np.testing.assert_array_equal(lookup(j), g["withheld"][j].astype(bool))
+    assert lookup(7) is not None  # beyond the predictions: still known in floats mode
+    cfg = EvaluationConfig()
+    cfg.oi.fit_samples, cfg.oi.length_grid_km, cfg.oi.noise_ratio_grid = 4, [100.0], [0.1]  # cheap fit
+    r = evaluate(pred, tiny_store, tmp_path / "rep", cfg=cfg, figures=False, progress=False)
+    assert r["withheld_mode"] == "floats"
+    nw = 0
+    for i in range(4):
+        rows, cols, vals = reader.columns(i)
+        r0, c0 = reader.origin(i)
+        wh = g["withheld"][i].astype(bool)[rows - r0, cols - c0]
+        nw += int(np.isfinite(vals[:, wh]).sum())
+    assert nw > 0 and r["overall"]["withheld"]["model"]["count"] == nw
+    assert r["overall"]["withheld"]["oi"]["count"] == nw
