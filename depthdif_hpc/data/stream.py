@@ -39,11 +39,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..normalization import GLOBAL, Normalizer
 from .batch import Batch
 from .decode import Decoder, Raw
 from .ring import BatchRing, RingTicket
 from .schedule import Schedule
-from .store import META, CorruptSampleError, ShardReader, StoreError, read_manifest, shard_file
+from .store import (
+    META,
+    CorruptSampleError,
+    ShardReader,
+    StoreError,
+    read_manifest,
+    resolve_normalizer,
+    shard_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +69,7 @@ class ShardStream(IterableDataset):
                  world_size: int = 1, shuffle: bool = True, seed: int = 7,
                  shuffle_buffer: int = 64, batch_size: int = 1, even_ranks: bool = True,
                  skip_corrupt: bool = False, return_coords: bool = True, batched: bool = False,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, normalizer: Normalizer = GLOBAL):
         super().__init__()
         self.store = Path(store)
         man = read_manifest(self.store)
@@ -73,7 +82,7 @@ class ShardStream(IterableDataset):
         self.schedule = Schedule(self.n, self.shard, batch_size=batch_size, rank=rank,
                                  world_size=world_size, shuffle=shuffle, seed=seed,
                                  buffer=shuffle_buffer, even_ranks=even_ranks)
-        self.decoder = Decoder.from_manifest(man, return_coords)
+        self.decoder = Decoder.from_manifest(man, return_coords, normalizer)
         self.skip_corrupt = skip_corrupt
         self.batched, self.pin_memory = batched, pin_memory
         self.ring: BatchRing | None = None  # set by StreamLoader for its workers
@@ -373,11 +382,15 @@ class StreamLoader:
                  multiprocessing_context: str | None = None, ring: bool = True):
         self.dataset = dataset
         self.num_workers = num_workers
-        kw: dict[str, Any] = {}
+        # The DataLoader draws its workers' base seed from this generator when it starts them,
+        # else from torch's global one: starting workers would then move the trainer's RNG
+        # state, by a number of draws that differs between a run and its resume.
+        self._generator = torch.Generator()
+        kw: dict[str, Any] = {"generator": self._generator}
         if num_workers > 0:
-            kw = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
-                  "multiprocessing_context": multiprocessing_context,
-                  "worker_init_fn": ignore_stop_signals}
+            kw |= {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor,
+                   "multiprocessing_context": multiprocessing_context,
+                   "worker_init_fn": ignore_stop_signals}
         self.use_ring = dataset.batched and num_workers > 0 and ring
         self.pin_memory = pin_memory
         if dataset.batched:
@@ -448,6 +461,8 @@ class StreamLoader:
         epoch = ds.epoch
         ring = self._ring() if self.use_ring else None
         self._ring_busy = ring is not None
+        sc = ds.schedule
+        self._generator.manual_seed(int(np.random.SeedSequence([sc.seed, epoch, sc.rank]).generate_state(1)[0]))
         it = iter(self.loader)
         try:
             for batch in it:
@@ -484,7 +499,8 @@ def make_dataloader(cfg: Any, split: str = "train", rank: int = 0, world_size: i
     ds = ShardStream(store, split, rank=rank, world_size=world_size, shuffle=sh,
                      seed=cfg.dataset.random_seed, shuffle_buffer=d.shuffle_buffer, batch_size=bs,
                      even_ranks=d.even_ranks, skip_corrupt=cfg.dataset.skip_corrupt_samples,
-                     return_coords=cfg.dataset.return_coords, batched=True)
+                     return_coords=cfg.dataset.return_coords, batched=True,
+                     normalizer=resolve_normalizer(cfg))
     ds.set_epoch(epoch)
     return StreamLoader(ds, num_workers=nw, pin_memory=d.pin_memory and torch.cuda.is_available(),
                         persistent_workers=d.persistent_workers if train else False,
