@@ -648,7 +648,12 @@ class OIConfig:
     rg_long_km: float = 1100.0  # roemmich_gilson: scale of the exponential part
     rg_short_weight: float = 0.77  # roemmich_gilson: weight of the Gaussian part
     halo_km: float = 300.0  # observations of same-day neighbouring patches within this distance
-    fit_samples: int = 64  # train samples (evenly spaced) used by the fit
+    fit_samples: int = 64  # train days (evenly spaced) used by the fit, each one draw of the field
+    fit_max_obs: int = 250  # columns per day at most (a seeded subset): the fit costs n^3 per day
+    # One (length, noise ratio) for all levels (the likelihood summed over levels; the signal
+    # variance stays per level) instead of one per level: a few hundred observations per level
+    # leave each level's own choice noisy.
+    shared_across_levels: bool = True
 
     def check(self) -> Problems:
         if not self.length_grid_km or min(self.length_grid_km) <= 0:
@@ -659,6 +664,7 @@ class OIConfig:
         yield from _within("rg_short_weight", self.rg_short_weight, 0.0, 1.0)
         yield from _positive("halo_km", self.halo_km, strict=False)
         yield from _positive("fit_samples", self.fit_samples)
+        yield from _positive("fit_max_obs", self.fit_max_obs)
 
 
 @dataclass
