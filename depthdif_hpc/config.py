@@ -312,7 +312,7 @@ class TrainerConfig:
     intra_op_threads: int | None = None
     # Seconds a rank waits in a collective for a peer before it fails (the process group's
     # timeout). A hung or stopped peer otherwise holds the whole allocation; the wait must still
-    # cover rank 0's validation reconstruction while the others wait at the barrier after it.
+    # cover the slowest rank's validation reconstruction while the others wait in the gather.
     collective_timeout_s: int = 1800
     # Off: validation runs every val_every_n_steps only. Epochs shrink as ranks are added, so an
     # epoch-end validation would cost more of a larger allocation's time (docs/cluster.md).

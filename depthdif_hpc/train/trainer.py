@@ -3,7 +3,7 @@ preemption by signal, and failure on a non-finite loss.
 
 The Trainer wires four components and owns only the loop: `TrainState` (what a checkpoint holds
 and putting it back), `StepLog` (per-step logs, the non-finite check, steps.jsonl, TensorBoard),
-`Validator` (validation loss and the rank-0 reconstruction) and the `StopSignals` flag.
+`Validator` (validation loss and the reconstruction shared over the ranks) and the `StopSignals` flag.
 
 Per optimizer step the loop does no device->host synchronisation: losses and other logs stay on
 the device and are brought to the host together every `trainer.log_every_n_steps` steps (and
