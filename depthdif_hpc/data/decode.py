@@ -1,7 +1,8 @@
 """Raw stored samples (uint16 codes, obs rows, meta) -> the tensors of the batch contract.
 
 Every temperature is `a * code + b` (`Quantizer.norm_affine`, float32 throughout) where
-code != 0, else 0; the masks are `code != 0`. `Decoder.decode_batch` writes whole batches
+code != 0, else 0; the masks are `code != 0`. Under per-level normalisation `a` and `b` are one
+pair per level (`Quantizer.norm_affine_levels`; eo takes level 0's). `Decoder.decode_batch` writes whole batches
 straight into preallocated tensors (what the training loader uses), `Decoder.decode` one
 sample (the per-sample stream); both go through `_decode_into`, so they are the same values
 bit for bit.
@@ -16,6 +17,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 
+from ..normalization import GLOBAL, Normalizer
 from .batch import FIELDS, Batch
 from .store import META, N_LEVELS, meta_coords, quantizer_from
 
@@ -37,7 +39,7 @@ def new_tensor(shape: tuple[int, ...], dtype: torch.dtype, where: Where = "plain
     return torch.empty(shape, dtype=dtype, pin_memory=where == "pinned")
 
 
-def scatter_obs(obs: np.ndarray, n_obs: int, a: np.float32, b: np.float32,
+def scatter_obs(obs: np.ndarray, n_obs: int, a: Any, b: Any,
                 x: np.ndarray, x_valid: np.ndarray) -> None:
     """Write the first `n_obs` obs rows ([row, col, D codes]) into zeroed (D, H, W) x, x_valid.
 
@@ -52,7 +54,7 @@ def scatter_obs(obs: np.ndarray, n_obs: int, a: np.float32, b: np.float32,
     x[:, r, c] = ((codes * a + b) * ok).T
 
 
-def _decode_dense(codes: np.ndarray, a: np.float32, b: np.float32, out: np.ndarray,
+def _decode_dense(codes: np.ndarray, a: Any, b: Any, out: np.ndarray,
                   valid: np.ndarray) -> None:
     """codes -> out = (a * code + b) * valid and valid = code != 0, one in-place pass each
     (uint16 -> float32 inside the multiply: no temporary at full size)."""
@@ -62,13 +64,18 @@ def _decode_dense(codes: np.ndarray, a: np.float32, b: np.float32, out: np.ndarr
     np.multiply(out, valid, out=out)
 
 
-def _decode_into(raw: Raw, a: np.float32, b: np.float32, row: dict[str, np.ndarray],
+def _decode_into(raw: Raw, a: Any, b: Any, row: dict[str, np.ndarray],
                  eo_valid: np.ndarray) -> None:
     """One sample into its row of the batch arrays (x, x_valid_mask already zero).
+    `a`, `b`: float32 scalars, or (D,) per level (eo then uses level 0).
     `eo_valid` is scratch: eo has no mask of its own in the batch."""
     fields, obs, meta = raw
-    _decode_dense(fields[0:1], a, b, row["eo"], eo_valid)
-    _decode_dense(fields[1:], a, b, row["y"], row["y_valid_mask"])
+    if np.ndim(a):
+        a_eo, b_eo, a_y, b_y = a[0], b[0], a[:, None, None], b[:, None, None]
+    else:
+        a_eo, b_eo, a_y, b_y = a, b, a, b
+    _decode_dense(fields[0:1], a_eo, b_eo, row["eo"], eo_valid)
+    _decode_dense(fields[1:], a_y, b_y, row["y"], row["y_valid_mask"])
     np.copyto(row["land_mask"], row["y_valid_mask"][0:1])
     scatter_obs(obs, int(meta[META["n_obs_pixels"]]), a, b, row["x"], row["x_valid_mask"])
 
@@ -77,14 +84,22 @@ def _decode_into(raw: Raw, a: np.float32, b: np.float32, row: dict[str, np.ndarr
 class Decoder:
     """Decodes one split's raw samples (tile x tile, N_LEVELS levels) with the store's codes."""
 
-    a: np.float32
-    b: np.float32
+    a: Any  # np.float32, or (N_LEVELS,) float32 under per-level normalisation
+    b: Any
     tile: int
     return_coords: bool = True
 
     @classmethod
-    def from_manifest(cls, man: dict[str, Any], return_coords: bool = True) -> Decoder:
-        a, b = quantizer_from(man).norm_affine()
+    def from_manifest(cls, man: dict[str, Any], return_coords: bool = True,
+                      normalizer: Normalizer = GLOBAL) -> Decoder:
+        q = quantizer_from(man)
+        if normalizer.kind == "global":
+            a, b = q.norm_affine()  # scalars: the reference path, bit for bit
+        else:
+            if normalizer.levels != N_LEVELS:
+                raise ValueError(f"per-level normalisation has {normalizer.levels} levels, the "
+                                 f"store {N_LEVELS}")
+            a, b = q.norm_affine_levels(normalizer)
         return cls(a, b, int(man["tile_size"]), return_coords)
 
     def batch_specs(self) -> Specs:

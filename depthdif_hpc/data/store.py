@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..normalization import KELVIN_OFFSET, TEMP_MEAN_K, TEMP_STD_K
+from ..normalization import GLOBAL, KELVIN_OFFSET, TEMP_MEAN_K, TEMP_STD_K, Normalizer
 from .profiles import PLATFORM_NONE, PLATFORM_SLOTS
 
 FORMAT = "depthdif-store/1"
@@ -74,6 +74,12 @@ class Quantizer:
         a = self.step / TEMP_STD_K
         b = (self.tmin - self.step + KELVIN_OFFSET - TEMP_MEAN_K) / TEMP_STD_K
         return np.float32(a), np.float32(b)
+
+    def norm_affine_levels(self, norm: Normalizer) -> tuple[np.ndarray, np.ndarray]:
+        """(a, b) per level, (D,) float32, for a per-level Normalizer (level 0 also serves eo)."""
+        a = self.step / norm.std_k
+        b = (self.tmin - self.step + KELVIN_OFFSET - norm.mean_k) / norm.std_k
+        return a.astype(np.float32), b.astype(np.float32)
 
 
 def codecs_for(layout: Any) -> tuple[list, list]:
@@ -148,6 +154,45 @@ def read_manifest(store: str | Path) -> dict:
     if man.get("format") != FORMAT:
         raise StoreError(f"{path}: format {man.get('format')!r}, this code reads {FORMAT!r}")
     return man
+
+
+# Per-level std floor, degC: a nearly constant abyssal level would otherwise turn the 0.001 degC
+# quantisation step (and sensor noise) into large model-space steps; at 0.05 one step is 0.02.
+MIN_LEVEL_STD_C = 0.05
+
+
+def level_stats(man: dict) -> tuple[list[float], list[float]]:
+    """Per-level train mean and std (degC) from a manifest, for per-level normalisation.
+
+    Levels without any valid train pixel (below the deepest sea floor) take the statistics of
+    the deepest level that has some (nothing there is ever valid, so any finite value works);
+    every std is at least MIN_LEVEL_STD_C.
+    """
+    st = man["stats"]
+    mean = np.asarray(st["train_y_level_mean_c"], np.float64)
+    std = np.asarray(st["train_y_level_std_c"], np.float64)
+    count = np.asarray(st["train_y_level_count"], np.float64)
+    has = np.flatnonzero(count > 0)
+    if not has.size:
+        raise StoreError("the store's train split has no valid temperature: no per-level statistics")
+    fill = np.maximum.accumulate(np.where(count > 0, np.arange(count.size), has[0]))
+    return mean[fill].tolist(), np.maximum(std[fill], MIN_LEVEL_STD_C).tolist()
+
+
+def resolve_normalizer(cfg: Any) -> Normalizer:
+    """The Normalizer `dataset.normalization` asks for. per_level takes the config's statistics,
+    or, when those are empty, the manifest of `dataset.store` (level_stats) and writes them into
+    the config, so a checkpoint's config carries what the model was trained with."""
+    d = cfg.dataset
+    if d.normalization == "global":
+        return GLOBAL
+    if not d.normalization_mean_c:
+        if not d.store:
+            raise StoreError("dataset.normalization=per_level needs the per-level statistics: set "
+                             "dataset.store (its manifest has them) or dataset.normalization_mean_c"
+                             "/normalization_std_c")
+        d.normalization_mean_c, d.normalization_std_c = level_stats(read_manifest(d.store))
+    return Normalizer.per_level(d.normalization_mean_c, d.normalization_std_c)
 
 
 def quantizer_from(man: dict) -> Quantizer:

@@ -63,6 +63,8 @@ class ShardStream(IterableDataset):
     `batched=True` yields whole batches of `batch_size` (see the module docstring; use
     `DataLoader(batch_size=None)`), otherwise single samples. `pin_memory` (batched only)
     allocates the batches in pinned memory when iterated in the main process with CUDA.
+    `normalizer`: the temperature z-score of the batches (global by default; make_dataloader
+    passes the one dataset.normalization names, predict the model's).
     """
 
     def __init__(self, store: str | Path, split: str = "train", *, rank: int = 0,

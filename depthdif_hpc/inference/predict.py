@@ -34,6 +34,7 @@ from depthdif_hpc.data.profiles import PLATFORM_MORE
 from depthdif_hpc.data.store import META, read_manifest
 from depthdif_hpc.data.stream import ShardStream
 from depthdif_hpc.inference.writer import PredictionWriter, create_prediction_store
+from depthdif_hpc.normalization import GLOBAL
 
 Withhold = Literal["columns", "floats"]
 
@@ -164,8 +165,10 @@ def predict_split(
         barrier()
     writer = PredictionWriter(out)
     done = writer.done()
+    # Decode with the normalisation the model was trained with (its config: build_model).
     stream = ShardStream(store, split, rank=rank, world_size=world_size, shuffle=False,
-                         even_ranks=False, return_coords=True)
+                         even_ranks=False, return_coords=True,
+                         normalizer=getattr(model, "normalizer", GLOBAL))
     offset = stream.id_offset
     loader = DataLoader(stream, batch_size=batch_size, num_workers=0)
     meta = _meta_rows(store, split)

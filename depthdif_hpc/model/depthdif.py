@@ -28,7 +28,7 @@ from depthdif_hpc.model.conditioning import build_condition
 from depthdif_hpc.model.embeddings import CoordDateEncoder
 from depthdif_hpc.model.postprocess import gaussian_blur_depthwise, mask_invalid
 from depthdif_hpc.model.unet import UNet
-from depthdif_hpc.normalization import denormalize_temperature
+from depthdif_hpc.normalization import GLOBAL, Normalizer
 
 
 @dataclass
@@ -61,6 +61,9 @@ class Prepared:
 
 
 class DepthDif(nn.Module):
+    # Model space <-> degC; build_model sets the one dataset.normalization names.
+    normalizer: Normalizer = GLOBAL
+
     def __init__(self, model: ModelConfig) -> None:
         super().__init__()
         self.cfg = model
@@ -235,7 +238,7 @@ class DepthDif(nn.Module):
         )
         # fp32 before denormalising: a bf16 sample (autocast) would round ~290 K to 1 degC steps.
         y_hat = self.to_pixels(res.sample).float()
-        y_hat_denorm = denormalize_temperature(y_hat)
+        y_hat_denorm = self.normalizer.denormalize(y_hat)
         blur = self.cfg.post_process.gaussian_blur
         if blur.enabled:
             y_hat_denorm = gaussian_blur_depthwise(y_hat_denorm, blur.kernel_size, blur.sigma)

@@ -27,7 +27,7 @@ from depthdif_hpc.model.conditioning import build_condition
 from depthdif_hpc.model.depthdif import DepthDif, Prediction, Prepared, require_key
 from depthdif_hpc.model.postprocess import mask_invalid
 from depthdif_hpc.model.state_file import read_state_file
-from depthdif_hpc.normalization import denormalize_temperature
+from depthdif_hpc.normalization import GLOBAL, Normalizer
 
 
 def autoencoder_from_config(ae: AEConfig) -> DepthBandAutoencoder:
@@ -37,6 +37,8 @@ def autoencoder_from_config(ae: AEConfig) -> DepthBandAutoencoder:
 
 class AutoencoderModel(nn.Module):
     """Trains the autoencoder on y: L1 + L2 reconstruction (over valid pixels if masked_only)."""
+
+    normalizer: Normalizer = GLOBAL  # set by build_model from dataset.normalization
 
     def __init__(self, ae: AEConfig) -> None:
         super().__init__()
@@ -62,7 +64,7 @@ class AutoencoderModel(nn.Module):
         # about 1 degC steps.
         y_hat = self.autoencoder(require_key(batch, "y").float()).float()
         valid = require_key(batch, "y_valid_mask")
-        return Prediction(y_hat=y_hat, y_hat_denorm=mask_invalid(denormalize_temperature(y_hat), valid),
+        return Prediction(y_hat=y_hat, y_hat_denorm=mask_invalid(self.normalizer.denormalize(y_hat), valid),
                           generated_mask=valid > 0.5)
 
 

@@ -112,3 +112,36 @@ def test_batch_and_sample_decode_agree_and_follow_the_contract(tiny_store, retur
         for k in batch:
             assert torch.equal(batch[k][j], item[k]) and torch.equal(again[k][j], item[k]), k
     assert batch["sample_id"].tolist() == [100 + i for i in ids]
+
+
+def test_per_level_decode_matches_the_stored_temperatures(tiny_store):
+    import zarr
+
+    from depthdif_hpc.data.store import level_stats, quantizer_from
+    from depthdif_hpc.data.stream import ShardStream
+    from depthdif_hpc.normalization import Normalizer
+
+    man = read_manifest(tiny_store)
+    mean, std = level_stats(man)
+    count = np.asarray(man["stats"]["train_y_level_count"])
+    # Levels without train pixels carry the deepest populated level's statistics; std >= 0.05.
+    last = int(np.flatnonzero(count > 0)[-1])
+    assert all(m == mean[last] for m in mean[last:]) and min(std) >= 0.05
+    norm = Normalizer.per_level(mean, std)
+    g = zarr.open_group(str(tiny_store), mode="r")["val"]
+    q = quantizer_from(man)
+    s = ShardStream(tiny_store, "val", shuffle=False, even_ranks=False, normalizer=norm)
+    for item in list(s)[:3]:
+        i = int(item["sample_id"]) - s.id_offset
+        fields, obs, meta = g["fields"][i], g["obs"][i], g["meta"][i]
+        want = q.decode_c(fields)
+        vm = item["y_valid_mask"].numpy()
+        y = norm.denormalize(item["y"][None].double())[0].numpy()
+        assert np.abs(y[vm] - want[1:][vm]).max() < 1e-4 and (item["y"].numpy()[~vm] == 0).all()
+        eo = norm.denormalize(item["eo"][None].double())[0, 0].numpy()
+        ev = fields[0] != 0
+        assert np.abs(eo[ev] - want[0][ev]).max() < 1e-4
+        for row in obs[: meta[META["n_obs_pixels"]]]:
+            ok = row[2:] != 0
+            x = norm.denormalize(item["x"][None, :, row[0], row[1], None, None].double())[0, :, 0, 0]
+            assert np.abs(x.numpy()[ok] - q.decode_c(row[2:])[ok]).max() < 1e-4

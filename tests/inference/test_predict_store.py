@@ -167,3 +167,52 @@ def test_withhold_floats_refuses_a_store_without_platform_ids(tiny_store, tmp_pa
     with pytest.raises(ValueError, match="no platform ids"):
         predict_split(_ConditionRecorder(), old, tmp_path / "p.zarr", withhold="floats",
                       withhold_fraction=0.3, progress=False)
+
+
+class _Echo(_ConditionRecorder):
+    """Predicts its input y, denormalised with its own normaliser."""
+
+    def __init__(self, normalizer):
+        super().__init__()
+        self.normalizer = normalizer
+
+    def predict(self, batch, **kw):
+        y = self.normalizer.denormalize(batch["y"].double()).float()
+        return SimpleNamespace(y_hat_denorm=y.masked_fill(~batch["y_valid_mask"], float("nan")))
+
+
+def test_per_level_normalization_is_recorded_and_used_by_predict(tiny_store, tmp_path):
+    from depthdif_hpc import build_model
+    from depthdif_hpc.config import config_from_dict, to_dict
+    from depthdif_hpc.data.store import level_stats, quantizer_from
+    from tests.helpers import random_batch, tiny_config
+
+    cfg = tiny_config(overrides=["dataset.normalization=per_level", f"dataset.store={tiny_store}",
+                                 "model.sampling.sampler=ddim", "model.sampling.ddim_num_timesteps=2",
+                                 "model.post_process.gaussian_blur.enabled=false"])
+    model = build_model(cfg)
+    mean, std = level_stats(read_manifest(tiny_store))
+    assert model.normalizer.kind == "per_level"
+    assert cfg.dataset.normalization_mean_c == mean and cfg.dataset.normalization_std_c == std
+    # The config a checkpoint saves carries the statistics: rebuilt from it with the store gone,
+    # the model has the same normaliser.
+    saved = to_dict(cfg)
+    saved["dataset"]["store"] = str(tmp_path / "gone.zarr")
+    again = build_model(config_from_dict(saved))
+    np.testing.assert_array_equal(again.normalizer.mean_k, model.normalizer.mean_k)
+    np.testing.assert_array_equal(again.normalizer.std_k, model.normalizer.std_k)
+    # DepthDif denormalises its samples with it.
+    batch = random_batch(b=1, h=16, w=16)
+    res = model.eval().predict(batch, generator=torch.Generator().manual_seed(0))
+    valid = batch["y_valid_mask"].bool()
+    torch.testing.assert_close(res.y_hat_denorm[valid], model.normalizer.denormalize(res.y_hat)[valid])
+    # predict decodes the store with the model's normaliser: echoing y gives back the stored
+    # temperatures (decoded with the global z-score they would be off by degrees).
+    out = tmp_path / "pred.zarr"
+    predict_split(_Echo(again.normalizer), tiny_store, out, limit=3, progress=False)
+    g = zarr.open_group(str(out), mode="r")
+    src = zarr.open_group(str(tiny_store), mode="r")["val"]
+    q = quantizer_from(read_manifest(tiny_store))
+    for i in range(3):
+        want = q.decode_c(src["fields"][i][1:])
+        np.testing.assert_allclose(g["mean"][i], want, atol=1e-4)
