@@ -31,9 +31,10 @@ Autocast does not apply to meta tensors, so it is emulated for the ops that auto
 (`_Bf16Autocast`); benchmarks/test_compile_report.py checks that the emulation records the same
 launches as torch's real autocast on CPU tensors.
 
-FiLM is fused into `convnext_front` in the U-Net, so the standalone `film` op is not launched by
-it; its kernels are compiled at the shapes and dtypes of the U-Net's FiLM sites (every ConvNeXt
-block's pre-LN activation and its per-sample scale/shift), where a caller would use it.
+Memory formats: the step is recorded with the model and its input in contiguous NCHW and again
+in channels_last (the trainer's `channels_last` switch; mode names get `+cl`), where the fronts
+launch the NHWC kernels of kernels/convnext_front_nhwc.py. Meta convolutions do not propagate
+channels_last, so that too is emulated (`_MetaChannelsLast`) and checked against CPU tensors.
 
 With TRITON_INTERPRET=1 set (as `make test` does) the `@triton.jit` decorators build interpreter
 objects that cannot be compiled, so the program re-runs itself without it.
@@ -165,6 +166,28 @@ class _Bf16Autocast(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _MetaChannelsLast(torch.overrides.TorchFunctionMode):
+    """Memory-format propagation on the meta device as CUDA and CPU do it for this model: torch's
+    meta kernels return contiguous NCHW from convolutions and from some broadcasts and
+    concatenations whose inputs are channels_last. A fresh (non-view) 4-D result with C > 1 of
+    an op that had a channels_last 4-D input is made channels_last; checked against real CPU
+    tensors by benchmarks/test_compile_report.py."""
+
+    @staticmethod
+    def _cl(t: Any) -> bool:
+        return (isinstance(t, torch.Tensor) and t.ndim == 4 and not t.is_contiguous()
+                and t.is_contiguous(memory_format=torch.channels_last))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (isinstance(out, torch.Tensor) and out.device.type == "meta" and out.ndim == 4
+                and out.shape[1] > 1 and out._base is None and not self._cl(out)):
+            ins = [*args, *(args[0] if args and isinstance(args[0], list | tuple) else ())]
+            if any(self._cl(t) for t in ins):
+                out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+
 class _Recorder:
     """Runs custom-op host code on any device and records JITFunction launches instead of running
     them (the outputs stay uninitialised: only shapes, dtypes and launches matter here)."""
@@ -267,22 +290,13 @@ def build_preset_model(preset: str, overrides: list[str] | None = None,
 
 
 def _training_step(model: torch.nn.Module, batch: int, size: int, device: str,
-                   autocast: str) -> None:
-    """U-Net forward + backward of one training batch, plus the film op at every FiLM site."""
-    from depthdif_hpc.kernels import film
+                   autocast: str, channels_last: bool = False) -> None:
+    """U-Net forward + backward of one training batch.
 
-    from depthdif_hpc.model.layers import ConvNextBlock
-
+    With `channels_last` the model and its input are in torch.channels_last, as the trainer's
+    channels_last switch runs them (the fronts then launch the NHWC kernels).
+    """
     unet = model.model
-    sites: list[tuple[torch.Tensor, torch.Tensor]] = []
-    hooks = []
-    for m in unet.modules():
-        if isinstance(m, ConvNextBlock) and m.coord_mlp is not None:
-            inputs: dict[str, torch.Tensor] = {}
-            hooks.append(m.register_forward_pre_hook(
-                lambda _m, args, inputs=inputs: inputs.__setitem__("x", args[0])))
-            hooks.append(m.coord_mlp.register_forward_hook(
-                lambda _m, _a, out, inputs=inputs: sites.append((inputs["x"], out))))
     if autocast == "emulate":
         amp = _Bf16Autocast()
     elif autocast == "torch":
@@ -290,30 +304,28 @@ def _training_step(model: torch.nn.Module, batch: int, size: int, device: str,
     else:
         amp = contextlib.nullcontext()
     x = torch.zeros(batch, unet.channels, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     t = torch.zeros(batch, dtype=torch.long, device=device)
-    try:
-        with amp:
-            c = None
-            if model.coord_mlp is not None:
-                net = model.coord_mlp.net
-                c = net(torch.zeros(batch, net[0].in_features, device=device))
-            out = unet(x, t, c)
-            films = []
-            for h, ss in sites:
-                h = torch.zeros(h.shape, dtype=h.dtype, device=device, requires_grad=True)
-                scale, shift = ss.detach().requires_grad_().chunk(2, dim=1)
-                films.append(film(h, scale, shift))
-        loss = out.float().sum() + sum(f.float().sum() for f in films)
-        loss.backward()
-    finally:
-        for h in hooks:
-            h.remove()
+    layout = _MetaChannelsLast() if channels_last else contextlib.nullcontext()
+    with layout, amp:
+        c = None
+        if model.coord_mlp is not None:
+            net = model.coord_mlp.net
+            c = net(torch.zeros(batch, net[0].in_features, device=device))
+        out = unet(x, t, c)
+    out.float().sum().backward()
+
+
+# The trainer's memory formats: contiguous NCHW, and channels_last (mode names get "+cl").
+FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 
 def record_variants(preset: str = "ambient", batch: int = 48, size: int = 128,
                     modes: tuple[str, ...] = ("bf16", "fp32"), sms: int = H100_SMS,
                     device: str = "meta", autocast: str = "emulate",
-                    overrides: list[str] | None = None) -> list[Variant]:
+                    overrides: list[str] | None = None,
+                    formats: tuple[str, ...] = ("nchw", "cl")) -> list[Variant]:
     """Every distinct kernel launch of one training step of the preset (see the docstring).
 
     device "cpu" with autocast "torch" runs the same step for real on CPU tensors (the kernels
@@ -327,14 +339,18 @@ def record_variants(preset: str = "ambient", batch: int = 48, size: int = 128,
     try:
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
         with rec:
-            for mode in modes:
-                if mode not in ("bf16", "fp32"):
-                    raise ValueError(f"unknown mode {mode!r}: bf16 or fp32")
-                rec.mode = mode
-                with _RunOpBodies(rec):
-                    _training_step(model, batch, size, device,
-                                   autocast if mode == "bf16" else "none")
-                model.zero_grad(set_to_none=True)
+            for fmt in formats:
+                if fmt not in FORMATS:
+                    raise ValueError(f"unknown memory format {fmt!r}: one of {sorted(FORMATS)}")
+                model.to(memory_format=FORMATS[fmt])
+                for mode in modes:
+                    if mode not in ("bf16", "fp32"):
+                        raise ValueError(f"unknown mode {mode!r}: bf16 or fp32")
+                    rec.mode = mode if fmt == "nchw" else f"{mode}+{fmt}"
+                    with _RunOpBodies(rec):
+                        _training_step(model, batch, size, device,
+                                       autocast if mode == "bf16" else "none", fmt == "cl")
+                    model.zero_grad(set_to_none=True)
     finally:
         torch.set_float32_matmul_precision(precision)
     return sorted(rec.variants.values(),
@@ -359,6 +375,20 @@ def jit_functions() -> dict[str, Any]:
 
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_LD_GLOBAL = re.compile(r"\bld\.global((?:\.[\w:]+)+)")
+
+
+def load_widths(ptx: str) -> dict[int, int]:
+    """{bytes per thread: count} of the global loads (`ld.global[.v2|.v4].<type><bits>`) in PTX."""
+    out: dict[int, int] = {}
+    for m in _LD_GLOBAL.finditer(ptx):
+        parts = m[1].split(".")[1:]
+        vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+        bits = next((int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bufs]\d+", p)), 0)
+        out[vec * bits // 8] = out.get(vec * bits // 8, 0) + 1
+    return dict(sorted(out.items()))
+
+
 _RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
@@ -406,6 +436,9 @@ def compile_variant(v: Variant) -> dict[str, Any]:
     else:
         res = _resources_from_cubin(kernel.asm["cubin"])
     md = kernel.metadata
+    widths = load_widths(kernel.asm["ptx"])
+    res["ld_global_bytes"] = " ".join(f"{w}B:{n}" for w, n in widths.items())
+    res["ld_global_min_bytes"] = min(widths, default=0)
     out = {**res, "smem_bytes": int(md.shared), "num_warps": int(md.num_warps),
            "num_stages": int(md.num_stages), "compile_s": round(seconds, 2)}
     # What the driver would refuse at launch ("too many resources requested" / out of shared
@@ -455,7 +488,8 @@ def report(variants: list[Variant]) -> tuple[list[dict[str, Any]], list[str]]:
 # ----------------------------------------------------------------------------- output
 
 COLUMNS = ["op", "phase", "kernel", "modes", "launches", "num_warps", "num_stages", "regs",
-           "spill_store_bytes", "spill_load_bytes", "smem_bytes", "compile_s", "site",
+           "spill_store_bytes", "spill_load_bytes", "smem_bytes", "compile_s", "ld_global_bytes",
+           "site",
            "pointers", "ints", "constexprs"]
 
 
@@ -514,11 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Triton {triton.__version__}, sm_{ARCH}: {summary['compiled']}/{len(rows)} variants "
               f"of the {args.preset} training step (batch {args.batch}, {args.size}x{args.size}, "
               f"modes {args.modes}, {args.sms} SMs)")
-    width = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in COLUMNS[:12]}
+    width = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in COLUMNS[:13]}
     print(header)
-    print("  ".join(c.rjust(width[c]) for c in COLUMNS[:12]))
+    print("  ".join(c.rjust(width[c]) for c in COLUMNS[:13]))
     for r in rows:
-        print("  ".join(str(r.get(c, "")).rjust(width[c]) for c in COLUMNS[:12]))
+        print("  ".join(str(r.get(c, "")).rjust(width[c]) for c in COLUMNS[:13]))
     for k in ("regs", "spill_store_bytes", "smem_bytes"):
         if f"max_{k}" in summary:
             w = summary[f"max_{k}"]
@@ -528,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / "compile_report.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=[*COLUMNS, "module", "launch_num_warps", "stack_bytes",
+                                              "ld_global_min_bytes",
                                               "ok", "error"], extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)

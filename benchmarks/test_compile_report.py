@@ -1,4 +1,5 @@
-"""Every Triton kernel variant of the ambient training step compiles for sm_90 (no GPU needed).
+"""Every Triton kernel variant of the ambient training step (NCHW and channels_last) compiles for
+sm_90 (no GPU needed), spills nothing, and the NHWC front's taps are vector loads.
 
 The compile runs in a child process without TRITON_INTERPRET: under the interpreter (which
 `make test` switches on without a GPU) `@triton.jit` builds objects that cannot be compiled.
@@ -18,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ("convnext_front", "layer_norm", "linear_attention")
+MODES = ("bf16", "fp32", "bf16+cl", "fp32+cl")  # precision, and "+cl" for channels_last
 MAX_SMEM_SM90 = 227 * 1024
 
 
@@ -72,13 +74,20 @@ def test_every_variant_compiles_with_sane_resources(report):
 @pytest.mark.slow
 def test_variants_cover_every_op_phase_mode_and_kernel(report):
     rows = report["rows"]
-    for mode in ("bf16", "fp32"):
+    for mode in MODES:
         got = {(r["op"], r["phase"]) for r in rows if mode in r["modes"].split(",")}
         assert got == {(op, phase) for op in OPS for phase in ("fwd", "bwd")}, (mode, got)
     # autocast reached the kernels: bf16 activations next to fp32 parameters; fp32 has no bf16
-    bf16 = [r for r in rows if "fp32" not in r["modes"]]
+    modes = [set(r["modes"].split(",")) for r in rows]
+    bf16 = [r for r, m in zip(rows, modes, strict=True) if not m & {"fp32", "fp32+cl"}]
     assert any(":bf16" in r["pointers"] and ":fp32" in r["pointers"] for r in bf16)
-    assert not any(":bf16" in r["pointers"] for r in rows if "bf16" not in r["modes"])
+    assert not any(":bf16" in r["pointers"] for r, m in zip(rows, modes, strict=True)
+                   if not m & {"bf16", "bf16+cl"})
+    # The memory format picks the front: NCHW steps launch v1, channels_last steps the NHWC v2.
+    for r, m in zip(rows, modes, strict=True):
+        if r["op"] == "convnext_front":
+            nhwc = r["module"].endswith("convnext_front_nhwc")
+            assert all(x.endswith("+cl") == nhwc for x in m), (r["kernel"], r["module"], m)
     # every @triton.jit function is launched in the step, or is a device helper one calls
     jit = set(report["summary"]["jit_functions"])
     launched = set(report["summary"]["launched_kernels"])
@@ -87,6 +96,59 @@ def test_variants_cover_every_op_phase_mode_and_kernel(report):
         module, _, fn = name.rpartition(".")
         src = (ROOT / "kernels" / f"{module.rpartition('.')[2]}.py").read_text()
         assert len(re.findall(rf"\b{fn}\(", src)) > 1, f"{name} is neither launched nor called"
+
+
+@pytest.mark.slow
+def test_no_variant_spills(report):
+    """Registers suffice everywhere: no spill stores or loads in any launched variant."""
+    spilled = [(r["kernel"], r["module"], r["modes"], r["constexprs"], r["spill_store_bytes"],
+                r["spill_load_bytes"]) for r in report["rows"]
+               if r["spill_store_bytes"] or r["spill_load_bytes"]]
+    assert not spilled, spilled
+
+
+def _load_counts(text: str) -> dict[int, int]:
+    """"8B:10 16B:40" -> {8: 10, 16: 40}."""
+    return {int(w.removesuffix("B")): int(n) for w, n in (p.split(":") for p in text.split())}
+
+
+@pytest.mark.slow
+def test_nhwc_front_taps_are_vector_loads(report):
+    """The channels_last front reads each 7x7 tap as channel vectors of at least 8 bytes.
+
+    With C % 16 == 0 (every ambient width) every global load of the four NHWC kernels is at
+    least 8 bytes wide (ld.global.v2/.v4 in the PTX). The first block (C = 102, C % 16 != 0)
+    still has its seven unrolled column taps as 8-byte (2 x fp32) vectors; only its per-sample
+    bf16 vectors (time bias, FiLM) are narrower there.
+    """
+    rows = [r for r in report["rows"] if r["module"].endswith("convnext_front_nhwc")]
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {"_fwd_kernel", "_bwd_main_kernel", "_dx_kernel", "_dw_kernel"}, kernels
+    for r in rows:
+        counts = _load_counts(r["ld_global_bytes"])
+        if "C_DIV=16" in r["constexprs"]:
+            assert r["ld_global_min_bytes"] >= 8, (r["kernel"], r["constexprs"], counts)
+        else:
+            assert sum(n for w, n in counts.items() if w >= 8) >= 7, (r["kernel"], counts)
+    # The NCHW v1 front, for contrast, has scalar 2-byte bf16 taps: the proxy can fail.
+    v1 = [r for r in report["rows"] if r["module"].endswith(".convnext_front")
+          and r["kernel"] == "_fwd_kernel" and "x_ptr:bf16" in r["pointers"]]
+    assert v1 and all(_load_counts(r["ld_global_bytes"]).get(2, 0) >= 7 for r in v1)
+
+
+def test_load_widths_parse_ptx():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compile_report import load_widths
+
+    ptx = """
+    @%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+    @%p2 ld.global.v2.b32 { %r5, %r6 }, [ %rd2 + 0 ];
+    ld.global.L1::evict_last.b16 { %rs1 }, [ %rd3 + 0 ];
+    @%p3 ld.global.b32 { %r7 }, [ %rd4 + 0 ];
+    ld.global.v4.b32 { %r8, %r9, %r10, %r11 }, [ %rd5 + 0 ];
+    st.global.v4.b32 [ %rd6 + 0 ], { %r1, %r2, %r3, %r4 };
+    """
+    assert load_widths(ptx) == {2: 1, 4: 1, 8: 1, 16: 2}
 
 
 def test_launches_are_specialised_like_the_jit():

@@ -30,8 +30,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import block, check_float, check_same_device, interpreting, next_pow2
-from .convnext_front_nhwc import convnext_front_nhwc, is_channels_last
+from ._utils import (
+    block,
+    check_float,
+    check_same_device,
+    interpreting,
+    is_channels_last,
+    next_pow2,
+)
+from .convnext_front_nhwc import convnext_front_nhwc
 
 KS = 7  # depthwise kernel size (padding 3)
 
@@ -334,21 +341,22 @@ def _front_tiles(C: int, HW: int) -> tuple[int, int, bool, int]:
         return bc, bp, bc >= C, 4
     bc = block("convnext_block_c", next_pow2(C) if C <= 256 else 128)
     # Several chunks: the backward keeps one more tile live across the chunk loop; 4096-element
-    # tiles there spilled 16 bytes at 16 warps (128 registers), 2048 at 8 warps do not.
+    # tiles there spilled 16 bytes at 16 warps (128 registers), 2048-element ones do not.
     bp = block("convnext_block_p", min(max((4096 if bc >= C else 2048) // bc, 16), next_pow2(HW)))
-    return bc, bp, bc >= C, 16 if bc * bp >= 4096 else 8
+    return bc, bp, bc >= C, 16 if bc * bp >= 4096 or bc < C else 8
 
 
 def _dw_tiles(C: int, HW: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_P, num_warps) of the depthwise backward: 4 channels x 512 pixels, 16 warps
-    (120 registers, no spills on sm_90); 512-pixel rows keep the dw partial buffer small."""
+    """(BLOCK_C, BLOCK_P, num_warps) of the depthwise backward: 4 channels x 512 pixels, 8 warps
+    (sm_90, triton 3.9: 118 registers bf16, 153 fp32, no spills; 16 warps spilled 4 bytes in
+    bf16 at 64 registers); 512-pixel rows keep the dw partial buffer small."""
     if interpreting():
         bc = block("convnext_dw_block_c", min(next_pow2(C), 64))
         bp = block("convnext_dw_block_p", min(next_pow2(HW), max(8192 // bc, 16)))
         return bc, bp, 4
     bc = block("convnext_dw_block_c", 4)
     bp = block("convnext_dw_block_p", min(next_pow2(HW), 512))
-    return bc, bp, 16 if bc * bp >= 2048 else 4
+    return bc, bp, 8 if bc * bp >= 2048 else 4
 
 
 def _flag(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -53,13 +53,6 @@ from ._utils import block, interpreting, next_pow2
 KS = 7
 
 
-def is_channels_last(t: torch.Tensor) -> bool:
-    """A 4-D tensor strided as NHWC and not also plain NCHW-contiguous (C == 1 or H = W = 1 are
-    both; those take the NCHW kernel)."""
-    return (t.ndim == 4 and not t.is_contiguous()
-            and t.is_contiguous(memory_format=torch.channels_last))
-
-
 def channel_parts(C: int) -> tuple[int, int]:
     """(A, B): two power-of-two register tiles covering C channels; B = 0 when C is a power of 2."""
     a = 1 << (int(C).bit_length() - 1)
@@ -123,11 +116,12 @@ def _ln_out(h1, mean, rstd, g_ptr, lnb_ptr, y_base, offs_c, offs_p, mask_p, C,
 
 @triton.jit
 def _fwd_kernel(
-    x_ptr, wt_ptr, bias_ptr, tb_ptr, s_ptr, beta_ptr, g_ptr, lnb_ptr, y_ptr, C, H, W, eps,
+    x_ptr, wt_ptr, bias_ptr, tb_ptr, s_ptr, beta_ptr, g_ptr, lnb_ptr, y_ptr, CG, H, W, eps,
     HAS_BIAS: tl.constexpr, HAS_TB: tl.constexpr, HAS_FILM: tl.constexpr, HAS_LN: tl.constexpr,
-    BLOCK_P: tl.constexpr, PART_A: tl.constexpr, PART_B: tl.constexpr,
+    BLOCK_P: tl.constexpr, PART_A: tl.constexpr, PART_B: tl.constexpr, C_DIV: tl.constexpr,
 ):
     """Grid (cdiv(H*W, BLOCK_P), B). Channels [0, PART_A) and [PART_A, PART_A + PART_B)."""
+    C = CG * C_DIV  # C's power-of-two factor known to the compiler: vector width (see _c_div)
     pid_p = tl.program_id(0)
     b = tl.program_id(1)
     HW = H * W
@@ -204,11 +198,13 @@ def _ln_dots(h1, dy, mean, rstd, g_ptr, offs_c, mask_p, C):
 @triton.jit
 def _bwd_main_kernel(
     x_ptr, wt_ptr, bias_ptr, tb_ptr, s_ptr, beta_ptr, g_ptr, dy_ptr, dh0_ptr,
-    dg_part, dlnb_part, dsum_part, ds_part, C, H, W, NPB, eps,
+    dg_part, dlnb_part, dsum_part, ds_part, CG, H, W, NPB, eps,
     HAS_BIAS: tl.constexpr, HAS_TB: tl.constexpr, HAS_FILM: tl.constexpr, HAS_LN: tl.constexpr,
     RECOMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, PART_A: tl.constexpr, PART_B: tl.constexpr,
+    C_DIV: tl.constexpr,
 ):
     """Grid (NPB = cdiv(H*W, BLOCK_P), B); partial rows are indexed b * NPB + pid_p."""
+    C = CG * C_DIV
     pid_p = tl.program_id(0)
     b = tl.program_id(1)
     row = b * NPB + pid_p
@@ -273,10 +269,11 @@ def _bwd_main_kernel(
 
 @triton.jit
 def _dx_kernel(
-    dh0_ptr, wt_ptr, dx_ptr, C, H, W,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    dh0_ptr, wt_ptr, dx_ptr, CG, H, W,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, C_DIV: tl.constexpr,
 ):
     """dx[p, c] = sum_k w[k, c] dh0[p - off_k, c]. Grid (cdiv(H*W, BLOCK_P), cdiv(C, BLOCK_C), B)."""
+    C = CG * C_DIV
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2)
@@ -306,8 +303,8 @@ def _dx_kernel(
 
 @triton.jit
 def _dw_kernel(
-    dh0_ptr, x_ptr, dw_part, C, H, W, NG,
-    TILES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    dh0_ptr, x_ptr, dw_part, CG, H, W, NG,
+    TILES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, C_DIV: tl.constexpr,
 ):
     """dw_part[b * NG + g, ky * 7 + kx, c] = sum over the program's pixels of dh0[p] x[p + off].
 
@@ -315,6 +312,7 @@ def _dw_kernel(
     reading the same dh0 and x tiles run side by side (L2 hits). Each program walks TILES
     tiles of BLOCK_P pixels, accumulating the seven kx products elementwise.
     """
+    C = CG * C_DIV
     ky = tl.program_id(0) % 7
     pid_c = tl.program_id(0) // 7
     grp = tl.program_id(1)
@@ -370,33 +368,48 @@ def _dw_kernel(
     tl.store(out + 6 * C, tl.sum(a6, axis=0), mask=mask_c)
 
 
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
 def _front_tiles(C: int, HW: int) -> tuple[int, int, int, int]:
     """(BLOCK_P, PART_A, PART_B, num_warps) of the forward and main backward kernels.
 
-    GPU: about 2048 channel-pixel elements per program (BLOCK_P = 2048 / C rounded down to a
-    power of two: 16 pixels at C = 96, 1 at C = 1536).
+    GPU: 4 warps, and BLOCK_P such that the smaller channel part gives each thread 4 contiguous
+    channels (Triton spreads a [BLOCK_P, part] tile over the 128 threads): every tap is then an
+    8-byte bf16 or a 16-byte fp32 vector load per thread (`ld.global.v2.b32` / `.v4.b32`,
+    checked in benchmarks/test_compile_report.py). 16 pixels at C = 96, 1 at C = 1536; at most
+    12 fp32 values per thread per live tile, so no spills.
     """
     a, b = channel_parts(C)
     if interpreting():
-        bp = block("convnext_nhwc_block_p", min(next_pow2(HW), max(8192 // (a + b), 1)))
+        bp = block("convnext_nhwc_block_p", min(next_pow2(HW), _pow2_floor(8192 // (a + b))))
         return bp, a, b, 4
-    bp = block("convnext_nhwc_block_p", min(next_pow2(HW), max(2048 // (a + b), 1)))
-    return bp, a, b, 4 if bp * (a + b) <= 1024 else 8
+    bp = block("convnext_nhwc_block_p", min(next_pow2(HW), _pow2_floor(4 * 128 // (b or a))))
+    return bp, a, b, 4
 
 
 def _conv_tiles(C: int, HW: int) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_C, TILES, num_warps) of the dx and dw kernels: channel chunks of up to 64
     (a divisor of C where one exists, so no lane is padding), 1024-element tiles, 4 warps; a dw
     program walks TILES tiles (about 512 pixels)."""
-    bc = next((c for c in (64, 32, 16) if C % c == 0), min(next_pow2(C), 64))
-    bc = block("convnext_nhwc_conv_block_c", bc)
-    if interpreting():
-        bp = block("convnext_nhwc_conv_block_p", min(next_pow2(HW), max(4096 // bc, 1)))
+    if interpreting():  # few, large programs
+        bc = block("convnext_nhwc_conv_block_c", min(next_pow2(C), 512))
+        bp = block("convnext_nhwc_conv_block_p", min(next_pow2(HW), _pow2_floor(8192 // bc)))
         tiles = block("convnext_nhwc_dw_tiles", 1)
         return bp, bc, tiles, 4
+    bc = next((c for c in (64, 32, 16) if C % c == 0), min(next_pow2(C), 64))
+    bc = block("convnext_nhwc_conv_block_c", bc)
     bp = block("convnext_nhwc_conv_block_p", min(next_pow2(HW), max(1024 // bc, 1)))
     tiles = block("convnext_nhwc_dw_tiles", max(1, min(512 // bp, triton.cdiv(HW, bp))))
     return bp, bc, tiles, 4
+
+
+def _c_div(C: int) -> int:
+    """The largest power of two (<= 16) dividing C, passed as a constexpr with C // it as the
+    run-time integer: Triton only specialises integers divisible by 16, so without this the
+    first block's C = 102 would compile to scalar loads; with it, 2-element (8-byte fp32) ones."""
+    return min(C & -C, 16)
 
 
 def _flag(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -426,6 +439,7 @@ def _convnext_front_nhwc_fwd(
     if x.numel() == 0:
         return y
     bp, pa, pb, nw = _front_tiles(C, HW)
+    cdiv_ = _c_div(C)
     wt = dw_weight.reshape(C, KS * KS).t().contiguous()
     bias, has_bias = _flag(dw_bias, x)
     tb, has_tb = _flag(time_bias, x)
@@ -434,9 +448,9 @@ def _convnext_front_nhwc_fwd(
     g, has_ln = _flag(ln_weight, x)
     lnb, _ = _flag(ln_bias, x)
     _fwd_kernel[(triton.cdiv(HW, bp), B)](
-        _nhwc(x), wt, bias, tb, s, beta, g, lnb, _nhwc(y), C, H, W, eps,
+        _nhwc(x), wt, bias, tb, s, beta, g, lnb, _nhwc(y), C // cdiv_, H, W, eps,
         HAS_BIAS=has_bias, HAS_TB=has_tb, HAS_FILM=has_film, HAS_LN=has_ln,
-        BLOCK_P=bp, PART_A=pa, PART_B=pb, num_warps=nw,
+        BLOCK_P=bp, PART_A=pa, PART_B=pb, C_DIV=cdiv_, num_warps=nw,
     )
     return y
 
@@ -474,6 +488,7 @@ def _convnext_front_nhwc_bwd(
                 torch.zeros_like(dw_weight) if need_dw else empty(), z(dw_bias), z(time_bias),
                 z(film_scale), z(film_shift), z(ln_weight), z(ln_weight)]
     bp, pa, pb, nw = _front_tiles(C, HW)
+    cdiv_ = _c_div(C)
     npb = triton.cdiv(HW, bp)
     rows = B * npb
     part = lambda on: torch.empty((rows, C) if on else (0,), **f32)  # noqa: E731
@@ -488,24 +503,25 @@ def _convnext_front_nhwc_bwd(
     g, _ = _flag(ln_weight, x)
     _bwd_main_kernel[(npb, B)](
         _nhwc(x), wt, bias, tb, s, beta, g, _nhwc(dy), _nhwc(dh0), dg_p, dlnb_p, dsum_p, ds_p,
-        C, H, W, npb, eps,
+        C // cdiv_, H, W, npb, eps,
         HAS_BIAS=has_bias, HAS_TB=has_tb, HAS_FILM=has_film, HAS_LN=has_ln, RECOMPUTE=recompute,
-        BLOCK_P=bp, PART_A=pa, PART_B=pb, num_warps=nw,
+        BLOCK_P=bp, PART_A=pa, PART_B=pb, C_DIV=cdiv_, num_warps=nw,
     )
     cbp, cbc, tiles, cnw = _conv_tiles(C, HW)
     ncb = triton.cdiv(C, cbc)
     if need_dx:
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         _dx_kernel[(triton.cdiv(HW, cbp), ncb, B)](
-            _nhwc(dh0), wt, _nhwc(dx), C, H, W, BLOCK_P=cbp, BLOCK_C=cbc, num_warps=cnw)
+            _nhwc(dh0), wt, _nhwc(dx), C // cdiv_, H, W, BLOCK_P=cbp, BLOCK_C=cbc, C_DIV=cdiv_,
+            num_warps=cnw)
     else:
         dx = empty()
     if need_dw:
         ng = triton.cdiv(HW, cbp * tiles)
         dw_p = torch.empty((B * ng, KS * KS, C), **f32)
         _dw_kernel[(KS * ncb, ng, B)](
-            _nhwc(dh0), _nhwc(x), dw_p, C, H, W, ng, TILES=tiles, BLOCK_P=cbp,
-            BLOCK_C=cbc, num_warps=cnw)
+            _nhwc(dh0), _nhwc(x), dw_p, C // cdiv_, H, W, ng, TILES=tiles, BLOCK_P=cbp,
+            BLOCK_C=cbc, C_DIV=cdiv_, num_warps=cnw)
         dw = dw_p.sum(0).t().reshape(C, 1, KS, KS).to(dw_weight.dtype)
     else:
         dw = empty()

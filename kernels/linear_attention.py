@@ -241,9 +241,11 @@ def _la_fwd(
     m_p = torch.empty((BH, S, bd), **f32)
     l_p = torch.empty((BH, S, bd), **f32)
     a_p = torch.empty((BH, S, bd, bd), **f32)
+    # Two pipeline stages, not Triton's default three: with three, fp32 spilled 8 bytes at 64
+    # registers on sm_90 (triton 3.9, benchmarks/compile_report.py); with two, nothing spills.
     _ctx_partial_kernel[(BH, S)](
         k, v, m_p, l_p, a_p, HEADS, D, N, split, S, *_strides(k), *_strides(v),
-        BLOCK_D=bd, BLOCK_N=bnr, PREC=prec, num_warps=8,
+        BLOCK_D=bd, BLOCK_N=bnr, PREC=prec, num_warps=8, num_stages=2,
     )
     _ctx_combine_kernel[(BH,)](m_p, l_p, a_p, ctx, lse, S, BLOCK_D=bd, num_warps=4)
     _out_kernel[(BH, triton.cdiv(N, bn))](

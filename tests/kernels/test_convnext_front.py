@@ -1,11 +1,14 @@
 """convnext_front: what is not parity (LN stability, the harness catching a wrong kernel, strided
-inputs, validation, op registration, torch.compile tracing).
+inputs, validation, op registration, torch.compile tracing, the memory format choosing v1 or the
+NHWC v2 kernels, v2 skipping unneeded gradients).
 
 Parity with the eager reference (forward and all eight gradients, CPU and GPU, every shape case)
 is in benchmarks/bench_convnext_front.py.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -86,3 +89,70 @@ def test_torch_compile_traces_the_op():
     convnext_front_reference(*ref).square().sum().backward()
     for a, r in zip(leaves, ref, strict=True):
         assert torch.allclose(a.grad, r.grad, atol=1e-4, rtol=1e-4)
+
+
+class _Launches:
+    """Stands in for a Triton kernel object: counts launches, then launches the real one."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.count += 1
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _count_launches(monkeypatch, module, names):
+    counters = {n: _Launches(getattr(module, n)) for n in names}
+    for n, c in counters.items():
+        monkeypatch.setattr(module, n, c)
+    return counters
+
+
+def test_memory_format_selects_the_kernels(monkeypatch):
+    """channels_last x runs the NHWC kernels and gives a channels_last y; NCHW runs v1."""
+    v1 = importlib.import_module("depthdif_hpc.kernels.convnext_front")
+    v2 = importlib.import_module("depthdif_hpc.kernels.convnext_front_nhwc")
+
+    c1 = _count_launches(monkeypatch, v1, ["_fwd_kernel"])
+    c2 = _count_launches(monkeypatch, v2, ["_fwd_kernel"])
+    inputs = convnext_inputs(2, 12, 3, 4)
+    y = convnext_front(*inputs)
+    assert (c1["_fwd_kernel"].count, c2["_fwd_kernel"].count) == (1, 0)
+    assert y.is_contiguous()
+    inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
+    y_cl = convnext_front(*inputs)
+    assert (c1["_fwd_kernel"].count, c2["_fwd_kernel"].count) == (1, 1)
+    assert not y_cl.is_contiguous() and y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_cl, y, atol=1e-5, rtol=1e-5)
+
+
+def test_nhwc_backward_skips_gradients_nobody_needs(monkeypatch):
+    """The network input needs no gradient: no dx kernel; frozen conv weight: no dw kernel.
+
+    The gradients that are asked for still match the reference.
+    """
+    v2 = importlib.import_module("depthdif_hpc.kernels.convnext_front_nhwc")
+    counts = _count_launches(monkeypatch, v2, ["_dx_kernel", "_dw_kernel"])
+    base = convnext_inputs(1, 24, 4, 5, ln=False)
+    base[0] = base[0].contiguous(memory_format=torch.channels_last)
+    for need_x, need_w in ((False, True), (True, False)):
+        before = {n: c.count for n, c in counts.items()}
+        leaves = [t.clone().requires_grad_(i >= 2 or (i == 0 and need_x) or (i == 1 and need_w))
+                  if t is not None else None for i, t in enumerate(base)]
+        refs = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
+                for t in leaves]
+        dy = torch.randn(base[0].shape)
+        convnext_front(*leaves).backward(dy)
+        convnext_front_reference(*refs).backward(dy)
+        assert counts["_dx_kernel"].count - before["_dx_kernel"] == int(need_x)
+        assert counts["_dw_kernel"].count - before["_dw_kernel"] == int(need_w)
+        for t, r in zip(leaves, refs, strict=True):
+            if t is None:
+                continue
+            assert (t.grad is None) == (r.grad is None)
+            if r.grad is not None:
+                torch.testing.assert_close(t.grad, r.grad, atol=1e-4, rtol=1e-4)
