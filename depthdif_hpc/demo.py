@@ -6,7 +6,9 @@
 3. train a small standard-preset model with the real trainer for a few minutes;
 4. predict the validation split with DDIM (an ensemble, 30% of the profiles withheld);
 5. evaluate against OI, IDW, the per-pixel climatology and the SST anomaly carried down
-   (RMSE, CRPS, spread-skill, R^2, rank histograms) and write the report.
+   (RMSE, CRPS, spread-skill, R^2, rank histograms) and write the report;
+6. reconstruct the whole demo box on one validation date from the source files (tiled and
+   blended, depthdif_hpc.inference.reconstruct) and add its map beside GLORYS to the report.
 
 Each stage reports its progress; a rerun reuses what is already complete (sources, store,
 checkpoint, predictions). Everything goes under --out (default demo_out/).
@@ -21,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from depthdif_hpc.config import config_dir, load_config
+from depthdif_hpc.config import Config, config_dir, load_config
 
 CONFIGS = config_dir() / "px_space"
 TILE = 64
 
 
 def _stage(n: int, text: str) -> float:
-    print(f"\n[{n}/5] {text}", flush=True)
+    print(f"\n[{n}/6] {text}", flush=True)
     return time.time()
 
 
@@ -67,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=600, help="training steps")
     ap.add_argument("--ddim-steps", type=int, default=20)
     ap.add_argument("--ensemble", type=int, default=4)
+    ap.add_argument("--ocean", choices=("v2", "simple"), default="v2",
+                    help="synthetic ocean (docs/synthetic.md); a new one needs a fresh --out")
+    ap.add_argument("--normalization", choices=("global", "per_level"), default="global",
+                    help="temperature z-score the model trains with (dataset.normalization)")
+    ap.add_argument("--withhold", choices=("floats", "columns"), default="floats",
+                    help="what predict hides from the condition for scoring: 30%% of the floats "
+                         "(every profile of each) or 30%% of each sample's columns")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -80,11 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     marker = out / "sources" / "COMPLETE"
     if marker.is_file():
         src = json.loads(marker.read_text())
+        if src.pop("mode", "simple") != args.ocean:
+            print(f"{out} holds sources of another synthetic ocean than --ocean {args.ocean}; "
+                  "use a fresh --out")
+            return 2
         _done(t0, "(reused)")
     else:
         src = generate(out / "sources", demo_region(), "2017-11-20", "2018-01-08", seed=0,
-                       glorys_every=2, floats_per_100sqdeg=8.0 * (128 / TILE) ** 2, progress=True)
-        marker.write_text(json.dumps(src))
+                       glorys_every=2, floats_per_100sqdeg=8.0 * (128 / TILE) ** 2, progress=True,
+                       mode=args.ocean)
+        marker.write_text(json.dumps({**src, "mode": args.ocean}))
         _done(t0, f"-> {out / 'sources'}")
 
     t0 = _stage(2, "build the sharded Zarr store")
@@ -103,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = out / "run"
     code = train_main([
         "--config", str(CONFIGS / "model_config.yaml"), "--config", str(CONFIGS / "training_config.yaml"),
-        "--config", str(CONFIGS / "data_config.yaml"), *train_overrides(store, run_dir, args.steps)])
+        "--config", str(CONFIGS / "data_config.yaml"), *train_overrides(store, run_dir, args.steps),
+        f"dataset.normalization={args.normalization}"])
     if code != 0:
         print(f"training failed with exit code {code}; see {run_dir / 'logs'}")
         return code
@@ -113,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     from depthdif_hpc.checkpoint.loading import load_model
     from depthdif_hpc.inference.predict import predict_split
 
-    _, model = load_model(run_dir)
+    model_cfg, model = load_model(run_dir)
     pred = out / "predictions.zarr"
     counts = predict_split(model, store, pred, split="val", batch_size=8, ensemble=args.ensemble,
                            sampler="ddim", sampler_overrides={"ddim_num_timesteps": args.ddim_steps},
-                           withhold_fraction=0.3, seed=0, keep_members=True)
+                           withhold_fraction=0.3, withhold=args.withhold, seed=0, keep_members=True)
     _done(t0, f"-> {pred} ({counts['written']} new, {counts['skipped']} reused)")
 
     t0 = _stage(5, "evaluate against OI, IDW, climatology and surface-extended baselines")
@@ -127,8 +142,49 @@ def main(argv: list[str] | None = None) -> int:
     r = evaluate(pred, store, report)
     _done(t0)
     print("\n".join("      " + line for line in summary_lines(r)))
+
+    recon = reconstruct_box(model, model_cfg, store, src, out, report, args.ensemble, args.ddim_steps)
     print(f"\nreport: {report / 'report.md'}   (total {time.time() - start:.0f}s)")
+    print(f"reconstruction: {recon}")
     return 0
+
+
+def reconstruct_box(model: torch.nn.Module, cfg: Config, store: Path, src: dict, out: Path,
+                    report: Path, ensemble: int, ddim_steps: int) -> Path:
+    """Stage 6: the demo box on the first validation date, from the source files."""
+    import zarr
+
+    from depthdif_hpc.data.store import META
+    from depthdif_hpc.inference.reconstruct import reconstruct
+
+    ymd = str(int(zarr.open_group(str(store), mode="r")["val/meta"][0, META["date"]]))
+    date = f"{ymd[:4]}-{ymd[4:6]}-{ymd[6:]}"
+    t0 = _stage(6, f"reconstruct the demo box on {date} from the source files (tiles of {TILE} px)")
+    path = out / f"reconstruction_{ymd}.nc"
+    fig = report / "reconstruction.png"
+    if path.is_file():
+        _done(t0, "(reused)")
+    else:
+        lon0, lon1, lat0, lat1 = demo_region()
+        rep = reconstruct(model, cfg, date=date, out=path, ostia=src["ostia"], en4=src["en4"],
+                          glorys=src["glorys"], region=(lon0 + 0.2, lon1 - 0.2, lat0 + 0.2, lat1 - 0.2),
+                          tile=TILE, ensemble=ensemble, sampler="ddim",
+                          sampler_overrides={"ddim_num_timesteps": ddim_steps}, figure=fig)
+        _done(t0, f"-> {path} ({rep['tiles_per_s']:.2f} tiles/s)")
+    import netCDF4
+
+    with netCDF4.Dataset(path) as ds:
+        rmse, tiles = float(ds.rmse_vs_reference_c), int(ds.tiles_total)
+    print(f"      RMSE against GLORYS over the box: {rmse:.3f} degC")
+    md = report / "report.md"
+    if "## Reconstruction of the demo box" not in md.read_text():
+        with open(md, "a") as f:
+            f.write(f"\n## Reconstruction of the demo box on {date}\n\n"
+                    f"`{path.name}`: {tiles} tiles of {TILE} px blended, ensemble of {ensemble}; "
+                    f"RMSE against GLORYS {rmse:.3f} degC. Top: the ensemble mean at four depths; "
+                    "middle: GLORYS; bottom: the ensemble spread and a section.\n\n"
+                    "![reconstruction](reconstruction.png)\n")
+    return path
 
 
 if __name__ == "__main__":

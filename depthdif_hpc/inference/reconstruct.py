@@ -528,8 +528,9 @@ def reconstruct(
         raise SourceError(f"no tile of the region has ocean on {day_to_yyyymmdd(day)} "
                           "(validity from the GLORYS/mask/OSTIA files)")
     profiles = _profiles_used(plan, results, inputs)
-    first = results.read(next(p.index for p in plan if results.status(p.index) == "done"))
-    has_truth = "truth" in first
+    first = next(p.index for p in plan if results.status(p.index) == "done")
+    has_truth = "truth" in results.keys(first)
+    nd = results.read(first, ["mean"])["mean"].shape[0]
     attrs = {
         "title": "DepthDif reconstruction of sea water potential temperature",
         "institution": "depthdif_hpc", "source": f"DepthDif diffusion model {source_label}".strip(),
@@ -543,7 +544,6 @@ def reconstruct(
         "tiles_total": len(plan), "tiles_with_ocean": n_ocean,
         "geospatial_lon_periodic": int(dom.periodic),
     }
-    nd = first["mean"].shape[0]
     scores = write_netcdf(out, dom, plan, size, results, day=day, depth_m=GLORYS_DEPTHS[:nd],
                           ensemble=ensemble, keep_members=keep_members, has_truth=has_truth,
                           profiles=profiles, attrs=attrs, band_rows=band_rows)
@@ -560,7 +560,8 @@ def _profiles_used(plan: list[Placement], results: TileResults, inputs: Any) -> 
     ctx = getattr(inputs, "ctx", None)
     if ctx is None:
         return None
-    idx = [results.read(p.index)["profiles"] for p in plan if results.status(p.index) == "done"]
+    idx = [results.read(p.index, ["profiles"])["profiles"] for p in plan
+           if results.status(p.index) == "done"]
     ids = np.unique(np.concatenate(idx)) if idx else np.zeros(0, np.int64)
     return {"lat": ctx.en4.lat[ids], "lon": ctx.en4.lon[ids], "day": ctx.en4.day[ids].astype(np.float64)}
 

@@ -171,9 +171,14 @@ class TileResults:
     def write_empty(self, index: int) -> None:
         self._publish(self._path(index, ".empty"), lambda f: f.write(b""))
 
-    def read(self, index: int) -> dict[str, np.ndarray]:
+    def keys(self, index: int) -> list[str]:
         with np.load(self._path(index, ".npz")) as z:
-            return {k: z[k] for k in z.files}
+            return list(z.files)
+
+    def read(self, index: int, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """The tile's arrays (only `keys` when given: an npz member is read only when asked)."""
+        with np.load(self._path(index, ".npz")) as z:
+            return {k: z[k] for k in (z.files if keys is None else keys)}
 
 
 def blend_rows(results: TileResults, plan: Iterable[Placement], dom: Domain, size: int,
@@ -195,7 +200,7 @@ def blend_rows(results: TileResults, plan: Iterable[Placement], dom: Domain, siz
         a, b = max(r0, p.r), min(r1, p.r + size)
         if a >= b or results.status(p.index) != "done":
             continue
-        arrays = results.read(p.index)
+        arrays = results.read(p.index, names)
         cols = (p.c + np.arange(size)) % dom.ncols
         rows = slice(a - p.r, b - p.r)
         w = w2[rows] * np.isfinite(arrays[names[0]][..., rows, :])

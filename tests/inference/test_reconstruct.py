@@ -279,18 +279,28 @@ def test_inputs_are_the_stores_samples(tiny_store, tiny_model, tmp_path):
     np.testing.assert_allclose(got.truth, np.where(item["y_valid_mask"].numpy(),
                                                    denormalize_temperature(item["y"]).numpy(), np.nan),
                                atol=2e-3)
-    # End to end: 2 x 2 tiles of 32 px over the synthetic box, the real model, 2 members.
-    day = str(row[META["date"]])
+    # Validity without GLORYS: from --mask files (the static land/floor of the same ocean), else
+    # OSTIA's land at every depth (with a warning).
+    day = int(row[META["day"]])
+    masked = rc.SourceInputs(cfg, day, str(src / "ostia/*.nc"), str(src / "en4/*.nc"),
+                             mask=str(src / "glorys/*.nc"))(t)
+    assert masked.truth is None and torch.equal(masked.batch["y_valid_mask"][0], item["y_valid_mask"])
+    with pytest.warns(UserWarning, match="OSTIA"):
+        bare = rc.SourceInputs(cfg, day, str(src / "ostia/*.nc"), str(src / "en4/*.nc"))
+    surface = (item["eo"] != 0)[0]
+    assert torch.equal(bare(t).batch["y_valid_mask"][0], surface.expand_as(item["y_valid_mask"]))
+    # End to end: 1 x 2 tiles of 32 px over the synthetic box, the real model, 2 members.
+    ymd = str(row[META["date"]])
     out = tmp_path / "recon.nc"
-    rep = rc.reconstruct(tiny_model, cfg, date=f"{day[:4]}-{day[4:6]}-{day[6:]}", out=out,
+    rep = rc.reconstruct(tiny_model, cfg, date=f"{ymd[:4]}-{ymd[4:6]}-{ymd[6:]}", out=out,
                          ostia=str(src / "ostia/*.nc"), en4=str(src / "en4/*.nc"),
-                         glorys=str(src / "glorys/*.nc"), region=(-32.8, -28.0, 46.8, 51.6),
+                         glorys=str(src / "glorys/*.nc"), region=(-32.8, -28.0, 48.4, 51.6),
                          tile=32, stride=16, ensemble=2, progress=False)
-    assert rep["tiles"] == 4 and rep["computed"] == 4
+    assert rep["tiles"] == 2 and rep["computed"] == 2
     assert rep["scores"]["count"][0] > 0
     import xarray as xr
 
     with xr.open_dataset(out) as ds:
-        assert ds["thetao_mean"].shape == (1, 50, 48, 48)
+        assert ds["thetao_mean"].shape == (1, 50, 32, 48)
         assert ds.sizes["profile"] > 0
         assert np.isfinite(ds["thetao_reference"].values).any()
