@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from depthdif_hpc.checkpoint import layout
-from depthdif_hpc.checkpoint.weights import load_model_weights
+from depthdif_hpc.checkpoint.weights import checkpoint_weights, load_model_weights
 from depthdif_hpc.config import Config, ConfigError, to_dict
-from depthdif_hpc.train.ema import ShardedEMA
+from depthdif_hpc.train.ema import FRAGMENT, PARTITION, ShardedEMA
 from depthdif_hpc.train.optim import LRController
 from depthdif_hpc.train.stream import DataStream
 
@@ -108,18 +108,14 @@ class TrainState:
         from safetensors.torch import load_file
 
         if self.engine is not None:
-            if saved_world != self.world:
-                raise ConfigError(self._zero_world_refusal(path, saved_world))
-            load_path, _ = self.engine.load_checkpoint(str(path), tag=layout.DEEPSPEED_TAG,
-                                                       load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False, load_module_strict=True)
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load {path}/{layout.DEEPSPEED_TAG}")
+            self._load_deepspeed(path, saved_world)
         else:
             load_model_weights(self.module, load_file(str(path / layout.MODEL)), str(path))
             self.optimizer.load_state_dict(torch.load(path / layout.OPTIMIZER, map_location="cpu",
                                                       weights_only=False))
-        if self.ema is not None:
+        if self.ema is not None and saved_world != self.world and self.ema.sharded:
+            self._load_ema_resharded(path)
+        elif self.ema is not None:
             f = path / self._ema_file()
             if f.exists():
                 self.ema.load_local_state(load_file(str(f)))
@@ -182,10 +178,93 @@ class TrainState:
                     "is dealt over the new ranks; per-rank random streams are reseeded "
                     "(docs/cluster.md, 'What happens when')")
 
-    def _zero_world_refusal(self, path: Path, saved_world: int) -> str:
-        return (f"checkpoint {path} was written by {saved_world} ranks under DeepSpeed ZeRO-{self.zero_stage}, "
-                f"this run has {self.world}: ZeRO partitions the optimizer state by rank. Resume on "
-                f"{saved_world} ranks, or warm start a new run_dir with model.load_checkpoint={path}")
+    def _load_deepspeed(self, path: Path, saved_world: int) -> None:
+        """DeepSpeed's engine folder; written at another world size, its ZeRO partitions are first
+        converted to DeepSpeed's universal checkpoint (one folder per parameter: fp32 weights and
+        Adam moments, whatever the world size), which every rank then loads its new part of."""
+        folder = path if saved_world == self.world else self._universal(path, saved_world)
+        cfg = self.engine._config  # read by load_checkpoint; the engine has no setter for it
+        cfg.load_universal_checkpoint = folder is not path
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(folder), tag=layout.DEEPSPEED_TAG,
+                                                       load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False, load_module_strict=True)
+        finally:
+            cfg.load_universal_checkpoint = False
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {folder}/{layout.DEEPSPEED_TAG}")
+        if folder is not path:
+            self.acc.wait_for_everyone()  # every rank has read its part
+            if self.is_main:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _universal(self, path: Path, saved_world: int) -> Path:
+        """Rank 0 converts `path`'s engine folder into a sibling `.universal-<name>` folder (built
+        under a temporary name, renamed when complete); a failure is raised on every rank."""
+        final = path.parent / f".universal-{path.name}"
+        refusal = None
+        if self.is_main:
+            tmp = path.parent / f".universal-{path.name}.part"
+            src, out = path / layout.DEEPSPEED_TAG, tmp / layout.DEEPSPEED_TAG
+            command = (f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {src} "
+                       f"--output_folder {out} --inject_missing_state")
+            log.warning(f"checkpoint {path} was written by {saved_world} ranks, this run has {self.world}: "
+                        f"converting its ZeRO-{self.zero_stage} state to a universal checkpoint in {final} "
+                        f"(the equivalent of `{command}`)")
+            try:
+                from argparse import Namespace
+
+                from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+                for d in (tmp, final):
+                    shutil.rmtree(d, ignore_errors=True)
+                # One worker: the conversion runs inside a trainer whose process group and
+                # threads a process pool would fork.
+                ds_to_universal(Namespace(input_folder=str(src), output_folder=str(out), num_extract_workers=1,
+                                          num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                          inject_missing_state=True))
+                layout.fsync_files([f for f in tmp.rglob("*") if f.is_file()])
+                tmp.rename(final)
+            except Exception as exc:  # noqa: BLE001 - reported on every rank below
+                shutil.rmtree(tmp, ignore_errors=True)
+                refusal = (f"checkpoint {path} was written by {saved_world} ranks under DeepSpeed "
+                           f"ZeRO-{self.zero_stage}, this run has {self.world}, and DeepSpeed's universal "
+                           f"conversion failed ({type(exc).__name__}: {exc}); the same conversion by hand: "
+                           f"`{command}`. Resume on {saved_world} ranks, or warm start a new run_dir with "
+                           f"model.load_checkpoint={path}")
+        obj = [refusal]
+        if self.world > 1:
+            dist.broadcast_object_list(obj, src=0, group=self.group)
+        if obj[0] is not None:
+            raise ConfigError(obj[0])
+        return final
+
+    @torch.no_grad()
+    def _load_ema_resharded(self, path: Path) -> None:
+        """This rank's piece of the EMA from a checkpoint written at another world size: the
+        full tensors (the saved pieces merged in rank order), cut the way this run holds them."""
+        assert self.ema is not None
+        try:
+            full = checkpoint_weights(path, ema=True)
+        except FileNotFoundError:
+            log.warning(f"{path} has no EMA state; EMA restarts from the current weights")
+            self.ema.update(0)
+            return
+        for name, p, shadow, kind in zip(self.ema.names, self.ema.params, self.ema.shadow, self.ema.layouts,
+                                         strict=True):
+            flat = full[name].reshape(-1).to(shadow.device, shadow.dtype)
+            if kind == PARTITION:  # ZeRO-3: rank r holds [r * n, (r + 1) * n) of the padded tensor
+                n = shadow.numel()
+                piece = torch.zeros(n, dtype=shadow.dtype, device=shadow.device)
+                mine = flat[self.rank * n:(self.rank + 1) * n]
+                piece[:mine.numel()] = mine
+                shadow.copy_(piece.view_as(shadow))
+            elif kind == FRAGMENT:  # ZeRO-1/2: the fp32 fragment this rank's optimizer owns
+                if shadow.numel():
+                    start = p._hp_mapping.lp_fragment_address.start
+                    shadow.copy_(flat.narrow(0, start, shadow.numel()).view_as(shadow))
+            else:
+                shadow.copy_(flat.view_as(shadow))
 
     # ------------------------------------------------------------------ save
 

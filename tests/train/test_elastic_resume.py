@@ -1,19 +1,24 @@
 """Resume at another world size (docs/cluster.md, "What happens when"): the product data stream
 continues the interrupted epoch with the samples no saved rank consumed, dealt over the new
 ranks. The sample audit (logs/samples_rank_*.jsonl) proves every sample of that epoch is trained
-on exactly once across the two runs: 2 -> 1 and 1 -> 2 ranks under DDP on CPU (gloo)."""
+on exactly once across the two runs: 2 -> 1 and 1 -> 2 ranks under DDP on CPU (gloo), and
+2 -> 1 under DeepSpeed ZeRO-2 through DeepSpeed's universal checkpoint."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from common import args, steps
-from test_train_multi import _facts, _torchrun
+from test_train_multi import ROOT, WORKER, _facts, _torchrun
 
+from depthdif_hpc.checkpoint.weights import checkpoint_weights
 from depthdif_hpc.data.store import StoreError, read_manifest
 from depthdif_hpc.data.stream import ShardStream, StreamLoader
 from depthdif_hpc.train.cli import main
@@ -128,3 +133,33 @@ def test_one_rank_to_two(tmp_path, store):
     assert [f["exit_code"] for f in _facts(tmp_path / "b.json")] == [0, 0]
     _check(run, store, 10, 1, 2)
     assert [r["epoch"] for r in steps(run)] == [0] * 9 + [1]
+
+
+def test_zero2_two_ranks_to_one(tmp_path, store):
+    """DeepSpeed ZeRO-2: the 2-rank checkpoint is converted to DeepSpeed's universal format
+    (a temporary sibling folder, removed after the load) and resumed by 1 process."""
+    run = tmp_path / "run"
+    ds = ["trainer.distributed=deepspeed", "trainer.deepspeed_config=configs/deepspeed/zero2.json",
+          "trainer.zero_stage=2"]
+    _torchrun(tmp_path / "a.json", args(run, *_base(store, 12, 0), *ds), "--stop-at", "3", "--product-data")
+    assert [f["exit_code"] for f in _facts(tmp_path / "a.json")] == [75, 75]
+    # Its own process: DeepSpeed keeps process-group state in module globals between engines.
+    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "b.json"), "--product-data", "--facts-at", "4", "--",
+                           *args(run, *_base(store, 12, 0), *ds)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _check(run, store, 12, 2, 1)
+    log = (run / "logs" / "rank_00000.log").read_text()
+    assert "converting its ZeRO-2 state to a universal checkpoint" in log and "EMA restarts" not in log
+    assert not list((run / "checkpoints").glob(".universal-*"))
+    # The EMA came along, re-cut to one rank's fragments: step 4 averages into the saved one
+    # (decay 0.8), not into the weights it would restart from.
+    saved = checkpoint_weights(run / "checkpoints" / "step_00000003", ema=True)
+    w4, ema4 = torch.load(f"{tmp_path / 'b.json'}.params.pt"), torch.load(f"{tmp_path / 'b.json'}.ema.pt")
+    for k, e in saved.items():
+        torch.testing.assert_close(ema4[k].float(), e + 0.2 * (w4[k] - e), rtol=0, atol=1e-6)
+    # The Adam state came along: one partition now, and its step count continues (3 + 9).
+    final = torch.load(run / "checkpoints" / "step_00000012" / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                       weights_only=False)["optimizer_state_dict"]
+    assert final["partition_count"] == [1]
+    assert all(int(st["step"]) == 12 for st in final["base_optimizer_state"]["state"].values())

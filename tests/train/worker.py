@@ -1,7 +1,7 @@
 """torchrun target for the multi-process tests: the real entry point with the test data stream.
 
 usage: torchrun --nproc_per_node 2 tests/train/worker.py OUT_JSON [--stop-at N] [--hang-at N]
-       [--product-data] -- <train args>
+       [--product-data] [--facts-at N] -- <train args>
 Writes per-rank facts (final parameter digest, exit code) to OUT_JSON.rank<R>; rank 0 also saves
 the gathered full parameters (and EMA) next to it. --product-data: the real data stream
 (dataset.store=...) instead of the in-memory test stream.
@@ -31,6 +31,8 @@ def run() -> int:
     stop_at = int(opts[opts.index("--stop-at") + 1]) if "--stop-at" in opts else None
     # --hang-at N: rank 1 freezes (SIGSTOP) after step N, as a rank stuck in a driver call would.
     hang_at = int(opts[opts.index("--hang-at") + 1]) if "--hang-at" in opts else None
+    # --facts-at N: the parameters and EMA of step N instead of the last step's.
+    facts_at = int(opts[opts.index("--facts-at") + 1]) if "--facts-at" in opts else None
     facts: dict = {}
 
     def after_step(tr) -> None:
@@ -38,7 +40,7 @@ def run() -> int:
             os.kill(os.getpid(), signal.SIGSTOP)
         if stop_at is not None and tr.step == stop_at and tr.rank == 0:
             os.kill(os.getpid(), signal.SIGUSR1)  # like SLURM's --signal: one rank gets it first
-        if tr.step == tr.cfg.trainer.max_steps or (stop_at is not None and tr.step == stop_at):
+        if tr.step == (facts_at or tr.cfg.trainer.max_steps) or (stop_at is not None and tr.step == stop_at):
             sd = tr.full_state_dict(use_ema=False)
             facts["param_sum"] = float(sum(v.double().sum() for v in sd.values()))
             facts["param_abs"] = float(sum(v.double().abs().sum() for v in sd.values()))
