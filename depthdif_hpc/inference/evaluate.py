@@ -62,20 +62,30 @@ KM_PER_DEG = 111.19
 
 
 def fit_oi(store: str | Path, clim: Climatology, cfg: OIConfig) -> OIParams:
-    """OI hyperparameters from up to cfg.fit_samples evenly spaced train samples (their own
-    observations, anomalies from the climatology)."""
+    """OI hyperparameters from up to cfg.fit_samples evenly spaced train days: each day's
+    observed columns (all its patches, each global pixel once, at most cfg.fit_max_obs of them)
+    as one draw of the anomaly field from the climatology."""
     reader = ObservationReader(store, "train")
-    n = len(reader.meta)
-    if n == 0:
+    if len(reader.meta) == 0:
         raise ValueError(f"store {store} has no train samples to fit the OI hyperparameters")
-    idx = np.unique(np.linspace(0, n - 1, min(cfg.fit_samples, n)).round().astype(int))
+    days = np.unique(reader.meta[:, META["day"]])
+    pick = days[np.unique(np.linspace(0, len(days) - 1, min(cfg.fit_samples, len(days))).round().astype(int))]
+    rng = np.random.default_rng(0)
 
     def samples():
-        for i in idx:
-            rows, cols, vals = reader.columns(int(i))
-            if rows.size:
-                lat, lon = pixel_latlon(rows, cols, reader.res)
-                yield lat, lon, vals - clim.at(rows, cols, int(reader.meta[i, META["date"]]))
+        for day in pick:
+            idx = np.flatnonzero(reader.meta[:, META["day"]] == day)
+            cols = [reader.columns(int(i)) for i in idx]
+            rows = np.concatenate([c[0] for c in cols])
+            cc = np.concatenate([c[1] for c in cols])
+            vals = np.concatenate([c[2] for c in cols], axis=1)
+            _, first = np.unique(rows * 10_000 + cc, return_index=True)
+            if first.size > cfg.fit_max_obs:
+                first = np.sort(rng.choice(first, cfg.fit_max_obs, replace=False))
+            if first.size:
+                r, c = rows[first], cc[first]
+                lat, lon = pixel_latlon(r, c, reader.res)
+                yield lat, lon, vals[:, first] - clim.at(r, c, int(reader.meta[idx[0], META["date"]]))
 
     return fit_hyperparameters(samples(), cfg, reader.depth)
 
@@ -394,7 +404,8 @@ def _markdown(r: dict, depth_m: np.ndarray, figs: list[Path], pred_path, store) 
     if "oi" in r:
         o = r["oi"]
         lines.append(f"* OI: {o['covariance']} correlation, halo {o['halo_km']:g} km, fitted on "
-                     f"{o['fit_samples']} train samples ({o['method']})")
+                     f"{o['fit_samples']} train days ({o['method']}; "
+                     f"{'one length and noise ratio for all levels' if o['shared_across_levels'] else 'per level'})")
         lines += ["", "| depth (m) | length (km) | noise/signal | signal std (degC) | train obs |",
                   "|---:|---:|---:|---:|---:|"]
         for k in report_levels(depth_m):

@@ -105,7 +105,8 @@ def fit_hyperparameters(samples: Iterable[tuple[np.ndarray, np.ndarray, np.ndarr
     """Maximum marginal likelihood per level over cfg's (length, noise ratio) grid.
 
     samples: (lat (n,), lon (n,), anomalies (D, n) with NaN where a level is not observed), each
-    an independent draw of the anomaly field (one patch on one day). The signal variance is
+    an independent draw of the anomaly field (one day). With cfg.shared_across_levels one
+    (length, noise ratio) maximises the likelihood summed over levels. The signal variance is
     profiled out: s_hat = Q / N with Q = sum over samples of a^T (R + e I)^-1 a and N the number
     of observations; -log likelihood = (N log s_hat + sum log det (R + e I) + N) / 2 + const.
     """
@@ -123,12 +124,16 @@ def fit_hyperparameters(samples: Iterable[tuple[np.ndarray, np.ndarray, np.ndarr
         n_samples += 1
         for il, length in enumerate(lengths):
             r = correlation(d, cfg.covariance, length, cfg.rg_long_km, cfg.rg_short_weight)
+            eig: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # levels observed at the same points share it
             for k in range(depth):
                 sel = ok[k]
                 if not sel.any():
                     continue
-                lam, u = np.linalg.eigh(r[np.ix_(sel, sel)])
-                lam = np.clip(lam, 0.0, None)
+                key = sel.tobytes()
+                if key not in eig:
+                    lam, u = np.linalg.eigh(r[np.ix_(sel, sel)])
+                    eig[key] = (np.clip(lam, 0.0, None), u)
+                lam, u = eig[key]
                 z2 = (u.T @ anom[k, sel]) ** 2
                 q[k, il] += (z2[None, :] / (lam[None, :] + noises[:, None])).sum(axis=1)
                 logdet[k, il] += np.log(lam[None, :] + noises[:, None]).sum(axis=1)
@@ -141,13 +146,15 @@ def fit_hyperparameters(samples: Iterable[tuple[np.ndarray, np.ndarray, np.ndarr
         s_hat = q / n_obs[:, None, None]
         nll = 0.5 * (n_obs[:, None, None] * np.log(s_hat) + logdet + n_obs[:, None, None])
     length, noise, signal = np.empty(depth), np.empty(depth), np.empty(depth)
+    shared = np.unravel_index(np.nanargmin(nll[have].sum(axis=0)), nll.shape[1:])
     for k in range(depth):
         src = k if have[k] else int(np.flatnonzero(have)[np.argmin(np.abs(np.flatnonzero(have) - k))])
-        il, ie = np.unravel_index(np.nanargmin(nll[src]), nll[src].shape)
+        il, ie = shared if cfg.shared_across_levels else np.unravel_index(np.nanargmin(nll[src]), nll[src].shape)
         length[k], noise[k], signal[k] = lengths[il], noises[ie], s_hat[src, il, ie]
     fit = {"fit_samples": n_samples, "fit_observations_per_level": n_obs.tolist(),
            "length_grid_km": lengths.tolist(), "noise_ratio_grid": noises.tolist(),
            "levels_without_data": np.flatnonzero(~have).tolist(),
+           "shared_across_levels": cfg.shared_across_levels,
            "method": "maximum marginal likelihood on the train split, signal variance profiled out"}
     return OIParams(cfg.covariance, length, noise, signal, cfg.rg_long_km, cfg.rg_short_weight, fit)
 

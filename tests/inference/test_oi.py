@@ -89,8 +89,12 @@ def test_fit_recovers_known_hyperparameters():
             c = s * (correlation(d, "gaussian", length) + e * np.eye(40))
             anom[k] = np.linalg.cholesky(c) @ rng.standard_normal(40)
         samples.append((lat, lon, anom))
-    p = fit_hyperparameters(samples, OIConfig(), depth=3)
+    p = fit_hyperparameters(samples, OIConfig(shared_across_levels=False), depth=3)
     assert p.length_km.tolist() == [150.0, 400.0, 400.0]
     assert p.noise_ratio.tolist() == [0.1, 0.03, 0.03]
     assert p.signal_var[0] == pytest.approx(4.0, rel=0.25) and p.signal_var[1] == pytest.approx(0.25, rel=0.35)
     assert p.fit["levels_without_data"] == [2]
+    # shared across levels: one (length, noise) for every level, each level its own variance
+    shared = fit_hyperparameters(samples, OIConfig(), depth=3)
+    assert len(set(shared.length_km.tolist())) == 1 and len(set(shared.noise_ratio.tolist())) == 1
+    assert shared.signal_var[0] > 8 * shared.signal_var[1]
