@@ -32,6 +32,8 @@ training dtype; only steps the optimizer applied are averaged in.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -136,6 +138,28 @@ class ShardedEMA:
             for (name, p, _), piece in zip(frags, flat.split(sizes), strict=True):
                 out[name] = piece.view(full_shape(p)).clone()
         return {n: out[n] for n in self.names}
+
+    @torch.no_grad()
+    def load_full_state(self, full: dict[str, torch.Tensor]) -> None:
+        """Set the average from full tensors (e.g. merged from the per-rank files of a checkpoint
+        written at another world size): each rank keeps the piece it averages."""
+        for name, p, s, kind in zip(self.names, self.params, self.shadow, self.layouts, strict=True):
+            if name not in full:
+                raise KeyError(f"full EMA state lacks {name}")
+            src = full[name].reshape(-1).to(s.device, torch.float32)
+            if src.numel() != math.prod(full_shape(p)):
+                raise ValueError(f"EMA tensor {name}: {src.numel()} values, the parameter has "
+                                 f"shape {full_shape(p)}")
+            if kind == WHOLE:
+                s.copy_(src.view_as(s))
+            elif kind == FRAGMENT:
+                if s.numel():
+                    s.copy_(src.narrow(0, p._hp_mapping.lp_fragment_address.start, s.numel()))
+            else:  # ZeRO-3: rank r holds [r * n, (r + 1) * n) of the padded flat parameter
+                rank = dist.get_rank(group=getattr(p, "ds_process_group", None)) if dist.is_initialized() else 0
+                piece = src[rank * s.numel():(rank + 1) * s.numel()]
+                s.zero_()
+                s[:piece.numel()].copy_(piece)
 
     # ------------------------------------------------------------------ checkpoint
 

@@ -1,6 +1,7 @@
 """Target for the DeepSpeed EMA test (one or more processes): the real entry point with the test
 data stream; after every step rank 0 saves the full fp32 master (DeepSpeed's own
-safe_get_full_fp32_param) and the working weights, for the test to average by hand.
+safe_get_full_fp32_param) and the working weights, for the test to average by hand; every rank
+checks that its EMA piece survives a round trip through the full tensors.
 
 usage: [torchrun ...] tests/train/ema_worker.py OUT_PREFIX -- <train args>
 """
@@ -31,6 +32,13 @@ def run() -> int:
         masters.append({n: safe_get_full_fp32_param(p).detach().float().clone() for n, p in tr.named_params})
         working.append(tr.full_state_dict(use_ema=False))
         ema = tr.ema.full_state_dict()
+        # each rank's piece back from the full tensors (a resume at another world size does this)
+        before = [t.clone() for t in tr.ema.shadow]
+        for t in tr.ema.shadow:
+            t.zero_()
+        tr.ema.load_full_state(ema)
+        if not all(torch.equal(a, b) for a, b in zip(before, tr.ema.shadow, strict=True)):
+            raise AssertionError(f"rank {tr.rank}: load_full_state(full_state_dict()) changed the EMA")
         if tr.rank == 0 and tr.step == tr.cfg.trainer.max_steps:
             torch.save({"master": masters, "working": working, "ema": ema}, f"{out}.pt")
 
