@@ -14,10 +14,10 @@ both through its stride arguments (Triton specialises a stride equal to 1 as a c
 contiguous axis is known at compile time and loads along it are vectorised). y, dx and the
 incoming dy are kept in x's layout. Anything else (a strided view) is made NCHW-contiguous first.
 
-Tiling: a program owns BLOCK_P pixels of one sample and, when they fit (ONE_CHUNK, C <= 2048),
-all their channels as one [BLOCK_P, BLOCK_C] fp32 register tile: mean and variance are an exact
-two-pass reduction over the tile's channel axis, read from registers, so x is read once. Larger C
-walks BLOCK_C channel chunks, merging per-pixel mean and M2 across chunks (Chan's formula) and
+Tiling: a program owns BLOCK_P pixels of one sample and, when they fit (ONE_CHUNK: on a GPU
+C <= 2048 in NHWC, C <= 256 in NCHW; see `_tiles`), all their channels as one [BLOCK_P, BLOCK_C]
+fp32 register tile: mean and variance are an exact two-pass reduction over the tile's channel
+axis, read from registers, so x is read once. Larger C walks BLOCK_C channel chunks, merging per-pixel mean and M2 across chunks (Chan's formula) and
 re-reading the chunks to normalise (twice the reads of x). In NHWC a tile is one contiguous run of
 BLOCK_P * C elements (the preferred, fully coalesced path); in NCHW it is C runs of BLOCK_P
 pixels (BLOCK_P >= 16, so each run is at least one 32-byte sector in bf16).
