@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py [--preset ambient|standard] [--kernels eager|triton|both]
         [--batch 8,16,32,...|max] [--steps 20] [--store STORE] [--peak-tflops 989]
+        [--options none,compile,cl+fused+bench,ckpt,...]
 
 One optimizer step = forward + backward + clip + AdamW (bf16 autocast on GPU, fp32 on CPU), the
 same objective the trainer runs. FLOPs per sample come from the analytic count in
@@ -13,6 +14,11 @@ the GPU runs out of memory and reports the largest that fits. With --store the b
 depthdif_hpc.data's stream (per-step data wait measured); without it, from one pre-built device
 batch (pure compute).
 
+--options: step variants, each "none" or "+"-joined trainer speed options (docs/cluster.md,
+"Speed options"): compile (torch.compile of the U-Net; aot_eager on CPU, where inductor's C++
+build takes minutes), cl (channels_last), fused (fused AdamW), ckpt (activation checkpointing of
+every level), bench (cudnn.benchmark), applied as the trainer applies them.
+
 Without a GPU it runs a tiny smoke configuration (no MFU claim). Last line: `samples/s: N`.
 """
 
@@ -23,12 +29,31 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cfg(preset: str, kernels: str, tiny: bool, store: str | None):
+OPTION_KEYS = {"compile": "trainer.compile=true", "cl": "trainer.channels_last=true",
+               "fused": "trainer.fused_adamw=true", "ckpt": "trainer.activation_checkpointing=all",
+               "bench": "trainer.cudnn_benchmark=true"}
+
+
+def _option_overrides(variant: str, cuda: bool) -> list[str]:
+    if variant == "none":
+        return []
+    names = variant.split("+")
+    unknown = [n for n in names if n not in OPTION_KEYS]
+    if unknown:
+        raise SystemExit(f"--options {variant!r}: unknown {unknown}; known: none, {', '.join(OPTION_KEYS)}")
+    over = [OPTION_KEYS[n] for n in names]
+    if "compile" in names and not cuda:
+        over.append("trainer.compile_backend=aot_eager")
+    return over
+
+
+def _cfg(preset: str, kernels: str, tiny: bool, store: str | None, options: list[str] | None = None):
     from depthdif_hpc.config import load_config
 
     model_yaml = "model_config_ambient.yaml" if preset == "ambient" else "model_config.yaml"
@@ -38,7 +63,7 @@ def _cfg(preset: str, kernels: str, tiny: bool, store: str | None):
         over += ["model.unet.dim=8", "model.unet.dim_mults=[1,2]", "model.noise.num_timesteps=20"]
     if store:
         over += [f"dataset.store={store}"]
-    return load_config(*files, overrides=over)
+    return load_config(*files, overrides=over + (options or []))
 
 
 def _batch(b: int, size: int, device: torch.device, depth: int = 50) -> dict[str, torch.Tensor]:
@@ -56,10 +81,14 @@ def run_case(cfg, batch_size: int, steps: int, size: int, device: torch.device, 
     from depthdif_hpc.model.build import build_model
     from depthdif_hpc.model.flops import train_step_flops_per_sample
     from depthdif_hpc.train.optim import build_optimizer
+    from depthdif_hpc.train.setup import apply_speed_options
     from depthdif_hpc.train.stream import to_device
 
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
+    # Counted on the eager model, as the trainer does (the count is the same for every variant).
+    flops_per_sample = train_step_flops_per_sample(model, size, size)
+    apply_speed_options(model, cfg, zero_stage=0)
     opt = build_optimizer(model, cfg)
     bf16 = device.type == "cuda"
 
@@ -74,7 +103,6 @@ def run_case(cfg, batch_size: int, steps: int, size: int, device: torch.device, 
         fixed = None
     else:
         fixed = _batch(batch_size, size, device)
-    flops_per_sample = train_step_flops_per_sample(model, size, size)
     flops = flops_per_sample * batch_size
     wait = 0.0
 
@@ -94,7 +122,7 @@ def run_case(cfg, batch_size: int, steps: int, size: int, device: torch.device, 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):  # warm-up: allocator, autotuning, lazy init
+    for _ in range(3 if device.type == "cuda" else 1):  # warm-up: allocator, autotuning, lazy init
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -136,6 +164,8 @@ def main(argv: list[str] | None = None) -> float:
     ap.add_argument("--store", default=None)
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU configuration (forced without a GPU)")
+    ap.add_argument("--options", default="none",
+                    help="comma list of step variants: none or +-joined compile, cl, fused, ckpt, bench")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -146,8 +176,11 @@ def main(argv: list[str] | None = None) -> float:
     if not cuda:
         kernels = ["eager"]  # the Triton interpreter would time the interpreter, not the kernels
     last = 0.0
-    for k in kernels:
-        cfg = _cfg(args.preset, k, tiny, args.store)
+    variants = [(k, v) for k in kernels for v in args.options.split(",")]
+    for k, variant in variants:
+        cfg = _cfg(args.preset, k, tiny, args.store, _option_overrides(variant, cuda))
+        if "compile" in variant:
+            torch._dynamo.reset()  # each compiled variant compiles afresh
         if args.batch == "max" and not tiny:
             results, b = [], 4
             while True:
@@ -163,7 +196,7 @@ def main(argv: list[str] | None = None) -> float:
         for r in results:
             u = _mfu(r, device, args.peak_tflops)
             mfu = f"{100 * u:.1f}%" if u is not None else "n/a (no GPU peak known)"
-            print(f"[{args.preset} {k} {device.type}{' smoke' if tiny else ''}] batch {r['batch']}: "
+            print(f"[{args.preset} {k} {variant} {device.type}{' smoke' if tiny else ''}] batch {r['batch']}: "
                   f"{r['samples_per_s']:.2f} samples/s, step {1e3 * r['step_s']:.1f} ms, "
                   f"{r['flops_per_sample'] / 1e9:.2f} GFLOP/sample, {r['tflop_per_step']:.3f} TFLOP/step, "
                   f"{r['achieved_tflops']:.2f} TFLOP/s, MFU {mfu}, "
@@ -184,6 +217,15 @@ def test_bench_train_smoke_cpu(capsys):
     assert main(["--smoke", "--kernels", "eager", "--batch", "2"]) > 0
     expected = train_step_flops_per_sample(build_model(_cfg("ambient", "eager", True, None)), 32, 32)
     assert f"{expected / 1e9:.2f} GFLOP/sample" in capsys.readouterr().out
+
+
+def test_bench_train_step_variants_cpu(capsys):
+    """A speed-option variant runs the step the trainer would run (torch.compile is left to the
+    trainer's tests and the GPU rehearsal: tracing it here would double this test's time)."""
+    assert main(["--smoke", "--kernels", "eager", "--batch", "2", "--options", "cl+fused+ckpt+bench"]) > 0
+    assert "[ambient eager cl+fused+ckpt+bench cpu smoke] batch 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown.*'fast'"):
+        main(["--smoke", "--options", "cl+fast"])
 
 
 if __name__ == "__main__":

@@ -104,20 +104,23 @@ class UNet(nn.Module):
         self.memory_format = torch.contiguous_format
         self.checkpoint_levels: frozenset[int] = frozenset()
 
-    def set_channels_last(self, enabled: bool) -> None:
-        """Parameters and activations in torch.channels_last (NHWC in memory) or contiguous NCHW.
+    def set_channels_last(self, enabled: bool, *, weights: bool = True) -> None:
+        """Activations (and with `weights` the convolution weights) in torch.channels_last (NHWC
+        in memory), or everything contiguous NCHW.
 
-        Convolutions follow the format of their input and weight; the forward re-asserts it after
-        every stage so that an op that returns NCHW (a reshape in the attention, a kernel that
-        writes contiguous output) does not switch the rest of the network back.
+        A convolution writes channels_last when its input or its weight is, so NHWC activations
+        alone keep the format (the weight is then converted per call, a small copy); the forward
+        re-asserts the format after every stage so that an op that returns NCHW (a reshape in
+        the attention, a kernel that writes contiguous output) does not switch the rest back.
         """
         self.memory_format = torch.channels_last if enabled else torch.contiguous_format
         # Convolution weights only: the (1, C, 1, 1) LayerNorm parameters are the same bytes in
         # either format, but their gradients come back with NCHW strides, which DDP's bucket
         # views would flag and copy on every step.
+        weight_format = self.memory_format if weights else torch.contiguous_format
         for m in self.modules():
             if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-                m.weight.data = m.weight.data.to(memory_format=self.memory_format)
+                m.weight.data = m.weight.data.to(memory_format=weight_format)
 
     def set_activation_checkpointing(self, levels: Iterable[int] | str) -> None:
         """Recompute the activations of these U-Net levels in the backward pass ("none", "all"
@@ -141,8 +144,9 @@ class UNet(nn.Module):
 
     def _stage(self, level: int, fn: Callable[..., Any], *args: Any) -> Any:
         if level in self.checkpoint_levels and torch.is_grad_enabled():
-            # Non-reentrant: works with inputs that need no grad, keyword-free closures and
-            # torch.compile; the U-Net has no randomness, so the recomputation is exact.
+            # Non-reentrant: the segment's inputs need not require grad (the network input does
+            # not) and it composes with torch.compile. The U-Net draws no random numbers, so the
+            # recomputation reproduces the forward exactly.
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
@@ -152,7 +156,7 @@ class UNet(nn.Module):
         return x.contiguous(memory_format=self.memory_format)
 
     def set_kernels(self, mode: str) -> None:
-        """How ConvNeXt fronts and linear attention run: "eager", "triton" or "auto".
+        """How ConvNeXt fronts, PreNorms and linear attention run: "eager", "triton" or "auto".
 
         See `depthdif_hpc.kernels.dispatch`: "triton" self-checks each kernel before its first
         use and raises if it fails; "auto" does the same on CUDA but falls back to the eager

@@ -178,7 +178,9 @@ def apply_speed_options(model: torch.nn.Module, cfg: Config, zero_stage: int) ->
     if tr.compile and zero_stage == 3:
         raise ConfigError("trainer.compile = true with DeepSpeed ZeRO stage 3: its parameter gathering "
                           "hooks split the compiled graph at every module; use ZeRO 1/2 or DDP")
-    unet.set_channels_last(tr.channels_last)
+    # DeepSpeed broadcasts and flattens parameters through flat byte views, which need NCHW-
+    # contiguous tensors (and ZeRO keeps them in flat buffers anyway): activations only there.
+    unet.set_channels_last(tr.channels_last, weights=tr.distributed != "deepspeed")
     unet.set_activation_checkpointing(tr.activation_checkpointing)
     if tr.compile:
         kwargs = {} if tr.compile_mode == "default" else {"mode": tr.compile_mode}

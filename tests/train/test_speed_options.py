@@ -64,17 +64,28 @@ def _assert_same(a: tuple, b: tuple) -> None:
         torch.testing.assert_close(a[1][k], b[1][k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_channels_last_matches_contiguous_and_stays_channels_last():
+@pytest.mark.parametrize("weights", [True, False], ids=["weights_too", "activations_only"])
+def test_channels_last_matches_contiguous_and_stays_channels_last(weights):
+    """weights=False is the DeepSpeed layout (its flat byte views need NCHW parameters)."""
     ref = _unet()
     cl = copy.deepcopy(ref)
-    cl.set_channels_last(True)
+    cl.set_channels_last(True, weights=weights)
     four_d = [m.weight for m in cl.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
-    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in four_d)
-    assert sum(not p.is_contiguous() for p in four_d) >= 8  # the 3x3 convs (others are both)
+    # The 3x3/4x4 convolutions over several channels: where the two formats differ in memory.
+    differs = [p for p in four_d if p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
+    assert len(differs) >= 10
+    if weights:
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in four_d)
+        assert not any(p.is_contiguous() for p in differs)
+    else:
+        assert all(p.is_contiguous() for p in four_d)
     formats: list[tuple[str, bool]] = []
     for name, m in cl.named_modules():
-        if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d) or type(m).__name__ in (
-                "ConvNextBlock", "Residual"):
+        # Without NHWC weights the attention's output projection reads the attention's NCHW
+        # reshape and writes NCHW; the stage re-asserts the format after it (one copy).
+        in_attention = type(m).__name__ == "Residual" or ".fn." in name
+        if (isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d) or type(m).__name__ in (
+                "ConvNextBlock", "Residual")) and (weights or not in_attention):
             m.register_forward_hook(lambda m, i, o, name=name: formats.append(
                 (name, o.is_contiguous(memory_format=torch.channels_last))))
     out = _fwd_bwd(cl)
@@ -157,6 +168,7 @@ def test_training_with_every_option_matches_eager(tmp_path):
 
     def options_hook(tr):
         unet = tr.module.model
+        seen["wrapper"] = type(tr.model).__name__
         seen["compiled"] = unet._compiled_call_impl is not None
         seen["channels_last"] = unet.downs[0][0].ds_conv.weight.is_contiguous(memory_format=torch.channels_last)
         seen["checkpointed"] = sorted(unet.checkpoint_levels)
@@ -171,7 +183,9 @@ def test_training_with_every_option_matches_eager(tmp_path):
         torch._dynamo.reset()
     # The network input (noisy target + condition) carries no gradient: nobody uses one.
     assert seen.pop("input_requires_grad") is False
-    assert seen == {"compiled": True, "channels_last": True, "checkpointed": [0, 1], "benchmark": True}
+    # Accelerate wraps even one process in DDP here: the compiled U-Net runs inside DDP.
+    assert seen == {"compiled": True, "channels_last": True, "checkpointed": [0, 1], "benchmark": True,
+                    "wrapper": "DistributedDataParallel"}
     eager, fast = steps(tmp_path / "eager"), steps(tmp_path / "fast")
     assert [r["step"] for r in fast] == [1, 2, 3, 4]
     torch.testing.assert_close(torch.tensor([r["loss"] for r in fast]),
@@ -189,19 +203,18 @@ def _torchrun(out: Path, train_args: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_step_under_ddp_and_zero2(tmp_path):
-    """Two ranks: the compiled, channels_last, checkpointed U-Net with fused AdamW under DDP and
-    under DeepSpeed ZeRO-2 trains to the same weights as the default DDP run."""
+def test_compiled_step_under_zero2(tmp_path):
+    """Two ranks: the compiled, channels_last, checkpointed U-Net with fused AdamW as DeepSpeed
+    ZeRO-2's client optimizer trains to the same weights as the default two-rank DDP run.
+    (DDP with every option: test_training_with_every_option_matches_eager.)"""
     base = ["trainer.max_steps=3"]
     _torchrun(tmp_path / "eager", args(tmp_path / "eager_run", *base))
-    ref = torch.load(tmp_path / "eager.params.pt")
-    for name, extra in (("ddp", []), ("zero2", ["trainer.distributed=deepspeed",
-                                                "trainer.deepspeed_config=configs/deepspeed/zero2.json"])):
-        _torchrun(tmp_path / name, args(tmp_path / f"{name}_run", *base, *OPTIONS, *extra))
-        got = torch.load(tmp_path / f"{name}.params.pt")
-        assert got.keys() == ref.keys()
-        for k in ref:
-            torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
-        torch.testing.assert_close(torch.tensor([r["loss"] for r in steps(tmp_path / f"{name}_run")]),
-                                   torch.tensor([r["loss"] for r in steps(tmp_path / "eager_run")]),
-                                   rtol=1e-4, atol=1e-6)
+    zero2 = ["trainer.distributed=deepspeed", "trainer.deepspeed_config=configs/deepspeed/zero2.json"]
+    _torchrun(tmp_path / "fast", args(tmp_path / "fast_run", *base, *OPTIONS, *zero2))
+    ref, got = torch.load(tmp_path / "eager.params.pt"), torch.load(tmp_path / "fast.params.pt")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in steps(tmp_path / "fast_run")]),
+                               torch.tensor([r["loss"] for r in steps(tmp_path / "eager_run")]),
+                               rtol=1e-4, atol=1e-6)
