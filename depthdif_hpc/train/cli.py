@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None, *, data_factory=None, hooks=None) -> int
     )
 
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    agreed_exit = False
     try:
         cfg = load_config(*args.config, overrides=args.overrides)
         # Handlers first: a preemption signal during the (slow) start-up is kept, not fatal.
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None, *, data_factory=None, hooks=None) -> int
             trainer = Trainer(cfg, stop=stop, data_factory=data_factory, hooks=hooks)
             try:
                 code = trainer.fit()
+                agreed_exit = True
             finally:
                 trainer.close()
     except ConfigError as exc:
@@ -51,15 +53,22 @@ def main(argv: list[str] | None = None, *, data_factory=None, hooks=None) -> int
         print(f"depthdif_hpc.train: {exc}", file=sys.stderr, flush=True)
         code = EXIT_FAILURE
     finally:
-        _shutdown()
+        _shutdown(synchronise=agreed_exit)
     return code
 
 
-def _shutdown() -> None:
+def _shutdown(*, synchronise: bool) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         try:
+            # A rank that tears gloo down while a peer still works on the group can abort that
+            # peer ("terminate called without an active exception": 2 of 5 two-rank runs in a
+            # test harness before a barrier went in). Only when fit returned on every rank:
+            # after an exception a peer may never arrive, and the collective timeout would
+            # then hold the allocation.
+            if synchronise:
+                dist.barrier()
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
