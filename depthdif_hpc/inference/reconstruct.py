@@ -437,7 +437,10 @@ def parse_date(text: str) -> int:
     s = str(text).replace("-", "")
     if len(s) != 8 or not s.isdigit():
         raise ValueError(f"--date {text!r}: expected YYYY-MM-DD")
-    return yyyymmdd_to_day(s)
+    try:
+        return yyyymmdd_to_day(s)
+    except ValueError as exc:
+        raise ValueError(f"--date {text!r}: {exc}") from exc
 
 
 def _check_plan(work: Path, params: dict[str, Any]) -> None:
@@ -622,13 +625,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg, model = load_model(a.checkpoint, use_ema=not a.no_ema, overrides=list(a.overrides))
     over = {k: v for k, v in (("ddim_num_timesteps", a.steps), ("ddim_eta", a.eta)) if v is not None}
     figure = None if a.no_figure else (a.figure or str(Path(a.out).with_suffix(".png")))
-    rep = reconstruct(model, cfg, date=a.date, out=a.out, ostia=a.ostia, en4=a.en4, glorys=a.glorys,
-                      mask=a.mask, region=region, tile=a.tile, stride=a.stride, ensemble=a.ensemble,
-                      keep_members=a.members, sampler=a.sampler, sampler_overrides=over, seed=a.seed,
-                      device=device, rank=rank, world_size=world, figure=figure,
-                      keep_work=a.keep_work, stall_timeout_s=a.stall_timeout,
-                      band_rows=a.band_rows, progress=not a.no_progress,
-                      source_label=str(Path(a.checkpoint).resolve()))
+    try:
+        rep = reconstruct(model, cfg, date=a.date, out=a.out, ostia=a.ostia, en4=a.en4,
+                          glorys=a.glorys, mask=a.mask, region=region, tile=a.tile,
+                          stride=a.stride, ensemble=a.ensemble, keep_members=a.members,
+                          sampler=a.sampler, sampler_overrides=over, seed=a.seed, device=device,
+                          rank=rank, world_size=world, figure=figure, keep_work=a.keep_work,
+                          stall_timeout_s=a.stall_timeout, band_rows=a.band_rows,
+                          progress=not a.no_progress,
+                          source_label=str(Path(a.checkpoint).resolve()))
+    except (SourceError, FileExistsError, ValueError) as exc:
+        print(f"depthdif-reconstruct: error: {exc}", file=sys.stderr)
+        return 2
     print(f"rank {rank}: {rep['computed']} tiles computed ({rep['tiles_per_s']:.3f} tiles/s), "
           f"{rep['empty']} without ocean, {rep['skipped']} already done, of {rep['tiles']}", flush=True)
     if rank == 0:
