@@ -226,8 +226,9 @@ def wait_for_tiles(plan: list[Placement], results: TileResults, *, stall_timeout
 # ------------------------------------------------------------------------------------------
 
 
-def _chunks(dom: Domain) -> tuple[int, int, int, int]:
-    return (1, 1, min(dom.nrows, 256), min(dom.ncols, 256))
+def _chunks(dom: Domain, band_rows: int) -> tuple[int, int, int, int]:
+    # One band of rows per chunk row: each chunk is compressed once, never re-read.
+    return (1, 1, min(dom.nrows, band_rows), min(dom.ncols, 256))
 
 
 def write_netcdf(out: str | Path, dom: Domain, plan: list[Placement], size: int,
@@ -276,7 +277,7 @@ def write_netcdf(out: str | Path, dom: Domain, plan: list[Placement], size: int,
         lo[:] = dom.lons()
         dims = ("time", "depth", "lat", "lon")
         var = {}
-        common = {"zlib": True, "complevel": 1, "fill_value": FILL, "chunksizes": _chunks(dom)}
+        common = {"zlib": True, "complevel": 1, "fill_value": FILL, "chunksizes": _chunks(dom, band_rows)}
         var["mean"] = ds.createVariable(f"{TEMP_NAME}_mean", "f4", dims, **common)
         var["mean"].setncatts({"standard_name": "sea_water_potential_temperature", "units": "degC",
                                "long_name": "sea water potential temperature, ensemble mean of "
@@ -291,7 +292,7 @@ def write_netcdf(out: str | Path, dom: Domain, plan: list[Placement], size: int,
             r[:] = np.arange(ensemble)
             var["members"] = ds.createVariable(
                 f"{TEMP_NAME}_member", "f4", ("time", "realization", "depth", "lat", "lon"),
-                zlib=True, complevel=1, fill_value=FILL, chunksizes=(1, 1, *_chunks(dom)[1:]))
+                zlib=True, complevel=1, fill_value=FILL, chunksizes=(1, 1, *_chunks(dom, band_rows)[1:]))
             var["members"].setncatts({"standard_name": "sea_water_potential_temperature",
                                       "units": "degC", "long_name": "ensemble member"})
         if has_truth:
@@ -299,12 +300,13 @@ def write_netcdf(out: str | Path, dom: Domain, plan: list[Placement], size: int,
             var["truth"].setncatts({"standard_name": "sea_water_potential_temperature",
                                     "units": "degC", "long_name": "GLORYS reanalysis on the same "
                                     "grid (reference for scoring, not an input)"})
-        for r0 in range(0, dom.nrows, band_rows):
-            r1 = min(r0 + band_rows, dom.nrows)
+        # Bands in the file's row order (latitude ascending; domain rows run north to south).
+        for f0 in range(0, dom.nrows, band_rows):
+            f1 = min(f0 + band_rows, dom.nrows)
+            r0, r1 = dom.nrows - f1, dom.nrows - f0
             band = blend_rows(results, plan, dom, size, r0, r1, fields)
             band["var"] = np.sqrt(np.maximum(band["var"], 0.0))
-            # Domain rows run north to south; the file's latitude ascends.
-            lat_sl = slice(dom.nrows - r1, dom.nrows - r0)
+            lat_sl = slice(f0, f1)
             for k, v in var.items():
                 data = band[k][..., ::-1, :]
                 data = np.where(np.isfinite(data), data, FILL)
