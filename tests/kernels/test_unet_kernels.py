@@ -31,11 +31,15 @@ def _grads(model: UNet, x, t, c, gy):
     return out.detach(), grads
 
 
-def _compare(device: str, dtype: torch.dtype, tol: float, size=(10, 14), dim=8, B=2):
+def _compare(device: str, dtype: torch.dtype, tol: float, size=(10, 14), dim=8, B=2,
+             channels_last: bool = False):
     torch.manual_seed(0)
     model = UNet(dim=dim, out_dim=5, dim_mults=(1, 2), channels=102, with_time_emb=True,
                  coord_emb_dim=6).to(device, dtype)
     x = torch.randn(B, 102, *size, device=device, dtype=dtype)
+    if channels_last:  # as the trainer's channels_last switch runs the model
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (B,), device=device)
     c = torch.randn(B, 6, device=device, dtype=dtype)
     gy = torch.randn(B, 5, *size, device=device, dtype=dtype)
@@ -49,13 +53,16 @@ def _compare(device: str, dtype: torch.dtype, tol: float, size=(10, 14), dim=8, 
     assert not bad, f"kernel vs eager U-Net mismatch (tol {tol}): {bad}"
 
 
-def test_unet_kernels_match_eager_cpu_fp32(monkeypatch):
+# channels_last at one sample of 6 x 10 (attention N = 60 and 15): the interpreter's time halves.
+@pytest.mark.parametrize(("channels_last", "B", "size"), [(False, 2, (10, 14)), (True, 1, (6, 10))],
+                         ids=["nchw", "channels_last"])
+def test_unet_kernels_match_eager_cpu_fp32(monkeypatch, channels_last, B, size):
     d = dispatch.KernelDispatcher()
     monkeypatch.setattr(dispatch, "DISPATCHER", d)
-    _compare("cpu", torch.float32, tol=1e-4)
+    _compare("cpu", torch.float32, tol=1e-4, size=size, B=B, channels_last=channels_last)
     # Every kernel variant this U-Net uses passed its first-use self-check: the first block (no
     # LayerNorm, 102 channels), each width, the decoder's concatenated input and the final block
-    # (no time bias), and the attention.
+    # (no time bias), and the attention. In channels_last every front is the NHWC kernel.
     verdicts = d.verdicts()
     assert all(v is None for v in verdicts.values()), verdicts
     fronts = {(k[3][0], k[2][3] is not None, k[2][6] is not None)
@@ -63,7 +70,9 @@ def test_unet_kernels_match_eager_cpu_fp32(monkeypatch):
     assert fronts == {(102, True, False), (8, True, True), (16, True, True), (32, True, True),
                       (8, False, True)}
     assert {k[3] for k in verdicts if k[0] == "linear_attention"} == {(32,)}
-    assert {k[3] for k in verdicts if k[0] == "layer_norm"} == {(8,), (16,)}
+    cl = (dispatch.CHANNELS_LAST,) if channels_last else ()
+    assert {k[3][1:] for k in verdicts if k[0] == "convnext_front"} == {cl}
+    assert {k[3] for k in verdicts if k[0] == "layer_norm"} == {(8, *cl), (16, *cl)}
 
 
 def test_set_kernels_routes_through_the_triton_ops(monkeypatch):
