@@ -58,7 +58,7 @@ def _take(loaders: list[StreamLoader], batches: int | None) -> tuple[list[int], 
 def test_stream_continues_an_epoch_across_layout_changes(store):
     """3 ranks x 2 workers stop after 1 batch, 2 ranks x 1 worker (batch 3) continue for 2 and
     stop, the second layout resumes once more at the same size, then 1 rank in-process finishes:
-    every sample exactly once, n % world left out only where the world size does not divide."""
+    every sample of the epoch exactly once (28 - 6 = 22 divides over 2 ranks: none left out)."""
     n = ShardStream(store, "train").n
     seen, states = _take([_loader(store, r, 3, 2, 2) for r in range(3)], 1)
     two = [_loader(store, r, 2, 3, 1) for r in range(2)]
@@ -108,6 +108,7 @@ def _check(run: Path, store: Path, max_steps: int, old: int, new: int) -> None:
     assert f"written by {old} ranks) on {new} ranks" in log and "global batch is now" in log
 
 
+@pytest.mark.slow
 def test_two_ranks_to_one(tmp_path, store):
     """2 ranks (7 steps per epoch of 28) stop after step 3; 1 rank continues with the 16 samples
     left (8 steps), then starts epoch 1."""
@@ -119,6 +120,7 @@ def test_two_ranks_to_one(tmp_path, store):
     assert [r["epoch"] for r in steps(run)] == [0] * 11 + [1]
 
 
+@pytest.mark.slow
 def test_one_rank_to_two(tmp_path, store):
     """1 rank (14 steps per epoch) stops after step 3; 2 ranks continue with the 22 samples left
     (11 each: 6 steps, the last with one sample per rank), then start epoch 1."""
@@ -135,6 +137,7 @@ def test_one_rank_to_two(tmp_path, store):
     assert [r["epoch"] for r in steps(run)] == [0] * 9 + [1]
 
 
+@pytest.mark.slow
 def test_zero2_two_ranks_to_one(tmp_path, store):
     """DeepSpeed ZeRO-2: the 2-rank checkpoint is converted to DeepSpeed's universal format
     (a temporary sibling folder, removed after the load) and resumed by 1 process."""
