@@ -276,12 +276,19 @@ class ObservationReader:
         self._q = quantizer_from(man)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._day = None
+        # samples by day once (a scan per sample would cost O(N^2) over a large split)
+        days = self.meta[:, META["day"]]
+        self._by_day = np.argsort(days, kind="stable")
+        self._sorted_days = days[self._by_day]
 
     def origin(self, i: int) -> tuple[int, int]:
         return int(self.meta[i, META["row0"]]), int(self.meta[i, META["col0"]])
 
     def same_day(self, i: int) -> np.ndarray:
-        return np.flatnonzero(self.meta[:, META["day"]] == self.meta[i, META["day"]])
+        """Indices of the samples on sample i's day (i included), ascending."""
+        day = self.meta[i, META["day"]]
+        a, b = np.searchsorted(self._sorted_days, day, "left"), np.searchsorted(self._sorted_days, day, "right")
+        return np.sort(self._by_day[a:b])
 
     def columns(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Global rows (n,), cols (n,) and values (D, n) degC (NaN: level not observed)."""

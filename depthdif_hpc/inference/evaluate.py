@@ -68,13 +68,14 @@ def fit_oi(store: str | Path, clim: Climatology, cfg: OIConfig) -> OIParams:
     reader = ObservationReader(store, "train")
     if len(reader.meta) == 0:
         raise ValueError(f"store {store} has no train samples to fit the OI hyperparameters")
-    days = np.unique(reader.meta[:, META["day"]])
-    pick = days[np.unique(np.linspace(0, len(days) - 1, min(cfg.fit_samples, len(days))).round().astype(int))]
+    _, first_of_day = np.unique(reader.meta[:, META["day"]], return_index=True)
+    n_days = len(first_of_day)
+    pick = first_of_day[np.unique(np.linspace(0, n_days - 1, min(cfg.fit_samples, n_days)).round().astype(int))]
     rng = np.random.default_rng(0)
 
     def samples():
-        for day in pick:
-            idx = np.flatnonzero(reader.meta[:, META["day"]] == day)
+        for first in pick:
+            idx = reader.same_day(int(first))
             cols = [reader.columns(int(i)) for i in idx]
             rows = np.concatenate([c[0] for c in cols])
             cc = np.concatenate([c[1] for c in cols])

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.linalg import cho_factor, cho_solve, solve_triangular
+from scipy.linalg import cho_factor, cho_solve, eigh, solve_triangular
 
 from depthdif_hpc.config import OIConfig
 
@@ -131,7 +131,9 @@ def fit_hyperparameters(samples: Iterable[tuple[np.ndarray, np.ndarray, np.ndarr
                     continue
                 key = sel.tobytes()
                 if key not in eig:
-                    lam, u = np.linalg.eigh(r[np.ix_(sel, sel)])
+                    # scipy's default driver (syevr): numpy's divide-and-conquer one took 36 ms
+                    # instead of 1 ms per 40 x 40 matrix on the shared 2-core VM (threaded BLAS)
+                    lam, u = eigh(r[np.ix_(sel, sel)])
                     eig[key] = (np.clip(lam, 0.0, None), u)
                 lam, u = eig[key]
                 z2 = (u.T @ anom[k, sel]) ** 2
