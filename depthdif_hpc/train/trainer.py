@@ -272,8 +272,13 @@ class Trainer:
         params = [p for _, p in self.named_params]
         if any(is_zero3_param(p) for p in params):
             import deepspeed
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            # Only what is partitioned now: persistent parameters (small ones ZeRO-3 keeps whole
+            # between steps) would be partitioned at the exit too, and after a resume the next
+            # step then fails DeepSpeed's recorded fetch order ("tracing error").
+            parted = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+            with deepspeed.zero.GatheredParameters(parted, modifier_rank=None):
                 return {n: p.detach().float().clone() for n, p in self.named_params}
         return {n: p.detach().float().clone() for n, p in self.named_params}
 
