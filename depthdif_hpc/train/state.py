@@ -144,7 +144,8 @@ class TrainState:
 
     def _load_other_world(self, path: Path, saved_world: int, progress: Progress, stream: DataStream) -> None:
         """The per-rank part of a resume at another world size (the model, optimizer, EMA and LR
-        controller were already loaded: without ZeRO they do not depend on the world size).
+        controller were already loaded: without ZeRO they do not depend on the world size, under
+        ZeRO they came through the universal checkpoint and the re-cut EMA).
 
         The data stream continues the saved epoch with the samples no saved rank consumed, dealt
         over the new ranks. The per-rank random streams cannot continue (there is no saved
