@@ -51,7 +51,7 @@ def rmse_per_depth(path: Path, depth_m: np.ndarray, r: dict) -> Path:
         ax.set_xlabel("RMSE (degC)")
         ax.grid(alpha=0.3)
     axes[0].set_yscale("symlog", linthresh=10)
-    axes[0].invert_yaxis()
+    axes[0].set_ylim(float(np.max(depth_m)) * 1.05, 0)  # deepest at the bottom, no negative depths
     axes[0].set_ylabel("depth (m)")
     axes[0].legend()
     return _save(fig, path)
@@ -76,7 +76,7 @@ def scores_per_depth(path: Path, depth_m: np.ndarray, r: dict) -> Path:
     axes[2].grid(alpha=0.3)
     axes[2].legend()
     axes[0].set_yscale("symlog", linthresh=10)
-    axes[0].invert_yaxis()
+    axes[0].set_ylim(float(np.max(depth_m)) * 1.05, 0)
     axes[0].set_ylabel("depth (m)")
     return _save(fig, path)
 
