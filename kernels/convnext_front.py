@@ -328,12 +328,13 @@ def _dw_bwd_kernel(
 def _front_tiles(C: int, HW: int) -> tuple[int, int, bool, int]:
     """(BLOCK_C, BLOCK_P, ONE_CHUNK, num_warps) for the forward / main backward kernels.
 
-    GPU: 4096-element fp32 tiles over 16 warps (8 values a thread per live tensor). Checked by
-    compiling for sm_90 without a GPU (cuobjdump -res-usage): <= 128 registers and no spills for
-    128x32 and 256x16 tiles, forward and backward, one chunk or several, whereas 8 warps reach
-    255 registers and spill, and a fully unrolled 7x7 loop spilled kilobytes. Up to C = 256 all
-    channels fit one tile (single pass, nothing recomputed); beyond that, 128-channel chunks and a
-    recompute pass. Interpreter: ~8K-element tiles, few programs.
+    GPU: up to C = 256 all channels fit one tile (single pass, nothing recomputed), 4096-element
+    fp32 tiles (128x32, 256x16) over 16 warps; beyond that, 128-channel chunks of 16 pixels over
+    16 warps and a recompute pass. Checked by compiling for sm_90 without a GPU
+    (benchmarks/compile_report.py, triton 3.9): no spills, at most 104 registers; 128x32 chunks
+    spilled 16 bytes in the backward, 8 warps on 4096 elements reach 255 registers and spill, and
+    a fully unrolled 7x7 loop spilled kilobytes. Interpreter: ~8K-element tiles, few programs.
+    For channels_last inputs see convnext_front_nhwc.py (vector taps, one-pass LN for any C).
     """
     if interpreting():
         bc = block("convnext_block_c", min(next_pow2(C), 128))

@@ -78,9 +78,12 @@ def test_opcheck_fake_and_autograd_registration():
     torch.library.opcheck(_convnext_front_fwd, (x, w, b, None, None, None, None, None, 1e-5))
 
 
-def test_torch_compile_traces_the_op():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_torch_compile_traces_the_op(channels_last):
     """fullgraph compile (aot_eager: the fake kernels and autograd formula are traced)."""
     inputs = convnext_inputs(2, 12, 5, 6)
+    if channels_last:  # the NHWC op: its fake output must be channels_last like the real one
+        inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
     f = lambda *a: convnext_front(*a).square().sum()  # noqa: E731
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     leaves = [a.clone().requires_grad_() for a in inputs]
