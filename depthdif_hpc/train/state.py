@@ -23,7 +23,7 @@ import torch.distributed as dist
 from depthdif_hpc.checkpoint import layout
 from depthdif_hpc.checkpoint.weights import checkpoint_weights, load_model_weights
 from depthdif_hpc.config import Config, ConfigError, to_dict
-from depthdif_hpc.train.ema import FRAGMENT, PARTITION, ShardedEMA
+from depthdif_hpc.train.ema import ShardedEMA
 from depthdif_hpc.train.optim import LRController
 from depthdif_hpc.train.stream import DataStream
 
@@ -251,21 +251,7 @@ class TrainState:
             log.warning(f"{path} has no EMA state; EMA restarts from the current weights")
             self.ema.update(0)
             return
-        for name, p, shadow, kind in zip(self.ema.names, self.ema.params, self.ema.shadow, self.ema.layouts,
-                                         strict=True):
-            flat = full[name].reshape(-1).to(shadow.device, shadow.dtype)
-            if kind == PARTITION:  # ZeRO-3: rank r holds [r * n, (r + 1) * n) of the padded tensor
-                n = shadow.numel()
-                piece = torch.zeros(n, dtype=shadow.dtype, device=shadow.device)
-                mine = flat[self.rank * n:(self.rank + 1) * n]
-                piece[:mine.numel()] = mine
-                shadow.copy_(piece.view_as(shadow))
-            elif kind == FRAGMENT:  # ZeRO-1/2: the fp32 fragment this rank's optimizer owns
-                if shadow.numel():
-                    start = p._hp_mapping.lp_fragment_address.start
-                    shadow.copy_(flat.narrow(0, start, shadow.numel()).view_as(shadow))
-            else:
-                shadow.copy_(flat.view_as(shadow))
+        self.ema.load_full_state(full)
 
     # ------------------------------------------------------------------ save
 
