@@ -881,13 +881,16 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
     for call in calls:
         kern, ref = impls(call.kind)
         chosen = {"compile": None} if compiled else {"eager": ref, "triton": kern}
+        # "+cl": the same call on a channels_last input, as the trainer's channels_last switch
+        # makes it (the front then runs its NHWC v2 kernels, cuDNN its NHWC convolutions).
+        chosen |= {f"{k}+cl": v for k, v in chosen.items()}
         for impl, fn in chosen.items():
-            if impl == "compile":
+            if impl.startswith("compile"):
                 torch._dynamo.reset()
                 fn = torch.compile(ref, dynamic=False, backend=plan.compile_backend)
             note = ""
             try:
-                f_ms, fb_ms = _time_call(call, fn, B, ctx.device, bench)
+                f_ms, fb_ms = _time_call(call, fn, B, ctx.device, bench, impl.endswith("+cl"))
             except oom_error():
                 f_ms = fb_ms = math.nan
                 note = "out of memory"
@@ -908,12 +911,16 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
     return 1 if failed else 0
 
 
-def _time_call(call: Call, impl: Callable, batch: int, device: Any, bench: Bench
-               ) -> tuple[float, float]:
-    """(forward ms, forward + backward ms) of one implementation of a call under autocast."""
+def _time_call(call: Call, impl: Callable, batch: int, device: Any, bench: Bench,
+               channels_last: bool = False) -> tuple[float, float]:
+    """(forward ms, forward + backward ms) of one implementation of a call under autocast, its
+    4-D input (x, or the attention's qkv) in channels_last if asked."""
     import torch
 
     inputs = call_inputs(call, batch, "training", device)
+    if channels_last:
+        inputs[0] = inputs[0].detach().contiguous(memory_format=torch.channels_last) \
+            .requires_grad_(True)
     leaves = tuple(t for t in inputs if t is not None)
     run = call_fn(call, impl)
 
