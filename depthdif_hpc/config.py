@@ -42,6 +42,7 @@ CoordEncoding = Literal["unit_sphere", "sincos", "raw"]
 DateEncoding = Literal["day_of_year_sincos"]
 ScheduleName = Literal["linear", "quadratic", "sigmoid", "cosine"]
 SamplerName = Literal["ddpm", "ddim"]
+DDIMDiscretization = Literal["uniform", "quadratic"]
 ValidationSampler = Literal["model", "ddim"]
 Precision = Literal["auto", "bf16", "fp32"]
 Distributed = Literal["ddp", "deepspeed"]
@@ -188,6 +189,9 @@ class SamplingConfig:
     ddim_num_timesteps: int = 200
     ddim_eta: float = 0.0
     ddim_temperature: float = 1.0
+    # Which model steps a DDIM chain visits: uniform in t, or quadratic (dense near t = 0, where
+    # small-spread levels are resolved; docs/model.md#ensemble-spread).
+    ddim_discretization: DDIMDiscretization = "uniform"
 
     def check(self) -> Problems:
         yield from _positive("ddim_num_timesteps", self.ddim_num_timesteps)

@@ -57,8 +57,32 @@ class DDPMSampler:
         return mean + beta**0.5 * z
 
 
+DDIM_DISCRETIZATIONS = ("uniform", "quadratic")
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int, discretization: str = "uniform") -> torch.Tensor:
+    """The S = min(num_steps, T) model steps tau_0 < ... < tau_{S-1} a DDIM chain visits.
+
+    uniform: round(linspace(0, T-1, S)). quadratic: round(linspace(0, sqrt(T-1), S)^2), dense at the
+    low-noise end, where a field whose spread is small in model units (a deep level under the
+    global z-score: ~0.02) is resolved; duplicate rounded steps are moved up so the S steps stay
+    distinct (docs/model.md#ensemble-spread).
+    """
+    if discretization not in DDIM_DISCRETIZATIONS:
+        raise ValueError(f"unknown DDIM discretization {discretization!r}; expected one of "
+                         f"{DDIM_DISCRETIZATIONS}")
+    s = min(num_steps, num_timesteps)
+    if discretization == "uniform" or s < 2:
+        return torch.linspace(0, num_timesteps - 1, s, dtype=torch.float64).round().long()
+    tau = (torch.linspace(0, (num_timesteps - 1) ** 0.5, s, dtype=torch.float64) ** 2).round().long()
+    for i in range(1, s):  # a strictly increasing map (s <= T leaves room up to T-1)
+        tau[i] = max(int(tau[i]), int(tau[i - 1]) + 1)
+    return tau
+
+
 class DDIMSampler(DDPMSampler):
-    """DDIM over S = min(S_req, T) steps, tau_i = round(linspace(0, T-1, S)).
+    """DDIM over S = min(S_req, T) steps, tau_i = round(linspace(0, T-1, S)) (uniform) or dense
+    near t = 0 (quadratic, `ddim_timesteps`).
 
     The U-Net receives tau_i (project decision; the reference passed the loop index i).
     """
@@ -66,11 +90,12 @@ class DDIMSampler(DDPMSampler):
     name = "ddim"
 
     def __init__(self, betas: torch.Tensor, parameterization: str, num_steps: int,
-                 eta: float = 0.0, temperature: float = 1.0, clip_sample: bool = False) -> None:
+                 eta: float = 0.0, temperature: float = 1.0, clip_sample: bool = False,
+                 discretization: str = "uniform") -> None:
         super().__init__(betas, parameterization)
-        t = len(betas)
-        self.num_steps = min(num_steps, t)
-        self.tau = torch.linspace(0, t - 1, self.num_steps, dtype=torch.float64).round().long()
+        self.tau = ddim_timesteps(len(betas), num_steps, discretization)
+        self.num_steps = len(self.tau)
+        self.discretization = discretization
         self.timesteps = self.tau.flip(0)
         self.eta = eta
         self.temperature = temperature
@@ -98,12 +123,13 @@ class DDIMSampler(DDPMSampler):
 
 def make_sampler(name: str, *, schedule: str, num_timesteps: int, beta_start: float, beta_end: float,
                  parameterization: str, ddim_num_timesteps: int = 200, ddim_eta: float = 0.0,
-                 ddim_temperature: float = 1.0) -> DDPMSampler:
+                 ddim_temperature: float = 1.0, ddim_discretization: str = "uniform") -> DDPMSampler:
     betas = make_betas(schedule, num_timesteps, beta_start, beta_end)
     if name == "ddpm":
         return DDPMSampler(betas, parameterization)
     if name == "ddim":
-        return DDIMSampler(betas, parameterization, ddim_num_timesteps, ddim_eta, ddim_temperature)
+        return DDIMSampler(betas, parameterization, ddim_num_timesteps, ddim_eta, ddim_temperature,
+                           discretization=ddim_discretization)
     raise ValueError(f"unknown sampler {name!r}; expected 'ddpm' or 'ddim'")
 
 

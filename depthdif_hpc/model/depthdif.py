@@ -183,7 +183,7 @@ class DepthDif(nn.Module):
         s = self.cfg.sampling
         n = self.cfg.noise
         kwargs = dict(ddim_num_timesteps=s.ddim_num_timesteps, ddim_eta=s.ddim_eta,
-                      ddim_temperature=s.ddim_temperature)
+                      ddim_temperature=s.ddim_temperature, ddim_discretization=s.ddim_discretization)
         kwargs.update(overrides)
         return make_sampler(name or s.sampler, schedule=n.schedule, num_timesteps=n.num_timesteps,
                             beta_start=n.beta_start, beta_end=n.beta_end,
