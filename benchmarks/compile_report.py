@@ -7,10 +7,11 @@ No GPU needed: each variant is compiled ahead of time for an H100/H200 (`triton.
 `ASTSource` for `GPUTarget("cuda", 90, 32)`, Triton's own ptxas) and reported with its registers
 per thread, spill stores/loads and shared memory. Exit status 1 if any variant fails to compile
 or could not launch (registers x threads above the 64K of an SM, shared memory above 227 KB).
-Triton 3.9, ambient preset: 53 variants; worst 152 registers (`_dw_bwd_kernel`, fp32, 4 warps),
-16 bytes spilled (`_bwd_main_kernel` with more than 256 channels, 128 registers at 16 warps) and
-68 KB shared memory (linear-attention `_bwd_kernel`, fp32); recording takes ~7 s, compiling
-~50 s on 2 cores.
+Triton 3.9, ambient preset, NCHW and channels_last: 128 variants, no spills; worst 155
+registers (v1 `_dw_bwd_kernel`, fp32, 4 warps) and 76 KB shared memory (linear-attention
+`_bwd_kernel`, fp32); the `ld_global_bytes` column counts each variant's global loads by width
+(bytes per thread, from the PTX): the NHWC front's taps are 8- and 16-byte vectors, v1's NCHW
+taps 2 (bf16) or 4 (fp32) bytes. Recording took 9-27 s, compiling 4-11 min on 2 busy cores.
 
 Which variants: those the training step really launches. The preset's model (kernels=triton)
 runs forward and backward at the real batch and patch size on the meta device (no compute, no

@@ -331,7 +331,7 @@ def _front_tiles(C: int, HW: int) -> tuple[int, int, bool, int]:
     GPU: up to C = 256 all channels fit one tile (single pass, nothing recomputed), 4096-element
     fp32 tiles (128x32, 256x16) over 16 warps; beyond that, 128-channel chunks of 16 pixels over
     16 warps and a recompute pass. Checked by compiling for sm_90 without a GPU
-    (benchmarks/compile_report.py, triton 3.9): no spills, at most 104 registers; 128x32 chunks
+    (benchmarks/compile_report.py, triton 3.9): no spills, at most 101 registers; 128x32 chunks
     spilled 16 bytes in the backward, 8 warps on 4096 elements reach 255 registers and spill, and
     a fully unrolled 7x7 loop spilled kilobytes. Interpreter: ~8K-element tiles, few programs.
     For channels_last inputs see convnext_front_nhwc.py (vector taps, one-pass LN for any C).
