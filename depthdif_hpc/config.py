@@ -43,6 +43,7 @@ DateEncoding = Literal["day_of_year_sincos"]
 ScheduleName = Literal["linear", "quadratic", "sigmoid", "cosine"]
 SamplerName = Literal["ddpm", "ddim"]
 DDIMDiscretization = Literal["uniform", "quadratic"]
+UpsampleMode = Literal["transposed", "nearest_conv"]
 ValidationSampler = Literal["model", "ddim"]
 Precision = Literal["auto", "bf16", "fp32"]
 Distributed = Literal["ddp", "deepspeed"]
@@ -138,6 +139,9 @@ class UNetConfig:
     with_time_emb: bool = True
     output_mean_scale: bool = False
     residual: bool = False
+    # transposed: the research layout (its checkpoints load); nearest_conv removes the 2-pixel
+    # checkerboard of ConvTranspose2d(4, stride 2), other weight shapes (docs/model.md#checkerboard).
+    upsample: UpsampleMode = "transposed"
 
     def check(self) -> Problems:
         yield from _positive("dim", self.dim)
@@ -755,6 +759,7 @@ MOVED_KEYS: dict[str, str | None] = {
     "training.validation_sampling.ddim_num_timesteps": "model.sampling.ddim_num_timesteps",
     "training.validation_sampling.ddim_eta": "model.sampling.ddim_eta",
     "training.validation_sampling.ddim_temperature": "model.sampling.ddim_temperature",
+    "training.validation_sampling.ddim_discretization": "model.sampling.ddim_discretization",
     "training.validation_sampling.log_intermediates": "trainer.log_intermediates",
     "training.validation_sampling.max_full_reconstruction_samples": "trainer.full_reconstruction_samples",
     "model.log_intermediates": None,

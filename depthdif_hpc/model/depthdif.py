@@ -82,6 +82,7 @@ class DepthDif(nn.Module):
             coord_emb_dim=embed_dim,
             output_mean_scale=model.unet.output_mean_scale,
             residual=model.unet.residual,
+            upsample=model.unet.upsample,
         )
         self.coord_mlp = (
             CoordDateEncoder(embed_dim, cc.encoding, cc.include_date, cc.date_encoding) if cc.enabled else None

@@ -131,5 +131,16 @@ def Downsample(dim: int) -> nn.Conv2d:  # noqa: N802 - reads as a layer
     return nn.Conv2d(dim, dim, 4, 2, 1)
 
 
-def Upsample(dim: int) -> nn.ConvTranspose2d:  # noqa: N802
-    return nn.ConvTranspose2d(dim, dim, 4, 2, 1)
+UPSAMPLE_MODES = ("transposed", "nearest_conv")
+
+
+def Upsample(dim: int, mode: str = "transposed") -> nn.Module:  # noqa: N802
+    """x2 upsampling. transposed: the research layout's ConvTranspose2d(4, stride 2), whose four
+    output phases use different taps and so print a 2-pixel checkerboard on smooth fields
+    (docs/model.md#checkerboard); nearest_conv: nearest-neighbour x2 then a 3x3 convolution, the
+    same filter for every output pixel."""
+    if mode == "transposed":
+        return nn.ConvTranspose2d(dim, dim, 4, 2, 1)
+    if mode == "nearest_conv":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim, 3, padding=1))
+    raise ValueError(f"unknown upsample mode {mode!r}; expected one of {UPSAMPLE_MODES}")

@@ -42,6 +42,7 @@ class UNet(nn.Module):
         coord_emb_dim: int | None = None,
         output_mean_scale: bool = False,
         residual: bool = False,
+        upsample: str = "transposed",
     ) -> None:
         super().__init__()
         if residual and channels != out_dim:
@@ -93,7 +94,7 @@ class UNet(nn.Module):
                         ConvNextBlock(d_out * 2, d_in, **blk),
                         ConvNextBlock(d_in, d_in, **blk),
                         _attn(d_in),
-                        Upsample(d_in),
+                        Upsample(d_in, upsample),
                     ]
                 )
             )
