@@ -78,3 +78,18 @@ def test_ddim_timesteps_quadratic_is_strictly_increasing_over_the_whole_chain(to
 def test_unknown_discretization_is_refused():
     with pytest.raises(ValueError, match="cubic"):
         DDIMSampler(torch.full((10,), 0.01), "x0", 5, discretization="cubic")
+
+
+def test_the_model_config_chooses_the_discretization():
+    from depthdif_hpc.config import ModelConfig
+    from depthdif_hpc.model.depthdif import DepthDif
+
+    cfg = ModelConfig()
+    cfg.unet.dim, cfg.unet.dim_mults = 8, [1, 2]
+    cfg.sampling.ddim_num_timesteps = 20
+    model = DepthDif(cfg)
+    assert model.make_sampler("ddim").tau[:3].tolist() == [0, 53, 105]
+    cfg.sampling.ddim_discretization = "quadratic"
+    assert model.make_sampler("ddim").tau[:4].tolist() == [0, 3, 11, 25]
+    # predict's per-call overrides reach it too
+    assert model.make_sampler("ddim", ddim_discretization="uniform").tau[1].item() == 53
