@@ -10,15 +10,13 @@ test; the GPU benchmark command measures the inductor step (docs/gpu_run.md).
 from __future__ import annotations
 
 import copy
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from common import args, steps
 from memdata import factory
+from test_train_multi import _torchrun
 
 from depthdif_hpc.config import ConfigError, load_config
 from depthdif_hpc.model.unet import UNet
@@ -200,16 +198,6 @@ def test_training_with_every_option_matches_eager(tmp_path):
     assert [r["step"] for r in fast] == [1, 2, 3, 4]
     torch.testing.assert_close(torch.tensor([r["loss"] for r in fast]),
                                torch.tensor([r["loss"] for r in eager]), rtol=1e-4, atol=1e-6)
-
-
-def _torchrun(out: Path, train_args: list[str]) -> None:
-    with socket.socket() as sock:  # torchrun's static rendezvous cannot take port 0
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(Path(__file__).resolve().parent / "worker.py"), str(out), "--", *train_args]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
 
 
 @pytest.mark.slow
