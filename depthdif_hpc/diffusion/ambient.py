@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from depthdif_hpc.diffusion import rng
+
 
 def further_keep_mask(
     observed: torch.Tensor,
@@ -18,7 +20,7 @@ def further_keep_mask(
     *,
     shared_spatial: bool = True,
     min_kept: int = 1,
-    generator: torch.Generator | None = None,
+    generator: rng.RowGenerators = None,
 ) -> torch.Tensor:
     """Return A~ (same shape and dtype as the binary float mask `observed`, (B,C,H,W)), A~ <= A."""
     if observed.ndim != 4:
@@ -26,7 +28,7 @@ def further_keep_mask(
     b, c, h, w = observed.shape
     dev = observed.device
     keep_shape = (b, 1, h, w) if shared_spatial else (b, c, h, w)
-    keep = (torch.rand(keep_shape, generator=generator, device=dev) >= drop_prob).to(observed.dtype)
+    keep = (rng.rand(keep_shape, generator, device=dev) >= drop_prob).to(observed.dtype)
     kept = observed * keep
     if min_kept <= 0:
         return kept
@@ -37,7 +39,7 @@ def further_keep_mask(
     k = min(min_kept, flat_obs.shape[1])
     # Observed entries get scores in [0, 1), the rest 2: the k smallest are observed whenever
     # enough exist, and the first `need` of them are a uniform draw among the observed.
-    scores = torch.rand(flat_obs.shape, generator=generator, device=dev)
+    scores = rng.rand(flat_obs.shape, generator, device=dev)
     scores = torch.where(flat_obs > 0, scores, torch.full_like(scores, 2.0))
     idx = scores.topk(k, dim=1, largest=False, sorted=True).indices
     rank = torch.arange(k, device=dev).expand(b, k)

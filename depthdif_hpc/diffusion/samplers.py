@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from depthdif_hpc.diffusion import rng
 from depthdif_hpc.diffusion.schedules import alpha_bars, make_betas
 
 
@@ -45,7 +46,7 @@ class DDPMSampler:
         return eps, x0
 
     def step(self, x: torch.Tensor, i: int, pred: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: rng.RowGenerators = None) -> torch.Tensor:
         eps, _ = self.eps_and_x0(x, i, pred)
         beta = float(self.betas[i])
         alpha = float(self.alphas[i])
@@ -53,7 +54,7 @@ class DDPMSampler:
         mean = (x - beta / (1 - ab) ** 0.5 * eps) / alpha**0.5
         if i == 0:
             return mean
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        z = rng.randn(x.shape, generator, device=x.device, dtype=x.dtype)
         return mean + beta**0.5 * z
 
 
@@ -105,7 +106,7 @@ class DDIMSampler(DDPMSampler):
         return int(self.tau[i])
 
     def step(self, x: torch.Tensor, i: int, pred: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: rng.RowGenerators = None) -> torch.Tensor:
         eps, x0 = self.eps_and_x0(x, i, pred)
         ab = float(self.alphas_cumprod[self.tau[i]])
         ab_prev = float(self.alphas_cumprod[self.tau[i - 1]]) if i > 0 else 1.0
@@ -116,7 +117,7 @@ class DDIMSampler(DDPMSampler):
         direction = max(0.0, 1 - ab_prev - sigma**2) ** 0.5
         out = ab_prev**0.5 * x0 + direction * eps
         if self.eta > 0:
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = rng.randn(x.shape, generator, device=x.device, dtype=x.dtype)
             out = out + sigma * self.temperature * z
         return out
 
@@ -154,7 +155,7 @@ def reverse_diffusion(
     known_mask: torch.Tensor | None = None,
     return_intermediates: bool = False,
     intermediate_step_indices: Sequence[int] | None = None,
-    generator: torch.Generator | None = None,
+    generator: rng.RowGenerators = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> ReverseResult:
     """Run the chain from x_T ~ N(0, I) * temperature down to x_0.
@@ -166,7 +167,7 @@ def reverse_diffusion(
     With `known`/`known_mask`, x <- x (1 - M) + known M after init and after every step (clean
     values at every noise level, as in the reference).
     """
-    x = torch.randn(tuple(shape), generator=generator, device=device) * sampler.temperature
+    x = rng.randn(shape, generator, device=device) * sampler.temperature
 
     def clamp(v: torch.Tensor) -> torch.Tensor:
         if known is None or known_mask is None:

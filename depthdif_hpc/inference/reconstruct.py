@@ -54,13 +54,14 @@ from depthdif_hpc.inference.tiling import (
 FILL = np.float32(1.0e20)
 TEMP_NAME = "thetao"
 PLAN_FILE = "plan.json"
-# A tile's noise generator is seeded by its place on the global grid, so the same tile of any
-# region, rank or rerun draws the same members.
+# Each member of a tile has its own noise generator, seeded by the tile's place on the global grid
+# and the member's number: the same tile of any region, rank or rerun draws the same members, and
+# member k is the same whatever the ensemble size.
 _SEED_MIX = 1_000_003
 
 
-def tile_seed(seed: int, tile: Tile) -> int:
-    return seed * _SEED_MIX + tile.row0 * 100_000 + tile.col0
+def member_seed(seed: int, tile: Tile, member: int) -> int:
+    return (seed * _SEED_MIX + tile.row0 * 100_000 + tile.col0) * 1_009 + member
 
 
 # ------------------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ class SourceInputs:
 
 
 class EnsembleRunner:
-    """K members of one tile in one batch, from a generator seeded by `tile_seed`."""
+    """K members of one tile in one batch, member k from a generator seeded by `member_seed`."""
 
     def __init__(self, model: Any, *, ensemble: int = 1, sampler: str | None = None,
                  sampler_overrides: dict | None = None, seed: int = 0,
@@ -150,8 +151,9 @@ class EnsembleRunner:
     def __call__(self, tile: Tile, batch: dict[str, torch.Tensor]) -> np.ndarray:
         """(K, D, H, W) float32 degC, NaN off y_valid_mask."""
         rep = {k: v.repeat_interleave(self.ensemble, dim=0).to(self.device) for k, v in batch.items()}
-        g = torch.Generator(device=self.device).manual_seed(tile_seed(self.seed, tile))
-        res = self.model.predict(rep, sampler=self.sampler, generator=g)
+        gens = [torch.Generator(device=self.device).manual_seed(member_seed(self.seed, tile, k))
+                for k in range(self.ensemble)]
+        res = self.model.predict(rep, sampler=self.sampler, generator=gens)
         return res.y_hat_denorm.float().cpu().numpy()
 
 
