@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 
 BASE = ["--config", "configs/px_space/model_config.yaml", "--config", "configs/px_space/training_config.yaml"]
 AMBIENT = ["--config", "configs/px_space/model_config_ambient.yaml", "--config",
@@ -28,3 +35,19 @@ def args(run_dir: Path, *extra: str, ambient: bool = False) -> list[str]:
 
 def steps(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "steps.jsonl").read_text().splitlines()]
+
+
+def torchrun(out: Path, train_args: list[str], *opts: str, worker: str = "worker.py", timeout: int = 240,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Two local ranks of `tests/train/<worker>` under torchrun: `worker OUT OPTS -- TRAIN_ARGS`."""
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    with socket.socket() as sock:  # torchrun's static rendezvous cannot take port 0
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(HERE / worker), str(out), *opts, "--", *train_args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc

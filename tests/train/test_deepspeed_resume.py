@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from common import args, steps
+from common import args, steps, torchrun
 from safetensors.torch import load_file
-from test_train_multi import _facts, _torchrun
+from test_train_multi import _facts
 
 pytestmark = pytest.mark.slow
 
@@ -82,11 +82,11 @@ def test_resume_is_bit_exact(tmp_path, store, stage):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # Both runs also gather the full weights after step 5, as validation does mid-run: after a
     # ZeRO-3 resume that once broke the next step (DeepSpeed's "tracing error").
-    _torchrun(tmp_path / "s.json", args(straight, *extra), "--product-data", "--facts-at", "5")
-    _torchrun(tmp_path / "r1.json", args(resumed, *extra), "--stop-at", str(STOP), "--product-data")
+    torchrun(tmp_path / "s.json", args(straight, *extra), "--product-data", "--facts-at", "5")
+    torchrun(tmp_path / "r1.json", args(resumed, *extra), "--stop-at", str(STOP), "--product-data")
     assert [f["exit_code"] for f in _facts(tmp_path / "r1.json")] == [75, 75]
     assert (resumed / "checkpoints" / f"step_{STOP:08d}").is_dir()
-    _torchrun(tmp_path / "r2.json", args(resumed, *extra), "--product-data", "--facts-at", "5")
+    torchrun(tmp_path / "r2.json", args(resumed, *extra), "--product-data", "--facts-at", "5")
     assert [f["exit_code"] for f in _facts(tmp_path / "r2.json")] == [0, 0]
     for run in (straight, resumed):  # the bit-exact comparison holds under one pinned thread
         assert [r["threads"] for r in json.loads((run / "ranks.json").read_text())] == [1, 1]

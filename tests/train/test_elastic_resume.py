@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import args, steps
-from test_train_multi import ROOT, WORKER, _facts, _torchrun
+from common import HERE, ROOT, args, steps, torchrun
+from test_train_multi import _facts
 
 from depthdif_hpc.checkpoint.weights import checkpoint_weights
 from depthdif_hpc.data.store import StoreError, read_manifest
@@ -113,7 +113,7 @@ def test_two_ranks_to_one(tmp_path, store):
     """2 ranks (7 steps per epoch of 28) stop after step 3; 1 rank continues with the 16 samples
     left (8 steps), then starts epoch 1."""
     run = tmp_path / "run"
-    _torchrun(tmp_path / "a.json", args(run, *_base(store, 12, 1)), "--stop-at", "3", "--product-data")
+    torchrun(tmp_path / "a.json", args(run, *_base(store, 12, 1)), "--stop-at", "3", "--product-data")
     assert [f["exit_code"] for f in _facts(tmp_path / "a.json")] == [75, 75]
     assert main(args(run, *_base(store, 12, 0))) == 0
     _check(run, store, 12, 2, 1)
@@ -131,7 +131,7 @@ def test_one_rank_to_two(tmp_path, store):
             os.kill(os.getpid(), signal.SIGTERM)
 
     assert main(args(run, *_base(store, 10, 0)), hooks={"after_step": stop_at_3}) == 75
-    _torchrun(tmp_path / "b.json", args(run, *_base(store, 10, 1)), "--product-data")
+    torchrun(tmp_path / "b.json", args(run, *_base(store, 10, 1)), "--product-data")
     assert [f["exit_code"] for f in _facts(tmp_path / "b.json")] == [0, 0]
     _check(run, store, 10, 1, 2)
     assert [r["epoch"] for r in steps(run)] == [0] * 9 + [1]
@@ -144,10 +144,10 @@ def test_zero2_two_ranks_to_one(tmp_path, store):
     run = tmp_path / "run"
     ds = ["trainer.distributed=deepspeed", "trainer.deepspeed_config=configs/deepspeed/zero2.json",
           "trainer.zero_stage=2"]
-    _torchrun(tmp_path / "a.json", args(run, *_base(store, 12, 0), *ds), "--stop-at", "3", "--product-data")
+    torchrun(tmp_path / "a.json", args(run, *_base(store, 12, 0), *ds), "--stop-at", "3", "--product-data")
     assert [f["exit_code"] for f in _facts(tmp_path / "a.json")] == [75, 75]
     # Its own process: DeepSpeed keeps process-group state in module globals between engines.
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "b.json"), "--product-data", "--facts-at", "4", "--",
+    proc = subprocess.run([sys.executable, str(HERE / "worker.py"), str(tmp_path / "b.json"), "--product-data", "--facts-at", "4", "--",
                            *args(run, *_base(store, 12, 0), *ds)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

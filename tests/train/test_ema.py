@@ -3,14 +3,9 @@ average of the fp32 master weights."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from common import args
+from common import args, torchrun
 from memdata import factory
 from safetensors.torch import load_file
 
@@ -18,8 +13,6 @@ from depthdif_hpc.checkpoint import layout
 from depthdif_hpc.checkpoint.weights import checkpoint_weights
 from depthdif_hpc.train.cli import main
 from depthdif_hpc.train.ema import ShardedEMA
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_warmup_decay_follows_the_rule():
@@ -65,13 +58,7 @@ def test_deepspeed_bf16_ema_averages_the_fp32_master(tmp_path, stage):
     a = args(run, "trainer.distributed=deepspeed", f"trainer.deepspeed_config=configs/deepspeed/zero{stage}.json",
              "trainer.precision=bf16", "trainer.max_steps=4")
     out = tmp_path / "facts"
-    with socket.socket() as sock:  # torchrun's static rendezvous cannot take port 0
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(Path(__file__).resolve().parent / "ema_worker.py"), str(out), "--", *a]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    torchrun(out, a, worker="ema_worker.py", timeout=300)
     facts = torch.load(f"{out}.pt")
     masters, working, ema = facts["master"], facts["working"], facts["ema"]
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import args, steps
+from common import args, steps, torchrun
 from memdata import factory
-from test_train_multi import _torchrun
 
 from depthdif_hpc.config import ConfigError, load_config
 from depthdif_hpc.model.unet import UNet
@@ -24,7 +23,6 @@ from depthdif_hpc.train.cli import main
 from depthdif_hpc.train.optim import build_optimizer
 from depthdif_hpc.train.setup import apply_speed_options
 
-ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = ["trainer.compile=true", "trainer.compile_backend=aot_eager", "trainer.channels_last=true",
            "trainer.fused_adamw=true", "trainer.activation_checkpointing=all",
            "trainer.cudnn_benchmark=true"]
@@ -206,9 +204,9 @@ def test_compiled_step_under_zero2(tmp_path):
     ZeRO-2's client optimizer trains to the same weights as the default two-rank DDP run.
     (DDP with every option: test_training_with_every_option_matches_eager.)"""
     base = ["trainer.max_steps=3"]
-    _torchrun(tmp_path / "eager", args(tmp_path / "eager_run", *base))
+    torchrun(tmp_path / "eager", args(tmp_path / "eager_run", *base))
     zero2 = ["trainer.distributed=deepspeed", "trainer.deepspeed_config=configs/deepspeed/zero2.json"]
-    _torchrun(tmp_path / "fast", args(tmp_path / "fast_run", *base, *OPTIONS, *zero2))
+    torchrun(tmp_path / "fast", args(tmp_path / "fast_run", *base, *OPTIONS, *zero2))
     ref, got = torch.load(tmp_path / "eager.params.pt"), torch.load(tmp_path / "fast.params.pt")
     assert got.keys() == ref.keys()
     for k in ref:

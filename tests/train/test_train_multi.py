@@ -5,15 +5,11 @@ checkpoint (exit 75), resume continues, and the ZeRO-3 export equals the gathere
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from common import args, steps
+from common import args, steps, torchrun
 from memdata import MemoryStream
 from safetensors.torch import load_file
 
@@ -21,25 +17,7 @@ from depthdif_hpc.checkpoint.export import export
 from depthdif_hpc.config import load_config
 from depthdif_hpc.model.build import build_model
 
-ROOT = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).resolve().parent / "worker.py"
-
 pytestmark = pytest.mark.slow
-
-
-def _torchrun(out: Path, train_args: list[str], *opts: str, timeout: int = 240,
-              check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    with socket.socket() as sock:  # torchrun's static rendezvous cannot take port 0
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(WORKER), str(out), *opts, "--", *train_args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
 
 
 def _facts(out: Path) -> list[dict]:
@@ -68,7 +46,7 @@ def test_zero2_two_processes(tmp_path):
     a = args(run, "trainer.distributed=deepspeed", "trainer.deepspeed_config=configs/deepspeed/zero2.json",
              "trainer.max_steps=10", "trainer.val_every_n_steps=10", "trainer.full_reconstruction=true",
              "trainer.checkpoint_every_n_steps=5", "training.lr=3e-3")
-    _torchrun(tmp_path / "z2.json", a)
+    torchrun(tmp_path / "z2.json", a)
     f0, f1 = _facts(tmp_path / "z2.json")
     assert f0["exit_code"] == f1["exit_code"] == 0
     assert f0["param_sum"] == f1["param_sum"] and f0["param_abs"] == f1["param_abs"]  # ranks agree
@@ -90,14 +68,14 @@ def test_zero3_signal_resume_and_export(tmp_path):
              "trainer.zero_stage=3", "trainer.max_steps=10", "trainer.checkpoint_every_n_steps=1000",
              "training.lr=3e-3")
     # SIGUSR1 reaches rank 0 only, after step 4: both ranks stop at the same boundary, exit 75.
-    _torchrun(tmp_path / "first.json", a, "--stop-at", "4")
+    torchrun(tmp_path / "first.json", a, "--stop-at", "4")
     f0, f1 = _facts(tmp_path / "first.json")
     assert f0["exit_code"] == f1["exit_code"] == 75
     ck = run / "checkpoints" / "step_00000004"
     assert (ck / "MANIFEST.json").is_file()
     assert {p.name for p in ck.glob("ema_rank_*.safetensors")} == {"ema_rank_00000.safetensors",
                                                                     "ema_rank_00001.safetensors"}
-    _torchrun(tmp_path / "second.json", a)
+    torchrun(tmp_path / "second.json", a)
     f0, f1 = _facts(tmp_path / "second.json")
     assert f0["exit_code"] == f1["exit_code"] == 0
     assert f0["param_sum"] == f1["param_sum"] and f0["param_abs"] == f1["param_abs"]
@@ -123,7 +101,7 @@ def test_a_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path):
     a = args(run, "trainer.max_steps=50", "trainer.collective_timeout_s=15")
     t0 = time.monotonic()
     # after step 3: both ranks have passed the step-2 log flush (a collective) by then
-    proc = _torchrun(tmp_path / "hang.json", a, "--hang-at", "3", timeout=200, check=False)
+    proc = torchrun(tmp_path / "hang.json", a, "--hang-at", "3", timeout=200, check=False)
     took = time.monotonic() - t0
     assert proc.returncode != 0
     assert took < 150, took  # 15 s timeout + start-up + torchrun's 30 s shutdown grace

@@ -7,13 +7,9 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from common import args, steps
+from common import args, steps, torchrun
 from memdata import factory
 from validation_worker import validate
 
@@ -23,7 +19,6 @@ from depthdif_hpc.train.cli import main
 from depthdif_hpc.train.validation import validation_sampler
 from tests.helpers import tiny_config
 
-ROOT = Path(__file__).resolve().parents[2]
 RECON = ["trainer.full_reconstruction=true", "trainer.full_reconstruction_samples=3",
          "dataloader.val_batch_size=3", "trainer.log_intermediates=true", "trainer.validation_ddim_steps=5"]
 
@@ -37,16 +32,9 @@ def test_reconstruction_shared_over_two_ranks_equals_one_rank(tmp_path):
     one, _, log = validate(tmp_path / "one", args(tmp_path, *RECON))
     assert one is not None and log.scalar_calls == [one]
     assert one["val/recon_steps"] == 5  # DDIM, validation_ddim_steps
-    with socket.socket() as sock:  # torchrun's static rendezvous cannot take port 0
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     out = tmp_path / "two" / "metrics.json"
     out.parent.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(Path(__file__).resolve().parent / "validation_worker.py"), str(out), "--",
-           *args(tmp_path, *RECON)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    torchrun(out, args(tmp_path, *RECON), worker="validation_worker.py", timeout=300)
     two = json.loads(out.read_text())
     # samples 0 and 2 on rank 0, sample 1 on rank 1: the same numbers as one rank doing all three
     assert _recon_metrics(two["metrics"]) == _recon_metrics(one)
