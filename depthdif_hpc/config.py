@@ -44,6 +44,7 @@ ScheduleName = Literal["linear", "quadratic", "sigmoid", "cosine"]
 SamplerName = Literal["ddpm", "ddim"]
 DDIMDiscretization = Literal["uniform", "quadratic"]
 UpsampleMode = Literal["transposed", "nearest_conv"]
+X0Skip = Literal["none", "gaussian"]
 ValidationSampler = Literal["model", "ddim"]
 Precision = Literal["auto", "bf16", "fp32"]
 Distributed = Literal["ddp", "deepspeed"]
@@ -218,6 +219,10 @@ class ModelConfig:
     clamp_known_pixels: bool = True
     mask_loss_with_valid_pixels: bool = False
     parameterization: str = "epsilon"  # see PARAMETERIZATION_ALIASES
+    # gaussian: the x0 estimate is the posterior mean of x0 ~ N(output, s^2) given x_t, s^2 learned per
+    # generated channel, so members spread by ~s where a network that ignores x_t collapses them
+    # (docs/model.md#gaussian-x0-skip); none: the research model and its state-dict layout.
+    x0_skip: X0Skip = "none"
     # auto: Triton on CUDA after each kernel's first-use check, eager elsewhere
     kernels: KernelMode = "eager"
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -243,6 +248,9 @@ class ModelConfig:
             yield ("parameterization", self.parameterization,
                    "ambient occlusion (model.ambient_occlusion.enabled) requires the x0 "
                    "parameterization while require_x0_parameterization is true")
+        if self.x0_skip != "none" and param != "x0":
+            yield ("x0_skip", self.x0_skip,
+                   "shrinks an x0 estimate, so it needs the x0 parameterization")
         if self.unet.residual and self.condition_channels != 0:
             yield ("unet.residual", self.unet.residual,
                    "adds the raw input to the output, which needs input channels "

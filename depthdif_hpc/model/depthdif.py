@@ -22,8 +22,10 @@ from depthdif_hpc.config import (
 from depthdif_hpc.data.batch import Batch
 from depthdif_hpc.diffusion.ambient import ambient_stats, further_keep_mask
 from depthdif_hpc.diffusion.masks import align_mask, binarize, masked_mse
+from depthdif_hpc.diffusion.rng import RowGenerators
 from depthdif_hpc.diffusion.samplers import DDPMSampler, make_sampler, reverse_diffusion
 from depthdif_hpc.diffusion.schedules import NoiseSchedule
+from depthdif_hpc.diffusion.x0_skip import GaussianX0Skip
 from depthdif_hpc.model.conditioning import build_condition
 from depthdif_hpc.model.embeddings import CoordDateEncoder
 from depthdif_hpc.model.postprocess import gaussian_blur_depthwise, mask_invalid
@@ -89,6 +91,10 @@ class DepthDif(nn.Module):
         )
         n = model.noise
         self.schedule = NoiseSchedule(n.schedule, n.num_timesteps, n.beta_start, n.beta_end)
+        if model.x0_skip != "none" and self.parameterization != "x0":
+            raise ValueError(f"model.x0_skip={model.x0_skip} needs the x0 parameterization")
+        # Registered only when on: the default keeps the research state-dict layout.
+        self.x0_skip = GaussianX0Skip(model.generated_channels) if model.x0_skip == "gaussian" else None
 
     # ------------------------------------------------------------------ pieces
 
@@ -98,11 +104,16 @@ class DepthDif(nn.Module):
         return self.coord_mlp(batch.get("coords"), batch.get("date"))
 
     def denoise(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
-                c_emb: torch.Tensor | None) -> torch.Tensor:
-        return self.model(torch.cat((x_t, cond.to(x_t.dtype)), dim=1), t, c_emb)
+                c_emb: torch.Tensor | None, noisy_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The prediction the objective and the samplers use: the U-Net's output, through the
+        Gaussian x0 skip when `model.x0_skip` is on (`noisy_mask`: where x_t was not zeroed)."""
+        out = self.model(torch.cat((x_t, cond.to(x_t.dtype)), dim=1), t, c_emb)
+        if self.x0_skip is None:
+            return out
+        return self.x0_skip(out, x_t, self.schedule.alphas_cumprod[t], noisy_mask)
 
     def prepare(self, batch: Batch, *, further_drop: bool,
-                generator: torch.Generator | None = None) -> Prepared:
+                generator: RowGenerators = None) -> Prepared:
         """Masks, target and condition for one batch (docs/model.md#loss-supports)."""
         cfg = self.cfg
         g = cfg.generated_channels
@@ -169,11 +180,12 @@ class DepthDif(nn.Module):
         b = x0.shape[0]
         t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noisy_mask = p.noisy_mask if self.cfg.ambient_occlusion.apply_to_noisy_branch else None
         with torch.no_grad():
             x_t = self.schedule.q_sample(x0, t, noise)
-            if p.noisy_mask is not None and self.cfg.ambient_occlusion.apply_to_noisy_branch:
-                x_t = x_t * p.noisy_mask
-        pred = self.denoise(x_t, p.cond, t, self.coord_embedding(batch))
+            if noisy_mask is not None:
+                x_t = x_t * noisy_mask
+        pred = self.denoise(x_t, p.cond, t, self.coord_embedding(batch), noisy_mask)
         goal = x0 if self.parameterization == "x0" else noise
         loss = masked_mse(pred, goal, p.loss_mask)
         return loss, {"loss": loss.detach(), **p.stats}
@@ -199,7 +211,7 @@ class DepthDif(nn.Module):
         clamp_known_pixels: bool | None = None,
         return_intermediates: bool = False,
         intermediate_step_indices: list[int] | None = None,
-        generator: torch.Generator | None = None,
+        generator: RowGenerators = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Prediction:
         """Inference (docs/model.md#inference): condition, sample, denormalise, optional blur, NaN
@@ -228,7 +240,7 @@ class DepthDif(nn.Module):
         def denoise(x_i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if branch_mask is not None:
                 x_i = x_i * branch_mask
-            return self.denoise(x_i, p.cond, t, c_emb)
+            return self.denoise(x_i, p.cond, t, c_emb, branch_mask)
 
         b, _, h, w = p.cond.shape
         res = reverse_diffusion(

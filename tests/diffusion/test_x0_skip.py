@@ -1,0 +1,94 @@
+"""The Gaussian x0 skip (docs/model.md#gaussian-x0-skip): its variance is learned by the unchanged
+x0 MSE, and it turns a denoiser that ignores x_t into one whose ensemble spreads by s."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from depthdif_hpc.diffusion.samplers import make_sampler, reverse_diffusion
+from depthdif_hpc.diffusion.schedules import NoiseSchedule
+from depthdif_hpc.diffusion.x0_skip import GaussianX0Skip
+
+MU = 0.3
+
+
+def _sampler(name: str, steps: int = 20, discretization: str = "uniform"):
+    return make_sampler(name, schedule="cosine", num_timesteps=1000, beta_start=1e-4, beta_end=2e-2,
+                        parameterization="x0", ddim_num_timesteps=steps,
+                        ddim_discretization=discretization)
+
+
+def test_the_x0_loss_drives_the_variance_to_the_residual_variance():
+    # Toy problem: the network's output m is exact up to a residual of variance v per channel
+    # (deep levels under the global z-score ~4e-4, shallow ones larger); only s^2 is trained, with
+    # the demo's optimiser and learning rate, by the plain x0 MSE over uniform t.
+    torch.manual_seed(0)
+    ab_all = NoiseSchedule("cosine", 1000, 1e-4, 2e-2).alphas_cumprod
+    v = torch.tensor([4e-4, 1e-2, 0.25])
+    skip = GaussianX0Skip(3)
+    opt = torch.optim.AdamW(skip.parameters(), lr=2e-3, weight_decay=0.01)
+    for _ in range(700):
+        m = torch.randn(8, 3, 1, 1).expand(8, 3, 8, 8)
+        x0 = m + v.sqrt().view(1, 3, 1, 1) * torch.randn(8, 3, 8, 8)
+        t = torch.randint(0, 1000, (8,))
+        ab = ab_all[t].view(-1, 1, 1, 1)
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn_like(x0)
+        loss = ((skip(m, x_t, ab_all[t]) - x0) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ratio = skip.variance().detach() / v
+    assert bool(((ratio > 0.75) & (ratio < 1.3)).all()), ratio
+
+
+def test_the_estimate_is_the_gaussian_posterior_mean():
+    # Against the conditional mean estimated by least squares on samples of (x0, x_t).
+    torch.manual_seed(1)
+    s2, ab = 0.04, torch.tensor([0.97])
+    skip = GaussianX0Skip(1, init_var=s2)
+    x0 = MU + s2**0.5 * torch.randn(1, 1, 200_000, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn_like(x0)
+    slope = torch.cov(torch.stack([x0.flatten(), x_t.flatten()]))[0, 1] / x_t.var()
+    est = skip(torch.full_like(x0, MU), x_t, ab)
+    lsq = x0.mean() + slope * (x_t - x_t.mean())
+    assert float((est - lsq).detach().abs().max()) < 2e-3
+    # noise far above s: the estimate is the network's output; noise far below: it is x_t / sqrt(ab)
+    m = torch.full((1, 1, 4, 4), MU)
+    x = torch.randn(1, 1, 4, 4)
+    assert torch.allclose(skip(m, x, torch.tensor([1e-6])), m, atol=1e-4)
+    assert torch.allclose(skip(m, x, torch.tensor([1 - 1e-8])), x, atol=1e-4)
+
+
+def test_the_skip_leaves_masked_noisy_pixels_to_the_network():
+    skip = GaussianX0Skip(2, init_var=0.5)
+    m, x_t = torch.zeros(1, 2, 3, 3), torch.ones(1, 2, 3, 3)
+    valid = torch.zeros(1, 2, 3, 3)
+    valid[..., 1, 1] = 1
+    out = skip(m, x_t, torch.tensor([0.5]), valid)
+    assert float(out[..., 1, 1].min()) > 0.3
+    assert float(out.abs().sum() - out[..., 1, 1].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="channels"):
+        skip(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2), torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize("name,steps,disc,lo,hi", [
+    ("ddim", 20, "quadratic", 0.75, 1.05),
+    ("ddim", 100, "uniform", 0.85, 1.05),
+    ("ddpm", 1000, "uniform", 0.9, 1.1),
+])
+def test_a_mean_only_network_through_the_skip_spreads_by_s(name, steps, disc, lo, hi):
+    # tests/diffusion/test_spread.py: the same network without the skip gives spread 0 exactly.
+    s = 0.05
+    skip = GaussianX0Skip(1, init_var=s * s)
+    smp = _sampler(name, steps, disc)
+    ab_all = smp.alphas_cumprod.float()
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return skip(torch.full_like(x, MU), x, ab_all[t])
+
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        out = reverse_diffusion(net, smp, (1, 1, 2000, 1), device=torch.device("cpu"), generator=g).sample
+    assert lo < out.std().item() / s < hi
+    assert abs(out.mean().item() - MU) < 0.1 * s
