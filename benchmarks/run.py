@@ -28,7 +28,7 @@ import torch
 from depthdif_hpc.kernels import DTYPES
 
 HERE = Path(__file__).resolve().parent
-OPS = ("convnext_front", "layer_norm", "linear_attention")
+OPS = ("convnext_front", "convnext_epilogue", "layer_norm", "linear_attention")
 # Peak HBM bandwidth by device name, used when the device properties do not give the clocks.
 PEAK_BW = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12,
            "A100": 1.555e12}

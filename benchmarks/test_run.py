@@ -31,4 +31,5 @@ def test_run_driver_smoke(tmp_path: Path):
     impls = {line.split(",")[header.index("impl")] for line in lines[1:]}
     assert {"eager", "triton"} <= impls
     ops = {line.split(",")[0] for line in lines[1:]}
-    assert ops == {"convnext_front", "layer_norm", "linear_attention", "unet_train_step"}
+    assert ops == {"convnext_front", "convnext_epilogue", "layer_norm", "linear_attention",
+                   "unet_train_step"}

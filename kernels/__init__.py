@@ -7,7 +7,9 @@ TRITON_INTERPRET=1, on CPU. Inputs: fp32, bf16 or fp16, contiguous NCHW (made co
 `layer_norm` also keeps channels_last).
 Beside each kernel, `<op>_reference` is the small eager PyTorch version it is checked against.
 
-* `convnext_front`: LN_c((dwconv7x7(x) + b + time_bias) * (1 + s) + beta), see convnext_front.py
+* `convnext_front`: LN_c((dwconv7x7(x) + b + time_bias) * (1 + s) + beta), see convnext_front.py;
+  `convnext_front_epilogue` is the same op as torch's depthwise conv + one fused epilogue kernel
+  (convnext_epilogue.py), chosen per call shape by a measured table (front_table.py)
 * `layer_norm`: LayerNorm over the channels of (B, C, H, W), as PreNorm, see layer_norm.py
 * `linear_attention`: softmax_n(k) context, out = scale * ctx^T q, see linear_attention.py
 
@@ -16,6 +18,7 @@ the reference per `model.kernels` and self-checks each kernel before its first u
 """
 
 from ._utils import DTYPES, dtype_name
+from .convnext_epilogue import convnext_epilogue_reference, convnext_front_epilogue
 from .convnext_front import convnext_front, convnext_front_reference
 from .dispatch import (
     KERNEL_MODES,
@@ -25,17 +28,21 @@ from .dispatch import (
     KernelOp,
     run_op,
 )
+from .front_table import FrontTable, set_front_table
 from .layer_norm import layer_norm, layer_norm_reference
 from .linear_attention import linear_attention, linear_attention_reference
 
 __all__ = [
     "DTYPES",
+    "FrontTable",
     "KERNEL_MODES",
     "KernelCheckError",
     "KernelDispatcher",
     "KernelFallbackWarning",
     "KernelOp",
+    "convnext_epilogue_reference",
     "convnext_front",
+    "convnext_front_epilogue",
     "convnext_front_reference",
     "dtype_name",
     "layer_norm",
@@ -43,4 +50,5 @@ __all__ = [
     "linear_attention",
     "linear_attention_reference",
     "run_op",
+    "set_front_table",
 ]

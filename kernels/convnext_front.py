@@ -556,6 +556,29 @@ def convnext_front(
     ln_bias (C,); time_bias, film_scale, film_shift (B, C). time_bias, the FiLM pair and the LN
     pair may each be None. Output has x's dtype; all arithmetic is fp32 in registers.
     """
+    check_front_args(x, dw_weight, dw_bias, time_bias, film_scale, film_shift, ln_weight, ln_bias)
+    if is_channels_last(x):  # v2: NHWC taps are aligned vectors (convnext_front_nhwc.py)
+        return convnext_front_nhwc(x, dw_weight, dw_bias, time_bias, film_scale, film_shift,
+                                   ln_weight, ln_bias, eps)
+    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
+    y, _, _ = _convnext_front_fwd(
+        x.contiguous(), dw_weight.contiguous(), c(dw_bias), c(time_bias), c(film_scale),
+        c(film_shift), c(ln_weight), c(ln_bias), float(eps),
+    )
+    return y
+
+
+def check_front_args(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: torch.Tensor | None,
+    time_bias: torch.Tensor | None,
+    film_scale: torch.Tensor | None,
+    film_shift: torch.Tensor | None,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+) -> None:
+    """The front's argument contract (shapes, pairs, dtypes, one device), for every variant."""
     if x.ndim != 4:
         raise ValueError(f"convnext_front expects x of shape (B, C, H, W), got {tuple(x.shape)}")
     B, C = x.shape[:2]
@@ -576,12 +599,3 @@ def convnext_front(
         if name in want and tuple(t.shape) != want[name]:
             raise ValueError(f"{name} must have shape {want[name]}, got {tuple(t.shape)}")
     check_same_device(**named)
-    if is_channels_last(x):  # v2: NHWC taps are aligned vectors (convnext_front_nhwc.py)
-        return convnext_front_nhwc(x, dw_weight, dw_bias, time_bias, film_scale, film_shift,
-                                   ln_weight, ln_bias, eps)
-    c = lambda t: t.contiguous() if t is not None else None  # noqa: E731
-    y, _, _ = _convnext_front_fwd(
-        x.contiguous(), dw_weight.contiguous(), c(dw_bias), c(time_bias), c(film_scale),
-        c(film_shift), c(ln_weight), c(ln_bias), float(eps),
-    )
-    return y

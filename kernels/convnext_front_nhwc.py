@@ -44,6 +44,8 @@ Partials are summed by small torch reductions: deterministic, no atomics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -83,6 +85,18 @@ def _conv_part(
             xv = tl.load(row + (kx - 3) * C, mask=ok[:, None] & mask_c[None, :], other=0.0)
             wv = tl.load(wt_ptr + (ky * 7 + kx) * C + offs_c, mask=mask_c, other=0.0)
             acc += wv.to(tl.float32)[None, :] * xv.to(tl.float32)
+    return _bias_film(acc, bias_ptr, tb_ptr, s_ptr, beta_ptr, b, C, offs_c, mask_p, HAS_BIAS,
+                      HAS_TB, HAS_FILM, BLOCK_C)
+
+
+@triton.jit
+def _bias_film(
+    acc, bias_ptr, tb_ptr, s_ptr, beta_ptr, b, C, offs_c, mask_p,
+    HAS_BIAS: tl.constexpr, HAS_TB: tl.constexpr, HAS_FILM: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """(h0, h1, 1 + s) from a [BLOCK_P, BLOCK_C] conv tile `acc` (fp32, without its bias):
+    h0 = acc + bias + time_bias, h1 = h0 * (1 + s) + beta; 0 where masked."""
+    mask_c = offs_c < C
     vec = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_BIAS:
         vec += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
@@ -98,6 +112,22 @@ def _conv_part(
         s1 = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
         h1 = h0
     return h0, h1, s1
+
+
+@triton.jit
+def _ln_stats(h1a, h1b, ca, cb, C, eps, PART_B: tl.constexpr):
+    """Per-pixel mean and rstd of h1 over both channel parts, the exact two-pass variance from
+    registers. With PART_B == 0 the second part is not read (callers pass the first again)."""
+    tot = tl.sum(h1a, axis=1)
+    if PART_B > 0:
+        tot += tl.sum(h1b, axis=1)
+    mean = tot / C
+    da = tl.where((ca < C)[None, :], h1a - mean[:, None], 0.0)
+    ss = tl.sum(da * da, axis=1)
+    if PART_B > 0:
+        db = tl.where((cb < C)[None, :], h1b - mean[:, None], 0.0)
+        ss += tl.sum(db * db, axis=1)
+    return mean, 1.0 / tl.sqrt_rn(ss / C + eps)
 
 
 @triton.jit
@@ -142,16 +172,10 @@ def _fwd_kernel(
     mean = tl.zeros([BLOCK_P], dtype=tl.float32)
     rstd = mean
     if HAS_LN:
-        tot = tl.sum(h1a, axis=1)
         if PART_B > 0:
-            tot += tl.sum(h1b, axis=1)
-        mean = tot / C
-        da = tl.where((ca < C)[None, :], h1a - mean[:, None], 0.0)
-        ss = tl.sum(da * da, axis=1)
-        if PART_B > 0:
-            db = tl.where((cb < C)[None, :], h1b - mean[:, None], 0.0)
-            ss += tl.sum(db * db, axis=1)
-        rstd = 1.0 / tl.sqrt_rn(ss / C + eps)
+            mean, rstd = _ln_stats(h1a, h1b, ca, cb, C, eps, PART_B)
+        else:
+            mean, rstd = _ln_stats(h1a, h1a, ca, ca, C, eps, PART_B)
     _ln_out(h1a, mean, rstd, g_ptr, lnb_ptr, y_base, ca, offs_p, mask_p, C, HAS_LN)
     if PART_B > 0:
         _ln_out(h1b, mean, rstd, g_ptr, lnb_ptr, y_base, cb, offs_p, mask_p, C, HAS_LN)
@@ -161,9 +185,10 @@ def _fwd_kernel(
 def _bwd_part(
     h0, h1, s1, dy, mean, rstd, c1, c2, g_ptr, dh0_base, dg_part, dlnb_part, dsum_part, ds_part,
     row, offs_c, offs_p, mask_p, C,
-    HAS_FILM: tl.constexpr, HAS_LN: tl.constexpr,
+    HAS_FILM: tl.constexpr, HAS_LN: tl.constexpr, STORE_DH0: tl.constexpr = True,
 ):
-    """Finish one channel part: dh0 and the partial channel sums (c1, c2 already reduced)."""
+    """Finish one channel part: dh0 (stored if STORE_DH0) and the partial channel sums (c1, c2
+    already reduced)."""
     mask_c = offs_c < C
     pmask = mask_p[:, None] & mask_c[None, :]
     if HAS_LN:
@@ -181,8 +206,9 @@ def _bwd_part(
         dh0 = dh1 * s1[None, :]
     else:
         dh0 = dh1
-    tl.store(dh0_base + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :],
-             dh0.to(dh0_base.dtype.element_ty), mask=pmask)
+    if STORE_DH0:
+        tl.store(dh0_base + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :],
+                 dh0.to(dh0_base.dtype.element_ty), mask=pmask)
 
 
 @triton.jit
@@ -239,16 +265,10 @@ def _bwd_main_kernel(
         c2 = zero
         if HAS_LN:
             # The forward's statistics, recomputed from the same registers (see the docstring).
-            tot = tl.sum(h1a, axis=1)
             if PART_B > 0:
-                tot += tl.sum(h1b, axis=1)
-            mean = tot / C
-            da = tl.where((ca < C)[None, :], h1a - mean[:, None], 0.0)
-            ss = tl.sum(da * da, axis=1)
-            if PART_B > 0:
-                db = tl.where((cb < C)[None, :], h1b - mean[:, None], 0.0)
-                ss += tl.sum(db * db, axis=1)
-            rstd = 1.0 / tl.sqrt_rn(ss / C + eps)
+                mean, rstd = _ln_stats(h1a, h1b, ca, cb, C, eps, PART_B)
+            else:
+                mean, rstd = _ln_stats(h1a, h1a, ca, ca, C, eps, PART_B)
             c1, c2 = _ln_dots(h1a, dya, mean, rstd, g_ptr, ca, mask_p, C)
             if PART_B > 0:
                 e1, e2 = _ln_dots(h1b, dyb, mean, rstd, g_ptr, cb, mask_p, C)
@@ -525,19 +545,30 @@ def _convnext_front_nhwc_bwd(
         dw = dw_p.sum(0).t().reshape(C, 1, KS, KS).to(dw_weight.dtype)
     else:
         dw = empty()
+    return [dx, dw, *vector_grads(B, npb, dsum_p, ds_p, dg_p, dlnb_p, dw_bias, time_bias,
+                                  film_scale, film_shift, ln_weight, empty)]
+
+
+def vector_grads(
+    B: int, npb: int, dsum_p: torch.Tensor, ds_p: torch.Tensor, dg_p: torch.Tensor,
+    dlnb_p: torch.Tensor, dw_bias: torch.Tensor | None, time_bias: torch.Tensor | None,
+    film_scale: torch.Tensor | None, film_shift: torch.Tensor | None,
+    ln_weight: torch.Tensor | None, empty: Callable[[], torch.Tensor],
+) -> list[torch.Tensor]:
+    """[dbias, dtime_bias, dscale, dshift, dg, dlnb] from the fronts' per-program partial channel
+    sums (rows b * npb + program) of dh1 (dsum_p), dh1 * h0 (ds_p), dy * xhat (dg_p) and dy
+    (dlnb_p); absent inputs get `empty()`. A fixed-order torch sum: deterministic, no atomics."""
+    C = dsum_p.shape[-1]
     dsum = dsum_p.view(B, npb, C).sum(1)  # sum_p dh1, per (b, c)
-    dt = dsum * (1.0 + film_scale.float()) if has_film else dsum  # sum_p dh0
-    out = [dx, dw]
-    out.append(dt.sum(0).to(dw_bias.dtype) if has_bias else empty())
-    out.append(dt.to(time_bias.dtype) if has_tb else empty())
-    if has_film:
-        out.append(ds_p.view(B, npb, C).sum(1).to(film_scale.dtype))
-        out.append(dsum.to(film_shift.dtype))
+    dt = dsum * (1.0 + film_scale.float()) if film_scale is not None else dsum  # sum_p dh0
+    out = [dt.sum(0).to(dw_bias.dtype) if dw_bias is not None else empty(),
+           dt.to(time_bias.dtype) if time_bias is not None else empty()]
+    if film_scale is not None:
+        out += [ds_p.view(B, npb, C).sum(1).to(film_scale.dtype), dsum.to(film_shift.dtype)]
     else:
         out += [empty(), empty()]
-    if has_ln:
-        out.append(dg_p.sum(0).to(ln_weight.dtype))
-        out.append(dlnb_p.sum(0).to(ln_weight.dtype))
+    if ln_weight is not None:
+        out += [dg_p.sum(0).to(ln_weight.dtype), dlnb_p.sum(0).to(ln_weight.dtype)]
     else:
         out += [empty(), empty()]
     return out

@@ -25,6 +25,12 @@ first argument is laid out NHWC (a different compiled kernel: its unit stride is
 and that variant is checked on a channels_last input. Under `torch.compile` the check runs eagerly while
 the call is traced (`torch.compiler.assume_constant_result`); the graph holds the chosen
 implementation.
+
+ConvNeXt fronts on channels_last inputs have two kernels: the fused v2 front (the default) and
+the epilogue variant (torch's depthwise conv + one fused bias/FiLM/LayerNorm kernel,
+convnext_epilogue.py). A measured table (front_table.py: DEPTHDIF_FRONT_TABLE or
+`set_front_table`) picks one per call shape; the epilogue variant is its own op here
+(``convnext_front_epilogue``), so it gets its own self-check, verdict and fallback.
 """
 
 from __future__ import annotations
@@ -50,8 +56,10 @@ from ._testing import (
     layer_norm_inputs,
     linear_attention_inputs,
 )
-from ._utils import SUPPORTED_DTYPES, interpreting, is_channels_last
+from ._utils import SUPPORTED_DTYPES, dtype_name, interpreting, is_channels_last
+from .convnext_epilogue import convnext_front_epilogue
 from .convnext_front import convnext_front, convnext_front_reference
+from .front_table import choose_front
 from .layer_norm import layer_norm, layer_norm_reference
 from .linear_attention import linear_attention, linear_attention_reference
 
@@ -124,6 +132,8 @@ def _linear_attention_sample(shapes: Shapes, device: torch.device) -> list[torch
                                    device=device)
 
 
+FRONT_EPILOGUE = "convnext_front_epilogue"
+
 OPS: dict[str, KernelOp] = {
     op.name: op
     for op in (
@@ -131,6 +141,9 @@ OPS: dict[str, KernelOp] = {
         # across channel chunks (two different compiled kernels).
         KernelOp("convnext_front", convnext_front, convnext_front_reference, CONVNEXT_NAMES,
                  _convnext_sample, lambda shapes: (shapes[0][1],)),
+        # The front's epilogue variant (same contract), chosen per shape by the front table.
+        KernelOp(FRONT_EPILOGUE, convnext_front_epilogue, convnext_front_reference,
+                 CONVNEXT_NAMES, _convnext_sample, lambda shapes: (shapes[0][1],)),
         # As for the front: the channel count decides one register tile or channel chunks.
         KernelOp("layer_norm", layer_norm, layer_norm_reference, LAYER_NORM_NAMES,
                  _layer_norm_sample, lambda shapes: (shapes[0][1],)),
@@ -199,6 +212,10 @@ class KernelDispatcher:
 
     def select(self, op: str, mode: str, *args: Any) -> Callable[..., torch.Tensor]:
         """The implementation of `op` to call on `args` under `mode` (eager, triton or auto)."""
+        if (op == "convnext_front" and mode != "eager" and FRONT_EPILOGUE in self.ops
+                and is_channels_last(args[0])):
+            op = _front_op(*(int(s) for s in args[0].shape[1:]), dtype_name(args[0].dtype),
+                           args[0].device)
         spec = self.ops.get(op)
         if spec is None:
             raise ValueError(f"unknown kernel op {op!r}; known: {sorted(self.ops)}")
@@ -309,6 +326,13 @@ def _verdict_while_tracing(
 ) -> str | None:
     """`KernelDispatcher.verdict`, run eagerly (real tensors) while torch.compile traces a call."""
     return _INSTANCES[dispatcher_id].verdict(key, shapes, extra, warn=warn)
+
+
+@_assume_constant_result
+def _front_op(C: int, H: int, W: int, dtype: str, device: torch.device) -> str:
+    """The op that runs a channels_last front call (the front table's choice); under
+    torch.compile decided eagerly while tracing, like the self-check."""
+    return FRONT_EPILOGUE if choose_front(C, H, W, dtype, device) == "epilogue" else "convnext_front"
 
 
 DISPATCHER = KernelDispatcher()
