@@ -38,7 +38,7 @@ from ._utils import (
     is_channels_last,
     next_pow2,
 )
-from .convnext_front_nhwc import convnext_front_nhwc
+from .convnext_front_nhwc import convnext_front_nhwc, vector_grads
 
 KS = 7  # depthwise kernel size (padding 3)
 
@@ -460,23 +460,8 @@ def _convnext_front_bwd(
         dh0, x, dw_weight, dx, dw_p, C, H, W, npb2, BLOCK_C=dbc, BLOCK_P=dbp, num_warps=dnw
     )
     dw = dw_p.sum(0).t().contiguous().view(C, 1, KS, KS).to(dw_weight.dtype)
-    dsum = dsum_p.view(B, npb, C).sum(1)  # sum_p dh1, per (b, c)
-    dshift = dsum if has_film else None
-    dt = dsum * (1.0 + film_scale.float()) if has_film else dsum  # sum_p dh0
-    out = [dx, dw]
-    out.append(dt.sum(0).to(dw_bias.dtype) if has_bias else empty())
-    out.append(dt.to(time_bias.dtype) if has_tb else empty())
-    if has_film:
-        out.append(ds_p.view(B, npb, C).sum(1).to(film_scale.dtype))
-        out.append(dshift.to(film_shift.dtype))
-    else:
-        out += [empty(), empty()]
-    if has_ln:
-        out.append(dg_p.sum(0).to(ln_weight.dtype))
-        out.append(dlnb_p.sum(0).to(ln_weight.dtype))
-    else:
-        out += [empty(), empty()]
-    return out
+    return [dx, dw, *vector_grads(B, npb, dsum_p, ds_p, dg_p, dlnb_p, dw_bias, time_bias,
+                                  film_scale, film_shift, ln_weight, empty)]
 
 
 @_convnext_front_bwd.register_fake

@@ -75,6 +75,21 @@ def test_unet_kernels_match_eager_cpu_fp32(monkeypatch, channels_last, B, size):
     assert {k[3] for k in verdicts if k[0] == "layer_norm"} == {(8, *cl), (16, *cl)}
 
 
+def test_unet_with_epilogue_fronts_matches_eager_cpu_fp32(monkeypatch):
+    """channels_last with a front table that picks the epilogue variant for every front: each
+    front variant is checked and run as `convnext_front_epilogue`, and the U-Net matches eager."""
+    d = dispatch.KernelDispatcher()
+    monkeypatch.setattr(dispatch, "DISPATCHER", d)
+    monkeypatch.setattr(dispatch, "choose_front", lambda *args: "epilogue")
+    _compare("cpu", torch.float32, tol=1e-4, size=(6, 10), B=1, channels_last=True)
+    verdicts = d.verdicts()
+    assert all(v is None for v in verdicts.values()), verdicts
+    fronts = {k[3] for k in verdicts if k[0].startswith("convnext_front")}
+    assert {k[0] for k in verdicts if k[0].startswith("convnext_front")} == {
+        "convnext_front_epilogue"}
+    assert fronts == {(c, dispatch.CHANNELS_LAST) for c in (102, 8, 16, 32)}
+
+
 def test_set_kernels_routes_through_the_triton_ops(monkeypatch):
     """The kernel path must actually call the Triton ops (not silently stay eager)."""
     calls = {name: 0 for name in dispatch.OPS}
@@ -97,7 +112,8 @@ def test_set_kernels_routes_through_the_triton_ops(monkeypatch):
         model(torch.randn(1, 102, 8, 8), torch.tensor([3]), torch.randn(1, 6))
     # dim_mults (1, 2): 2 down stages x 2 blocks + 2 mid + 1 up stage x 2 + final = 9 blocks;
     # attention (each with its PreNorm): 2 down + mid + 1 up = 4.
-    assert calls == {"convnext_front": 9, "layer_norm": 4, "linear_attention": 4}
+    assert calls == {"convnext_front": 9, "convnext_front_epilogue": 0, "layer_norm": 4,
+                     "linear_attention": 4}
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
