@@ -3,8 +3,9 @@
     python benchmarks/gpu_stages.py STAGE --out DIR --work DIR [--rehearsal]
 
 STAGE is one of deps, env, parity, calls, calls_compile, step, step_compile, profile, latent,
-trainer (measure; exit status 0 = the stage did what it says) or report (render report.md and
-the headline lines of summary.txt from the CSVs). gpu_run.sh runs them in order of value, each
+trainer (measure; exit status 0 = the stage did what it says), report (render report.md and
+the headline lines of summary.txt from the CSVs) or front_table (after the run, on any machine:
+write the front dispatch table of the results in --out to --table; docs/gpu_run.md). gpu_run.sh runs them in order of value, each
 under its own time limit, and docs/gpu_run.md says what each one measures and writes.
 
 On a CUDA machine every stage runs the real shapes (ambient preset, 128 x 128, batch 48).
@@ -68,7 +69,8 @@ PACKAGES = {"numpy": "numpy", "accelerate": "accelerate", "omegaconf": "omegacon
 COMPILE_MODES = ("compile", "triton+compile")
 # A step mode is "+"-joined tokens: eager|triton, then the trainer's speed options
 # (docs/cluster.md, "Speed options"): compile, cl (channels_last), fused (fused AdamW),
-# ckpt (activation checkpointing of every level), bench (cudnn.benchmark).
+# ckpt (activation checkpointing of every level), bench (cudnn.benchmark), table (channels_last
+# fronts chosen by the front table of this run's calls stage: fused v2 or the epilogue variant).
 STEP_MODES = ("eager", "triton", "triton+cl", "triton+cl+fused+bench", "triton+ckpt")
 COMPILE_STEP_MODES = (*COMPILE_MODES, "triton+compile+cl+fused+bench")
 
@@ -83,13 +85,21 @@ class Plan:
     parity_batch: int
     unet_parity_px: int
     tiny: dict = field(default_factory=dict)  # config overrides (nested dict)
-    warmup_steps: int = 3
+    warmup_steps: int = 3  # untimed steps first; 0: the first step is the timed one
     timed_steps: int = 10
     compile_backend: str = "inductor"
     trainer_steps: int = 50
     trainer_batch: int = 32
     step_modes: tuple[str, ...] = STEP_MODES
     compile_step_modes: tuple[str, ...] = COMPILE_STEP_MODES
+    # The two modes of the profile and latent stages: eager and the Triton kernels.
+    kernel_modes: tuple[str, str] = ("eager", "triton")
+    parity_mixes: tuple[str, ...] = ("fp32", "bf16", "training")
+    # calls, calls_compile: each call on NCHW ("") and channels_last ("+cl") inputs.
+    call_layouts: tuple[str, ...] = ("", "+cl")
+    profile_modes: tuple[str, ...] = ("eager", "triton")
+    # parity: the U-Net's Triton run in channels_last with every front on the epilogue variant
+    unet_parity_epilogue: bool = False
     trainer_tile: int = 128
     # Train days of the trainer's synthetic store (4 tiles a day, 2017) and its one val day.
     trainer_dates: tuple[str, str] = ("2017-12-08", "2018-01-01")
@@ -103,15 +113,25 @@ class Plan:
         # front kernels, and each kernel variant's self-check runs at the call's size.
         # aot_eager: dynamo + AOTAutograd + the custom ops' fake kernels, as on the GPU, without
         # inductor's C++ code generation (minutes on 2 cores).
+        # Every stage and code path once, nothing twice: one step per measurement (its first:
+        # no separate warm-up), the parity's training mix only (fp32 parameters, bf16
+        # activations: both dtypes), per-call timings on channels_last inputs only (v1 runs in
+        # the op parity), and the Triton steps (step, profile, latent, compile) and the U-Net
+        # parity in channels_last with a front table that picks the epilogue variant (the
+        # calls stage's own table does: a rehearsal's calls.csv had 0.09-0.25 s forward +
+        # backward per front call against 1.3-2.6 s for v1 or v2, whose 49-tap programs the
+        # interpreter runs in Python). The speed options once (ckpt on the eager step, the
+        # others on the Triton one), the profile of the Triton step only, torch.compile once.
         return cls(True, batch=1, px=8, parity_batch=1, unet_parity_px=8,
                    tiny={"model": {"unet": {"dim": 8, "dim_mults": [1]}}},
-                   warmup_steps=1, timed_steps=1, compile_backend="aot_eager",
+                   warmup_steps=0, timed_steps=1, compile_backend="aot_eager",
                    trainer_steps=10, trainer_batch=2, trainer_tile=32,
                    trainer_dates=("2017-12-30", "2018-01-03"),
-                   # The speed options once, on the eager step: each interpreted Triton step
-                   # costs seconds, and the options' wiring is the same with either kernels.
-                   step_modes=("eager", "triton", "eager+cl+fused+bench+ckpt"),
-                   compile_step_modes=COMPILE_MODES)
+                   step_modes=("eager+ckpt", "triton+cl+table+fused+bench"),
+                   compile_step_modes=("triton+compile+cl+table",),
+                   kernel_modes=("eager+ckpt", "triton+cl+table+fused+bench"),
+                   parity_mixes=("training",), call_layouts=("+cl",),
+                   profile_modes=("triton+cl+table+fused+bench",), unet_parity_epilogue=True)
 
 
 # ============================================================================ small helpers
@@ -372,8 +392,7 @@ def raise_recompile_limits() -> None:
 class Bench:
     """Median time of fn() in ms. CUDA: events around each repetition, the L2 cache flushed
     (a buffer twice its size zeroed) before each, gradients of `grads` reset outside the timed
-    region. CPU (rehearsal): wall clock of one run after an untimed one: the wiring, not a
-    measurement."""
+    region. CPU (rehearsal): wall clock of one run: the wiring, not a measurement."""
 
     def __init__(self, device: Any, rep_ms: float = 150.0, warmup_ms: float = 40.0) -> None:
         import torch
@@ -394,8 +413,6 @@ class Bench:
                 t.grad = None
 
         if not self.cuda:
-            reset()
-            fn()
             reset()
             t0 = time.perf_counter()
             fn()
@@ -524,13 +541,15 @@ def record_calls(unet: Any, batch: int, px: int, device: Any) -> list[Call]:
     return list(calls.values())
 
 
-def representative(calls: list[Call]) -> list[Call]:
+def representative(calls: list[Call], by_shape: bool = False) -> list[Call]:
     """One call per kind of compiled kernel variant (the op, its absent arguments and the dtype
     of x: the first block, a regular block, the final block, attention): what the rehearsal
-    runs, every code path at a fraction of the interpreter's time."""
+    runs, every code path at a fraction of the interpreter's time. `by_shape`: one per op,
+    shape and dtype of x instead (absent arguments aside)."""
     seen: dict[tuple, Call] = {}
     for c in calls:
-        seen.setdefault((c.kind, tuple(d is None for d in c.dtypes), c.dtypes[0]), c)
+        how = c.shape if by_shape else tuple(d is None for d in c.dtypes)
+        seen.setdefault((c.kind, how, c.dtypes[0]), c)
     return list(seen.values())
 
 
@@ -588,6 +607,16 @@ def call_fn(call: Call, impl: Callable[..., Any]) -> Callable[[list[Any]], Any]:
         return impl(q, k, v, call.extra)
 
     return attn
+
+
+EPILOGUE_IMPL = "epilogue+cl"  # the calls row of convnext_front_epilogue (channels_last)
+FUSED_IMPL = "triton+cl"  # the calls row of the fused v2 front (channels_last)
+
+
+def epilogue_impl() -> Callable:
+    from depthdif_hpc import kernels as K
+
+    return K.convnext_front_epilogue
 
 
 def impls(kind: str) -> tuple[Callable, Callable]:
@@ -779,7 +808,8 @@ def _op_parity(ctx: Ctx, kernel_name: str, case: str, mix: str, kernel: Callable
 
 def stage_parity(ctx: Ctx) -> int:
     """fp32, bf16 and the training mix of every kernel against its eager reference (fp64),
-    forward and gradients, on every distinct call of the ambient U-Net; then the whole U-Net
+    forward and gradients, on every distinct call of the ambient U-Net (fronts: v1 on NCHW and
+    the epilogue variant on channels_last); then the whole U-Net
     under bf16 autocast, kernels vs eager, against an fp32 reference."""
     import torch
 
@@ -788,31 +818,39 @@ def stage_parity(ctx: Ctx) -> int:
     unet = ambient_unet(plan, ctx.device)
     calls = record_calls(unet, 1, plan.px, ctx.device)
     log(f"parity: {len(calls)} distinct kernel calls in the ambient U-Net")
+    every_call = calls
     if plan.rehearsal:
         calls = representative(calls)
     bad = 0
     B = plan.parity_batch
     # Pure bf16 says nothing under the interpreter (it truncates instead of rounding): the
-    # rehearsal keeps fp32 and the training mix, which exercise every code path.
-    mixes = ("fp32", "training") if plan.rehearsal else ("fp32", "bf16", "training")
+    # rehearsal keeps the training mix, which has both dtypes and every code path.
     for call in calls:
         kern, ref = impls(call.kind)
-        for mix in mixes:
-            inputs = call_inputs(call, B, mix, ctx.device, seed=len(call.sites))
-            names = {"front": list(FRONT_ARGS), "norm": list(NORM_ARGS)}.get(call.kind, ["qkv"])
-            kname = {"front": "convnext_front", "norm": "layer_norm"}.get(call.kind,
-                                                                          "linear_attention")
-            case = f"{call.label} B{B}"
-            bad += _guarded(ctx, kname, case, mix, functools.partial(
-                _op_parity, ctx, kname, case, mix, call_fn(call, kern), call_fn(call, ref),
-                inputs, names, eager_autocast=mix == "training"))
+        names = {"front": list(FRONT_ARGS), "norm": list(NORM_ARGS)}.get(call.kind, ["qkv"])
+        kname = {"front": "convnext_front", "norm": "layer_norm"}.get(call.kind,
+                                                                      "linear_attention")
+        # Fronts: also the epilogue variant, on the channels_last input it is chosen for.
+        variants = [(kname, kern, False)]
+        if call.kind == "front":
+            variants.append(("convnext_front_epilogue", epilogue_impl(), True))
+        for mix in plan.parity_mixes:
+            for name, fn, cl in variants:
+                inputs = call_inputs(call, B, mix, ctx.device, seed=len(call.sites))
+                if cl:
+                    inputs[0] = inputs[0].detach().contiguous(
+                        memory_format=torch.channels_last).requires_grad_(True)
+                case = f"{call.label} B{B}"
+                bad += _guarded(ctx, name, case, mix, functools.partial(
+                    _op_parity, ctx, name, case, mix, call_fn(call, fn), call_fn(call, ref),
+                    inputs, names, eager_autocast=mix == "training"))
     bad += _guarded(ctx, "unet", "unet", "autocast",
-                    functools.partial(_unet_autocast_parity, ctx, unet))
+                    functools.partial(_unet_autocast_parity, ctx, unet, every_call))
     log(f"parity: {bad} tensors out of tolerance")
     return 1 if bad else 0
 
 
-def _unet_autocast_parity(ctx: Ctx, unet: Any) -> int:
+def _unet_autocast_parity(ctx: Ctx, unet: Any, calls: list[Call]) -> int:
     """The U-Net as training runs it (fp32 parameters, bf16 autocast) with kernels, and eagerly,
     against fp32 eager without TF32. Each tensor (output, input gradient, every parameter
     gradient) must be within max(2 x the eager error, 2e-2), the rule of tests/kernels. The
@@ -848,8 +886,22 @@ def _unet_autocast_parity(ctx: Ctx, unet: Any) -> int:
         return res
 
     amp = not ctx.plan.rehearsal
-    ref, eager, kern = run("eager", False), run("eager", amp), run("triton", amp)
+    ref = run("eager", False)
+    eager = run("eager", amp) if amp else ref  # without autocast the same run
     case = f"unet {sum(p.numel() for p in unet.parameters())} params B{B} {px}x{px}"
+    if ctx.plan.unet_parity_epilogue:
+        # channels_last, and a front table that sends every front of this U-Net to the
+        # epilogue variant (both dtypes): the table's path through the model, and the front
+        # the interpreter runs fastest.
+        from depthdif_hpc.kernels import set_front_table
+        from depthdif_hpc.kernels.front_table import FORMAT
+
+        unet.set_channels_last(True)
+        set_front_table({"format": FORMAT, "device": "cpu", "entries": [
+            {"C": c.shape[0], "H": c.shape[1], "W": c.shape[2], "dtype": d, "impl": "epilogue"}
+            for c in calls if c.kind == "front" for d in ("fp32", "bf16")]})
+        case += " channels_last, front table: epilogue"
+    kern = run("triton", amp)
     mix = "autocast bf16" if amp else "fp32"
     bad = 0
     for name in ref:
@@ -870,7 +922,8 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
     unet = ambient_unet(plan, ctx.device)
     calls = record_calls(unet, 1, plan.px, ctx.device)
     if plan.rehearsal:
-        calls = representative(calls)
+        # Timings only differ by shape and x's dtype (the front table's key): one call each.
+        calls = representative(calls, by_shape=True)
     del unet
     free_memory()
     bench = Bench(ctx.device)
@@ -880,10 +933,15 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
     failed = 0
     for call in calls:
         kern, ref = impls(call.kind)
-        chosen = {"compile": None} if compiled else {"eager": ref, "triton": kern}
         # "+cl": the same call on a channels_last input, as the trainer's channels_last switch
         # makes it (the front then runs its NHWC v2 kernels, cuDNN its NHWC convolutions).
-        chosen |= {f"{k}+cl": v for k, v in chosen.items()}
+        chosen = {f"{impl}{lay}": fn for lay in plan.call_layouts
+                  for impl, fn in ((("compile", None),) if compiled else
+                                   (("eager", ref), ("triton", kern)))}
+        if call.kind == "front" and not compiled:
+            # The front's other channels_last kernel (cuDNN's conv + the fused epilogue): the
+            # front table (report, front_table) picks it or v2 per call from these rows.
+            chosen[EPILOGUE_IMPL] = epilogue_impl()
         for impl, fn in chosen.items():
             if impl.startswith("compile"):
                 torch._dynamo.reset()
@@ -928,10 +986,13 @@ def _time_call(call: Call, impl: Callable, batch: int, device: Any, bench: Bench
         with autocast(device):
             return run(inputs)
 
-    dy = torch.randn_like(fwd())
+    dy: list[Any] = []  # drawn at the first call, which Bench makes untimed on a GPU
 
     def fwdbwd() -> None:
-        fwd().backward(dy)
+        out = fwd()
+        if not dy:
+            dy.append(torch.randn_like(out))
+        out.backward(dy[0])
 
     return bench(fwd), bench(fwdbwd, leaves)
 
@@ -948,15 +1009,19 @@ def _add_speedups(out: Path) -> None:
         append(out, "calls", r)
 
 
-def _train_step(w: Workload, mode: str, plan: Plan, device: Any) -> Callable[[dict], Any]:
+def _train_step(w: Workload, mode: str, plan: Plan, device: Any,
+                out: Path | None = None) -> Callable[[dict], Any]:
     """One optimizer step as the trainer takes it: bf16 autocast, backward, clip at 1.0, AdamW
-    (foreach, the trainer's optimizer), with kernels and torch.compile per `mode`."""
+    (foreach, the trainer's optimizer), with kernels and torch.compile per `mode` (the front
+    table, for the "table" token, from the results in `out`)."""
     import torch
+    from depthdif_hpc.kernels import set_front_table
 
     tokens = set(mode.split("+"))
-    unknown = tokens - {"eager", "triton", "compile", "cl", "fused", "ckpt", "bench"}
+    unknown = tokens - {"eager", "triton", "compile", "cl", "fused", "ckpt", "bench", "table"}
     if unknown:
         raise ValueError(f"step mode {mode!r}: unknown options {sorted(unknown)}")
+    set_front_table(front_table(out) if "table" in tokens and out is not None else None)
     w.unet.set_kernels("triton" if "triton" in tokens else "eager")
     torch.backends.cudnn.benchmark = "bench" in tokens
     w.unet.set_channels_last("cl" in tokens)
@@ -1010,12 +1075,13 @@ def measure_step(preset: str, mode: str, ctx: Ctx, start_batch: int,
         w = workload(preset, plan, ctx.device, ctx.work)
         oom = False
         try:
-            step = _train_step(w, mode, plan, ctx.device)
+            step = _train_step(w, mode, plan, ctx.device, ctx.out)
             data = w.make_batch(b, px)
             t0 = time.perf_counter()
-            first = float(step(data))
-            for _ in range(plan.warmup_steps - 1):
-                step(data)
+            first = math.nan
+            for i in range(plan.warmup_steps):
+                loss = step(data)
+                first = float(loss) if i == 0 else first
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -1034,6 +1100,7 @@ def measure_step(preset: str, mode: str, ctx: Ctx, start_batch: int,
                     loss = step(data)
                     times.append((time.perf_counter() - t1) * 1e3)
                 last = float(loss)
+                first = last if math.isnan(first) else first
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
             res = StepResult(b, statistics.median(times) if times else math.nan, peak, warm, first,
                              last, "; ".join(notes))
@@ -1148,7 +1215,8 @@ def kernel_names() -> dict[str, set[str]]:
         return {getattr(v, "__name__", k) for k, v in vars(mod).items()
                 if any(c.__name__ == "KernelInterface" for c in type(v).__mro__)}
 
-    return {"triton front": jit("convnext_front"),
+    return {"triton front": jit("convnext_front") | jit("convnext_front_nhwc")
+            | jit("convnext_epilogue"),
             "triton attention": jit("linear_attention"),
             "triton norm": jit("layer_norm")}
 
@@ -1158,7 +1226,7 @@ def classify(name: str, names: dict[str, set[str]]) -> str:
     low = name.lower()
     # CPU profiles name the custom ops and their autograd nodes (depthdif_hpc::convnext_front_bwd,
     # GeneratedBackwardFor_depthdif_hpc_convnext_front_fwd_default); GPU profiles the kernels.
-    if name in names["triton front"] or "depthdif_hpc" in low and "convnext_front" in low:
+    if name in names["triton front"] or "depthdif_hpc" in low and "convnext_" in low:
         return "triton front"
     if name in names["triton norm"] or "depthdif_hpc" in low and "layer_norm" in low:
         return "triton norm"
@@ -1177,7 +1245,7 @@ def stage_profile(ctx: Ctx) -> int:
 
     cuda = ctx.device.type == "cuda"
     names = kernel_names()
-    for mode in ("eager", "triton"):
+    for mode in ctx.plan.profile_modes:
         r = measure_step("ambient", mode, ctx, _batch_of(ctx, "ambient", mode), keep=True,
                          timed=False)
         act = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
@@ -1226,7 +1294,7 @@ def stage_latent(ctx: Ctx) -> int:
     """The latent preset's step (frozen autoencoder + 12-channel diffusion) against the pixel-
     space (ambient) step, per mode, at the batch the pixel step used."""
     failed = 0
-    for mode in ("eager", "triton"):
+    for mode in ctx.plan.kernel_modes:
         b = _batch_of(ctx, "ambient", mode)
         px_row = next((r for r in read(ctx.out, "steps") if r["stage"] == "step"
                        and r["mode"] == mode and r["batch"] == str(b)), None)
@@ -1295,7 +1363,7 @@ def stage_trainer(ctx: Ctx) -> int:
     log(f"trainer: store {store} ({n_train} training samples, {plan.trainer_tile} px) "
         f"in {time.perf_counter() - t0:.1f} s")
     batch = min(int(os.environ.get("TRAINER_BATCH", plan.trainer_batch)), n_train)
-    fit = _batch_of(ctx, "ambient", "triton")
+    fit = _batch_of(ctx, "ambient", ctx.plan.kernel_modes[1])
     if fit < plan.batch:  # the step stage ran out of memory above `fit`: so would the trainer
         batch = min(batch, fit)
     steps = int(os.environ.get("TRAINER_STEPS", plan.trainer_steps))
@@ -1393,6 +1461,11 @@ def stage_report(out: Path, summary: Path) -> int:
     md += _md_section("Per-call timings (ms, median, L2 flushed)", read(out, "calls"),
                       ["call", "per_step", "batch", "dtypes", "impl", "fwd_ms", "fwdbwd_ms",
                        "speedup_fwdbwd", "note"])
+    table = front_table(out)
+    md += ["## Front table (channels_last: fused v2 or epilogue, per call)", "",
+           "Written to a file by `python benchmarks/gpu_stages.py front_table --out <this folder>`"
+           " (docs/gpu_run.md); used through DEPTHDIF_FRONT_TABLE.", "", "```json",
+           json.dumps(table, indent=1), "```", ""]
     md += _md_section("Training steps", read(out, "steps"),
                       ["stage", "preset", "mode", "batch", "step_ms", "samples_per_s",
                        "peak_mem_gib", "gflop_per_sample", "mfu", "warmup_s", "loss_first",
@@ -1436,6 +1509,11 @@ def headlines(out: Path) -> list[str]:
                  for k, v in tot.items()]
         lines.append(f"CALLS fronts+attention+norms per U-Net fwd+bwd at B{calls[0]['batch']}: "
                      + ", ".join(parts))
+    table = front_table(out)
+    if table["entries"]:
+        n_epi = sum(e["impl"] == "epilogue" for e in table["entries"])
+        lines.append(f"FRONT TABLE ({table['device']}): epilogue for {n_epi} of "
+                     f"{len(table['entries'])} front calls, fused v2 for the rest")
     for r in read(out, "steps"):
         m = fnum(r["mfu"])
         tag = {"step": "STEP", "latent": "LATENT", "trainer": "TRAINER"}.get(r["stage"], r["stage"])
@@ -1457,6 +1535,55 @@ def headlines(out: Path) -> list[str]:
     return lines
 
 
+def front_table(out: Path) -> dict:
+    """The front table (kernels/front_table.py) from this run's calls.csv: per front call, the
+    faster channels_last implementation by forward + backward time, the fused v2 front
+    (triton+cl) or the epilogue variant (epilogue+cl); a call missing either timing is left out
+    (the fused front runs there). Validated by the kernels' own parser before it is returned."""
+    from depthdif_hpc.kernels import FrontTable
+    from depthdif_hpc.kernels.front_table import FORMAT
+
+    env = {r["key"]: r["value"] for r in read(out, "env")}
+    # The name the kernels compare with (front_table.device_name): the CUDA device's, or "cpu".
+    device = "cpu" if env.get("mode", "").startswith("rehearsal") else env.get("device", "?")
+    ms: dict[tuple, dict[str, float]] = {}
+    for r in read(out, "calls"):
+        v = fnum(r["fwdbwd_ms"])
+        if r["kind"] != "front" or r["impl"] not in (FUSED_IMPL, EPILOGUE_IMPL) or v is None \
+                or not math.isfinite(v):
+            continue
+        C, H, W = (int(n) for n in r["shape"].split("x"))
+        dtype = next(p.split("=")[1] for p in r["dtypes"].split() if p.startswith("x="))
+        ms.setdefault((C, H, W, dtype), {})[r["impl"]] = v
+    entries = []
+    for (C, H, W, dtype), t in sorted(ms.items()):
+        if len(t) == 2:
+            fused, epi = t[FUSED_IMPL], t[EPILOGUE_IMPL]
+            entries.append({"C": C, "H": H, "W": W, "dtype": dtype,
+                            "impl": "epilogue" if epi < fused else "fused",
+                            "fused_ms": round(fused, 4), "epilogue_ms": round(epi, 4)})
+    table = {"format": FORMAT, "device": device,
+             "source": f"calls.csv of commit {env.get('commit', '?')}, {env.get('date_utc', '?')}"
+                       f", batch {next((r['batch'] for r in read(out, 'calls')), '?')}, forward + "
+                       "backward, bf16 autocast", "entries": entries}
+    FrontTable.from_dict(table)  # what the kernels will load
+    return table
+
+
+def write_front_table(out: Path, path: Path) -> int:
+    """`front_table`: write the table of the results in `out` to `path` (a temporary, then a rename)."""
+    table = front_table(out)
+    if not table["entries"]:
+        log(f"front_table: {out / 'calls.csv'} has no front call timed both ways")
+        return 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(table, indent=1) + "\n")
+    os.replace(tmp, path)
+    log(f"front_table: {path}: epilogue for "
+        f"{sum(e['impl'] == 'epilogue' for e in table['entries'])} of {len(table['entries'])} calls")
+    return 0
+
+
 # ============================================================================ main
 
 STAGES: dict[str, Callable[[Ctx], int]] = {
@@ -1475,12 +1602,16 @@ STAGES: dict[str, Callable[[Ctx], int]] = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=[*STAGES, "report"])
+    ap.add_argument("stage", choices=[*STAGES, "report", "front_table"])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ddhpc_gpu_work"))
     ap.add_argument("--summary", type=Path, help="report: the summary file to append to")
     ap.add_argument("--rehearsal", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    ap.add_argument("--table", type=Path,
+                    help="front_table: the JSON to write (default OUT/front_table.json)")
     a = ap.parse_args(argv)
+    if a.stage == "front_table":
+        return write_front_table(a.out, a.table or a.out / "front_table.json")
     a.out.mkdir(parents=True, exist_ok=True)
     if a.stage == "report":
         return stage_report(a.out, a.summary or a.out / "summary.txt")
@@ -1489,6 +1620,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{a.stage}: DD_STALL_STAGE set, sleeping")
         time.sleep(10**6)
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.stage == "deps":  # needs no torch (~2 s to import)
+        return stage_deps(Ctx(a.out, a.work, Plan.make(a.rehearsal), None))
     import torch
 
     if a.rehearsal:

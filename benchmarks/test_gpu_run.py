@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -92,10 +93,11 @@ def test_rehearsal_runs_every_stage(tmp_path):
     assert env["stages"].split() == ALL_STAGES
 
     _, parity = table(out, "parity")
-    assert {r["kernel"] for r in parity} == {"convnext_front", "linear_attention", "layer_norm",
-                                             "unet"}
+    assert {r["kernel"] for r in parity} == {"convnext_front", "convnext_front_epilogue",
+                                             "linear_attention", "layer_norm", "unet"}
     assert all(r["ok"] == "yes" for r in parity)
-    assert {r["mix"] for r in parity if r["kernel"] == "convnext_front"} == {"fp32", "training"}
+    plan = stages.Plan.make(True)
+    assert {r["mix"] for r in parity if r["kernel"] == "convnext_front"} == set(plan.parity_mixes)
     front_cases = {r["case"] for r in parity if r["kernel"] == "convnext_front"}
     # The model's own flags: the first block (no LN, fp32 input) and the last (no time bias).
     assert any("noLN" in c and "x fp32" in c for c in front_cases), front_cases
@@ -109,14 +111,33 @@ def test_rehearsal_runs_every_stage(tmp_path):
     for r in calls:
         by_call.setdefault(r["call"], set()).add(r["impl"])
         assert float(r["fwd_ms"]) > 0 and float(r["fwdbwd_ms"]) > 0 and int(r["per_step"]) >= 1
-    impls = {"eager", "triton", "compile"}
-    assert all(v == impls | {f"{i}+cl" for i in impls} for v in by_call.values()), by_call
+    impls = {f"{i}{lay}" for i in ("eager", "triton", "compile") for lay in plan.call_layouts}
+    kinds = {r["call"]: r["kind"] for r in calls}
+    # Fronts also time the epilogue variant on channels_last inputs (the front table's input).
+    assert all(v == impls | ({"epilogue+cl"} if kinds[c] == "front" else set())
+               for c, v in by_call.items()), by_call
     assert {r["kind"] for r in calls} == {"front", "attention", "norm"}
+
+    # The front table: one entry per front call (shape, x dtype), the faster of the two
+    # channels_last fronts, in report.md and written by the front_table command.
+    table_file = tmp_path / "front_table.json"
+    made = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_stages.py"), "front_table",
+                           "--out", str(out), "--table", str(table_file)],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stdout + made.stderr
+    from depthdif_hpc.kernels import FrontTable
+
+    ftable = FrontTable.load(table_file)
+    fronts = {(*map(int, r["shape"].split("x")), r["dtypes"].split()[0].removeprefix("x="))
+              for r in calls if r["kind"] == "front"}
+    assert ftable.device == "cpu" and set(ftable.entries) == fronts, (ftable, fronts)
+    for e in json.loads(table_file.read_text())["entries"]:
+        assert e["impl"] == ("epilogue" if e["epilogue_ms"] < e["fused_ms"] else "fused"), e
 
     _, steps = table(out, "steps")
     modes = {(r["stage"], r["mode"]) for r in steps}
-    assert {("step", m) for m in ("eager", "triton", "compile", "triton+compile")} <= modes
-    assert {("latent", "eager"), ("latent", "triton"), ("trainer", "trainer")} <= modes
+    assert {("step", m) for m in (*plan.step_modes, *plan.compile_step_modes)} <= modes
+    assert {("latent", m) for m in plan.kernel_modes} | {("trainer", "trainer")} <= modes
     for r in steps:
         assert float(r["step_ms"]) > 0 and float(r["samples_per_s"]) > 0, r
         assert float(r["loss_first"]) > 0 and float(r["loss_last"]) > 0, r
@@ -129,19 +150,21 @@ def test_rehearsal_runs_every_stage(tmp_path):
     assert all("than pixel space" in r["note"] for r in latent)
 
     _, profile = table(out, "profile")
-    assert {r["mode"] for r in profile} == {"eager", "triton"}
+    assert {r["mode"] for r in profile} == set(plan.profile_modes)
+    triton = plan.profile_modes[-1]
     share = {(r["mode"], r["class"]): float(r["share"]) for r in profile}
-    assert share[("triton", "triton front")] > 0 and share[("triton", "triton attention")] > 0
-    assert share[("eager", "triton front")] == 0 and share[("eager", "conv")] > 0
-    for mode in ("eager", "triton"):
+    assert share[(triton, "triton front")] > 0 and share[(triton, "triton attention")] > 0
+    assert share[(triton, "conv")] > 0  # the U-Net's other convolutions, and the epilogue's
+    for mode in plan.profile_modes:
         assert sum(v for (m, _), v in share.items() if m == mode) == pytest.approx(1.0, abs=1e-3)
 
     report = (out / "report.md").read_text()
-    for heading in ("## Stages", "## Headlines", "## Per-call timings", "## Training steps",
-                    "## Device time of one step by kernel class"):
+    for heading in ("## Stages", "## Headlines", "## Per-call timings", "## Front table",
+                    "## Training steps", "## Device time of one step by kernel class"):
         assert heading in report
     text = (out / "summary.txt").read_text()
-    for head in ("PARITY OK", "CALLS", "STEP ambient eager", "LATENT", "TRAINER", "PROFILE triton"):
+    for head in ("PARITY OK", "CALLS", "FRONT TABLE (cpu)", "STEP ambient", "LATENT",
+                 "TRAINER", f"PROFILE {triton}"):
         assert head in text
 
 
