@@ -1,17 +1,19 @@
 """Static compile report: every Triton kernel variant the U-Net launches, compiled for sm_90.
 
     python benchmarks/compile_report.py [--preset ambient|standard] [--batch 48] [--size 128]
-        [--modes bf16,fp32] [--sms 132] [--out DIR] [--json FILE]
+        [--modes bf16,fp32] [--sms 132] [--out DIR] [--json FILE] [--jobs N]
 
 No GPU needed: each variant is compiled ahead of time for an H100/H200 (`triton.compile` of an
 `ASTSource` for `GPUTarget("cuda", 90, 32)`, Triton's own ptxas) and reported with its registers
 per thread, spill stores/loads and shared memory. Exit status 1 if any variant fails to compile
 or could not launch (registers x threads above the 64K of an SM, shared memory above 227 KB).
-Triton 3.9, ambient preset, NCHW and channels_last: 128 variants, no spills; worst 155
-registers (v1 `_dw_bwd_kernel`, fp32, 4 warps) and 76 KB shared memory (linear-attention
+Triton 3.9, ambient preset, NCHW, channels_last and channels_last with the epilogue fronts:
+142 variants (14 of them the epilogue's), no spills; worst 155 registers (v1
+`_dw_bwd_kernel`, fp32, 4 warps) and 76 KB shared memory (linear-attention
 `_bwd_kernel`, fp32); the `ld_global_bytes` column counts each variant's global loads by width
 (bytes per thread, from the PTX): the NHWC front's taps are 8- and 16-byte vectors, v1's NCHW
-taps 2 (bf16) or 4 (fp32) bytes. Recording took 9-27 s, compiling 4-11 min on 2 busy cores.
+taps 2 (bf16) or 4 (fp32) bytes. Recording took 9-27 s, compiling 4-11 min on 2 busy cores
+(one process per core since the epilogue variants were added: `--jobs`).
 
 Which variants: those the training step really launches. The preset's model (kernels=triton)
 runs forward and backward at the real batch and patch size on the meta device (no compute, no
@@ -34,8 +36,11 @@ launches as torch's real autocast on CPU tensors.
 
 Memory formats: the step is recorded with the model and its input in contiguous NCHW and again
 in channels_last (the trainer's `channels_last` switch; mode names get `+cl`), where the fronts
-launch the NHWC kernels of kernels/convnext_front_nhwc.py. Meta convolutions do not propagate
-channels_last, so that too is emulated (`_MetaChannelsLast`) and checked against CPU tensors.
+launch the NHWC kernels of kernels/convnext_front_nhwc.py; then once more in bf16 channels_last
+with every front routed to the epilogue variant (kernels/convnext_epilogue.py; mode
+`bf16+cl+epilogue`), which a front table may choose for any call. Meta convolutions do not
+propagate channels_last, so that too is emulated (`_MetaChannelsLast`) and checked against CPU
+tensors.
 
 With TRITON_INTERPRET=1 set (as `make test` does) the `@triton.jit` decorators build interpreter
 objects that cannot be compiled, so the program re-runs itself without it.
@@ -319,15 +324,35 @@ def _training_step(model: torch.nn.Module, batch: int, size: int, device: str,
 
 
 # The trainer's memory formats: contiguous NCHW, and channels_last (mode names get "+cl").
-FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
+# "cl+epilogue": channels_last with every front routed to the epilogue variant, as a front table
+# (kernels/front_table.py) that chose it everywhere would run them.
+FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last,
+           "cl+epilogue": torch.channels_last}
+
+
+@contextlib.contextmanager
+def _fronts_run(fmt: str) -> Any:
+    """The front the dispatcher picks for channels_last calls: the epilogue variant for
+    "cl+epilogue", else what the (absent) front table says, the fused v2 front."""
+    from depthdif_hpc.kernels import dispatch
+
+    saved = dispatch.choose_front
+    if fmt == "cl+epilogue":
+        dispatch.choose_front = lambda *args, **kwargs: "epilogue"
+    try:
+        yield
+    finally:
+        dispatch.choose_front = saved
 
 
 def record_variants(preset: str = "ambient", batch: int = 48, size: int = 128,
                     modes: tuple[str, ...] = ("bf16", "fp32"), sms: int = H100_SMS,
                     device: str = "meta", autocast: str = "emulate",
                     overrides: list[str] | None = None,
-                    formats: tuple[str, ...] = ("nchw", "cl")) -> list[Variant]:
-    """Every distinct kernel launch of one training step of the preset (see the docstring).
+                    formats: tuple[str, ...] = ("nchw", "cl"),
+                    epilogue_modes: tuple[str, ...] = ("bf16",)) -> list[Variant]:
+    """Every distinct kernel launch of one training step of the preset (see the docstring),
+    and with `epilogue_modes` the step again in channels_last with the fronts' epilogue variant.
 
     device "cpu" with autocast "torch" runs the same step for real on CPU tensors (the kernels
     are still only recorded), which is how the autocast emulation is checked.
@@ -339,19 +364,20 @@ def record_variants(preset: str = "ambient", batch: int = 48, size: int = 128,
     rec = _Recorder(sms)
     try:
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
+        runs = [(fmt, mode) for fmt in formats for mode in modes]
+        runs += [("cl+epilogue", mode) for mode in epilogue_modes]
         with rec:
-            for fmt in formats:
+            for fmt, mode in runs:
                 if fmt not in FORMATS:
                     raise ValueError(f"unknown memory format {fmt!r}: one of {sorted(FORMATS)}")
+                if mode not in ("bf16", "fp32"):
+                    raise ValueError(f"unknown mode {mode!r}: bf16 or fp32")
                 model.to(memory_format=FORMATS[fmt])
-                for mode in modes:
-                    if mode not in ("bf16", "fp32"):
-                        raise ValueError(f"unknown mode {mode!r}: bf16 or fp32")
-                    rec.mode = mode if fmt == "nchw" else f"{mode}+{fmt}"
-                    with _RunOpBodies(rec):
-                        _training_step(model, batch, size, device,
-                                       autocast if mode == "bf16" else "none", fmt == "cl")
-                    model.zero_grad(set_to_none=True)
+                rec.mode = mode if fmt == "nchw" else f"{mode}+{fmt}"
+                with _RunOpBodies(rec), _fronts_run(fmt):
+                    _training_step(model, batch, size, device,
+                                   autocast if mode == "bf16" else "none", fmt != "nchw")
+                model.zero_grad(set_to_none=True)
     finally:
         torch.set_float32_matmul_precision(precision)
     return sorted(rec.variants.values(),
@@ -467,20 +493,44 @@ def describe(v: Variant) -> dict[str, Any]:
     return {"pointers": " ".join(ptrs), "ints": " ".join(ints), "constexprs": " ".join(consts)}
 
 
-def report(variants: list[Variant]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Compile every variant; rows for the table and the errors (kernel + message)."""
+# The variants of the running report, for the compile workers forked from it (a Variant holds
+# JITFunctions, which do not pickle; a forked child has them already).
+_TO_COMPILE: list[Variant] = []
+
+
+def _compile_or_error(i: int) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        return compile_variant(_TO_COMPILE[i]), None
+    except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit is 1
+        return None, f"{type(e).__name__}: {e}"
+
+
+def report(variants: list[Variant], jobs: int = 1) -> tuple[list[dict[str, Any]], list[str]]:
+    """Compile every variant (in `jobs` forked processes: each compile is one single-threaded
+    LLVM + ptxas run, 1-5 s); rows for the table and the errors (kernel + message)."""
+    _TO_COMPILE[:] = variants
+    try:
+        if jobs > 1 and len(variants) > 1:
+            import multiprocessing
+
+            with multiprocessing.get_context("fork").Pool(jobs) as pool:
+                results = pool.map(_compile_or_error, range(len(variants)), chunksize=1)
+        else:
+            results = [_compile_or_error(i) for i in range(len(variants))]
+    finally:
+        _TO_COMPILE.clear()
     rows, errors = [], []
-    for v in variants:
+    for v, (compiled, error) in zip(variants, results, strict=True):
         row: dict[str, Any] = {"op": v.op, "phase": v.phase, "kernel": v.kernel.fn.__qualname__,
                                "module": v.kernel.fn.__module__, "modes": ",".join(v.modes),
                                "launches": v.launches, "site": v.site,
                                "launch_num_warps": v.kwargs.get("num_warps"), **describe(v)}
-        try:
-            row.update(compile_variant(v))
+        if error is None:
+            row.update(compiled)
             row["ok"] = True
-        except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit is 1
+        else:
             row["ok"] = False
-            row["error"] = f"{type(e).__name__}: {e}"
+            row["error"] = error
             errors.append(f"{row['kernel']} [{row['constexprs']}]: {row['error']}")
         rows.append(row)
     return rows, errors
@@ -524,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sms", type=int, default=H100_SMS, help="SMs of the target GPU")
     ap.add_argument("--out", type=Path, help="write compile_report.csv and compile_report.md here")
     ap.add_argument("--json", type=Path, help="write the rows and the summary as JSON")
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                    help="compile processes (each compile is single-threaded)")
     args = ap.parse_args(argv)
 
     if _interpreting():
@@ -539,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = record_variants(args.preset, args.batch, args.size,
                                    tuple(m for m in args.modes.split(",") if m), args.sms)
         t_record = time.perf_counter() - t0
-        rows, errors = report(variants)
+        rows, errors = report(variants, args.jobs)
     launched = {f"{r['module']}.{r['kernel']}" for r in rows}
     summary = {"preset": args.preset, "batch": args.batch, "size": args.size, "modes": args.modes,
                "sms": args.sms, "target": f"cuda sm_{ARCH}", "triton": triton.__version__,

@@ -19,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ("convnext_front", "layer_norm", "linear_attention")
-MODES = ("bf16", "fp32", "bf16+cl", "fp32+cl")  # precision, and "+cl" for channels_last
+# precision, "+cl" for channels_last, "+epilogue" for the fronts' epilogue variant (bf16 only)
+MODES = ("bf16", "fp32", "bf16+cl", "fp32+cl", "bf16+cl+epilogue")
 MAX_SMEM_SM90 = 227 * 1024
 
 
@@ -76,16 +77,18 @@ def test_variants_cover_every_op_phase_mode_and_kernel(report):
     rows = report["rows"]
     for mode in MODES:
         got = {(r["op"], r["phase"]) for r in rows if mode in r["modes"].split(",")}
-        # channels_last steps run the front's NHWC op (custom op convnext_front_nhwc_*) instead
-        ops = [op + "_nhwc" if op == "convnext_front" and mode.endswith("+cl") else op
-               for op in OPS]
+        # channels_last steps run the front's NHWC op (custom op convnext_front_nhwc_*) instead,
+        # or its epilogue variant (convnext_epilogue_*: the kernel after torch's conv)
+        front = {"bf16+cl": "convnext_front_nhwc", "fp32+cl": "convnext_front_nhwc",
+                 "bf16+cl+epilogue": "convnext_epilogue"}.get(mode, "convnext_front")
+        ops = [front if op == "convnext_front" else op for op in OPS]
         assert got == {(op, phase) for op in ops for phase in ("fwd", "bwd")}, (mode, got)
     # autocast reached the kernels: bf16 activations next to fp32 parameters; fp32 has no bf16
     modes = [set(r["modes"].split(",")) for r in rows]
     bf16 = [r for r, m in zip(rows, modes, strict=True) if not m & {"fp32", "fp32+cl"}]
     assert any(":bf16" in r["pointers"] and ":fp32" in r["pointers"] for r in bf16)
     assert not any(":bf16" in r["pointers"] for r, m in zip(rows, modes, strict=True)
-                   if not m & {"bf16", "bf16+cl"})
+                   if not m & {"bf16", "bf16+cl", "bf16+cl+epilogue"})
     # The memory format picks the front: NCHW steps launch v1, channels_last steps the NHWC v2.
     for r, m in zip(rows, modes, strict=True):
         if r["op"].startswith("convnext_front"):
