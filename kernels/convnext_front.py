@@ -39,6 +39,7 @@ from ._utils import (
     next_pow2,
 )
 from .convnext_front_nhwc import convnext_front_nhwc, vector_grads
+from .layer_norm import chan_merge
 
 KS = 7  # depthwise kernel size (padding 3)
 
@@ -131,11 +132,7 @@ def _fwd_kernel(
                 n_b = tl.sum(mask_c.to(tl.float32), axis=0)
                 mean_b = tl.sum(h1, axis=0) / n_b
                 d = tl.where(mask_c[:, None], h1 - mean_b[None, :], 0.0)
-                n = n_a + n_b
-                delta = mean_b - mean
-                mean = mean + delta * (n_b / n)
-                m2 = m2 + tl.sum(d * d, axis=0) + delta * delta * (n_a * n_b / n)
-                n_a = n
+                mean, m2, n_a = chan_merge(mean, m2, n_a, mean_b, tl.sum(d * d, axis=0), n_b)
             rstd = 1.0 / tl.sqrt_rn(m2 / C + eps)
             for c0 in range(0, C, BLOCK_C):
                 offs_c = c0 + ar_c

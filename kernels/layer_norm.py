@@ -61,6 +61,15 @@ MAX_ONE_CHUNK = 2048
 
 
 @triton.jit
+def chan_merge(mean, m2, n_a, mean_b, m2_b, n_b):
+    """Per-pixel (mean, M2, count) of the channels so far merged with a chunk's (Chan et al.'s
+    parallel formula: no sum-of-squares cancellation); also used by convnext_front.py."""
+    n = n_a + n_b
+    delta = mean_b - mean
+    return mean + delta * (n_b / n), m2 + m2_b + delta * delta * (n_a * n_b / n), n
+
+
+@triton.jit
 def _ln_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, C, HW, sb, sc, sp, eps,
     ONE_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -98,11 +107,7 @@ def _ln_fwd_kernel(
             n_b = tl.sum(mask_c.to(tl.float32), axis=0)
             mean_b = tl.sum(x, axis=1) / n_b
             d = tl.where(mask, x - mean_b[:, None], 0.0)
-            n = n_a + n_b
-            delta = mean_b - mean
-            mean = mean + delta * (n_b / n)
-            m2 = m2 + tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / n)
-            n_a = n
+            mean, m2, n_a = chan_merge(mean, m2, n_a, mean_b, tl.sum(d * d, axis=1), n_b)
         rstd = 1.0 / tl.sqrt_rn(m2 / C + eps)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + ar_c
