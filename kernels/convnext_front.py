@@ -38,7 +38,7 @@ from ._utils import (
     is_channels_last,
     next_pow2,
 )
-from .convnext_front_nhwc import convnext_front_nhwc, vector_grads
+from .convnext_front_nhwc import _flag, convnext_front_nhwc, vector_grads
 from .layer_norm import chan_merge
 
 KS = 7  # depthwise kernel size (padding 3)
@@ -355,10 +355,6 @@ def _dw_tiles(C: int, HW: int) -> tuple[int, int, int]:
     bc = block("convnext_dw_block_c", 4)
     bp = block("convnext_dw_block_p", min(next_pow2(HW), 512))
     return bc, bp, 8 if bc * bp >= 2048 else 4
-
-
-def _flag(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    return (t, True) if t is not None else (like, False)
 
 
 @torch.library.custom_op("depthdif_hpc::convnext_front_fwd", mutates_args=())
