@@ -19,6 +19,13 @@ if not _HAS_CUDA:
 
 import pytest  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One of `make test`'s two workers on two cores: one intra-op thread each, and for the
+    # processes it starts, so that the workers do not oversubscribe the cores (on this 2-core VM,
+    # a suite run at load 7 took 120 s for a torch test that takes 19 s alone).
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 _DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
               "GROUP_RANK", "OMP_NUM_THREADS")
 
@@ -37,3 +44,18 @@ def _restore_distributed_env():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+# Tests that bring up or use the local SLURM clusters and network namespaces (tests/launch,
+# tests/multinode) share machine-wide state: one group, one xdist worker, one at a time.
+_SHARED_MACHINE_STATE = ("tests/launch/", "tests/multinode/")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `pytest -n N --dist loadgroup` (the Makefile's `make test`): a file's tests run on one
+    worker, so module- and session-scoped fixtures are built once, not once per test."""
+    root = config.rootpath
+    for item in items:
+        rel = item.path.relative_to(root).as_posix()
+        shared = next((p for p in _SHARED_MACHINE_STATE if rel.startswith(p)), None)
+        item.add_marker(pytest.mark.xdist_group(shared or rel))
