@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ddim-discretization", choices=("quadratic", "uniform"), default=DDIM_DISCRETIZATION,
                     help="DDIM steps dense near t = 0 (quadratic) keep the spread of deep levels "
                          "(docs/model.md#ensemble-spread)")
+    ap.add_argument("--upsample", choices=("transposed", "nearest_conv"), default="transposed",
+                    help="model.unet.upsample: the decoder's x2 upsampling (docs/model.md#checkerboard)")
     ap.add_argument("--withhold", choices=("floats", "columns"), default="floats",
                     help="what predict hides from the condition for scoring: 30%% of the floats "
                          "(every profile of each) or 30%% of each sample's columns")
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     code = train_main([
         "--config", str(CONFIGS / "model_config.yaml"), "--config", str(CONFIGS / "training_config.yaml"),
         "--config", str(CONFIGS / "data_config.yaml"), *train_overrides(store, run_dir, args.steps),
-        f"dataset.normalization={args.normalization}", f"model.x0_skip={args.x0_skip}"])
+        f"dataset.normalization={args.normalization}", f"model.x0_skip={args.x0_skip}",
+        f"model.unet.upsample={args.upsample}"])
     if code != 0:
         print(f"training failed with exit code {code}; see {run_dir / 'logs'}")
         return code
