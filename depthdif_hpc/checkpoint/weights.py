@@ -137,7 +137,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> str:
-    """Load weights into `model` (strict on shapes); returns a note about unexpected keys."""
+    """Load weights into `model` (strict on shapes); returns a note about unexpected keys and
+    about tensors the model lets start fresh (`warm_start_fresh` prefixes) that the file lacks."""
     sd = read_weights(path)
     own = model.state_dict()
     bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
@@ -146,12 +147,17 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> str:
         raise ValueError(f"model.load_checkpoint {path}: shape mismatch for {len(bad)} tensors, e.g. {bad[:3]} "
                          "(different model.unet settings?)")
     result = model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items() if k in own}, strict=False)
-    missing = list(result.missing_keys)
+    fresh_prefixes = getattr(model, "warm_start_fresh", ())
+    fresh = [k for k in result.missing_keys if k.startswith(fresh_prefixes)]
+    missing = [k for k in result.missing_keys if k not in fresh]
     extra = [k for k in sd if k not in own]
     if missing:
         raise ValueError(f"model.load_checkpoint {path}: {len(missing)} model tensors missing from the file, "
                          f"e.g. {missing[:3]}")
-    return f"ignored {len(extra)} extra tensors, e.g. {extra[:3]}" if extra else ""
+    notes = [f"ignored {len(extra)} extra tensors, e.g. {extra[:3]}"] if extra else []
+    if fresh:
+        notes.append(f"not in the file, left at their initial values: {fresh}")
+    return "; ".join(notes)
 
 
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -65,6 +65,10 @@ class Prepared:
 class DepthDif(nn.Module):
     # Model space <-> degC; build_model sets the one dataset.normalization names.
     normalizer: Normalizer = GLOBAL
+    # Tensors a warm start (model.load_checkpoint) may find missing and leave at their initial
+    # value: the x0 skip's variance, so weights trained without model.x0_skip (research
+    # checkpoints included) can be fine-tuned with it; it starts nearly off (diffusion/x0_skip.py).
+    warm_start_fresh: tuple[str, ...] = ("x0_skip.",)
 
     def __init__(self, model: ModelConfig) -> None:
         super().__init__()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from common import args, steps
 from memdata import factory
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from depthdif_hpc.checkpoint import layout as ckpt
 from depthdif_hpc.checkpoint.export import export
@@ -207,9 +207,19 @@ def test_warm_start_and_export(tmp_path):
     run2 = tmp_path / "warm"
     assert _run(run2, "trainer.max_steps=1", f"model.load_checkpoint={written['model']}") == 0
     assert [r["step"] for r in steps(run2)] == [1]
+    # Weights trained without the x0 skip warm-start a model with it: the skip starts at its
+    # initial variance, every other tensor comes from the file; nothing else may be missing.
+    skip = build_model(tiny_config(overrides=["model.x0_skip=gaussian"]))
+    init = skip.state_dict()["x0_skip.log_var_scaled"].clone()
+    note = load_weights(skip, written["model"])
+    assert "x0_skip.log_var_scaled" in note and "initial values" in note
+    assert torch.equal(skip.state_dict()["x0_skip.log_var_scaled"], init)
+    assert all(torch.equal(skip.state_dict()[k], ref[k]) for k in ref)
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in ref.items() if k != next(iter(ref))}, str(partial))
+    with pytest.raises(ValueError, match="missing from the file"):
+        load_weights(build_model(tiny_config()), partial)
     bad = tmp_path / "bad.safetensors"
-    from safetensors.torch import save_file
-
     wrong = {k: v.clone() for k, v in ref.items()}
     first = next(iter(wrong))
     wrong[first] = torch.zeros(3)
