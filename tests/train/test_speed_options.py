@@ -198,19 +198,31 @@ def test_training_with_every_option_matches_eager(tmp_path):
                                torch.tensor([r["loss"] for r in eager]), rtol=1e-4, atol=1e-6)
 
 
+BASE_MULTI = ["trainer.max_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def ddp_two_ranks(tmp_path_factory) -> Path:
+    """The reference: the default two-rank DDP run, no speed option."""
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun(out / "eager", args(out / "eager_run", *BASE_MULTI))
+    return out
+
+
 @pytest.mark.slow
-def test_compiled_step_under_zero2(tmp_path):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_compiled_step_under_zero(tmp_path, ddp_two_ranks, stage):
     """Two ranks: the compiled, channels_last, checkpointed U-Net with fused AdamW as DeepSpeed
-    ZeRO-2's client optimizer trains to the same weights as the default two-rank DDP run.
+    ZeRO-1/2's client optimizer trains to the same weights as the default two-rank DDP run.
     (DDP with every option: test_training_with_every_option_matches_eager.)"""
-    base = ["trainer.max_steps=3"]
-    torchrun(tmp_path / "eager", args(tmp_path / "eager_run", *base))
-    zero2 = ["trainer.distributed=deepspeed", "trainer.deepspeed_config=configs/deepspeed/zero2.json"]
-    torchrun(tmp_path / "fast", args(tmp_path / "fast_run", *base, *OPTIONS, *zero2))
-    ref, got = torch.load(tmp_path / "eager.params.pt"), torch.load(tmp_path / "fast.params.pt")
+    # trainer.zero_stage: the run stops unless the DeepSpeed config's stage is this one.
+    zero = ["trainer.distributed=deepspeed", f"trainer.deepspeed_config=configs/deepspeed/zero{stage}.json",
+            f"trainer.zero_stage={stage}"]
+    torchrun(tmp_path / "fast", args(tmp_path / "fast_run", *BASE_MULTI, *OPTIONS, *zero))
+    ref, got = torch.load(ddp_two_ranks / "eager.params.pt"), torch.load(tmp_path / "fast.params.pt")
     assert got.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
     torch.testing.assert_close(torch.tensor([r["loss"] for r in steps(tmp_path / "fast_run")]),
-                               torch.tensor([r["loss"] for r in steps(tmp_path / "eager_run")]),
+                               torch.tensor([r["loss"] for r in steps(ddp_two_ranks / "eager_run")]),
                                rtol=1e-4, atol=1e-6)
