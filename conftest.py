@@ -20,11 +20,12 @@ if not _HAS_CUDA:
 import pytest  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One of `make test`'s two workers on two cores: one intra-op thread each, and for the
-    # processes it starts, so that the workers do not oversubscribe the cores (on this 2-core VM,
-    # a suite run at load 7 took 120 s for a torch test that takes 19 s alone).
+    # One of `make test`'s two workers on two cores: one intra-op thread each, so that the workers
+    # do not oversubscribe the cores (on this 2-core VM, a suite run at load 7 took 120 s for a
+    # torch test that takes 19 s alone). Not OMP_NUM_THREADS: the processes a test starts keep
+    # their own rule, and coreutils' nproc obeys that variable, so the local SLURM cluster would
+    # be configured with one CPU.
     torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
 
 _DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
               "GROUP_RANK", "OMP_NUM_THREADS")

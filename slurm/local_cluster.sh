@@ -22,7 +22,7 @@
 #   DDHPC_SLURM_DIR         state folder (default /tmp/ddhpc-slurm)
 #   DDHPC_SLURM_PORT_BASE   first of four TCP ports on 127.0.0.1: slurmctld, slurmd, slurmdbd,
 #                           MariaDB (default 16817, away from the standard 6817-6819 and 3306)
-#   DDHPC_SLURM_CPUS        CPUs the node advertises (default: nproc)
+#   DDHPC_SLURM_CPUS        CPUs the node advertises (default: nproc, without OMP_NUM_THREADS)
 #   DDHPC_SLURM_ACCOUNTING  1 (default): MariaDB + slurmdbd; 0: no accounting (sacct fails and
 #                           submitit reads job states as UNKNOWN)
 #   DDHPC_SLURM_CRED_EXPIRE seconds a requeued job waits before it may start again (default 5;
@@ -142,7 +142,8 @@ node_memory_mb() {
 node_count() { if [ -n "${NODES:-}" ]; then echo "$NODES"; elif [ -s "$NODES_FILE" ]; then cat "$NODES_FILE"; else echo 1; fi; }
 
 node_lines() {  # one NodeName line per node
-  local cpus=${DDHPC_SLURM_CPUS:-$(nproc)} mem i
+  # nproc obeys OMP_NUM_THREADS (often 1 in a job or a test runner): ask for the CPUs we may use.
+  local cpus=${DDHPC_SLURM_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)} mem i
   mem=$(node_memory_mb)
   if [ "$(node_count)" = 1 ]; then
     echo "NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN"
