@@ -42,10 +42,10 @@ demo: $(STAMP)
 # start-up and imports of each torchrun/SLURM process, waits on subprocesses), so a second worker
 # uses the second core. Tests go out whole files at a time (module fixtures are built once), and
 # every SLURM and network-namespace test to one worker (they share the local cluster);
-# conftest.py sets these groups. PYTEST_WORKERS=0 runs the suite in this process.
+# conftest.py's scheduler sets these work units. PYTEST_WORKERS=0 runs the suite in this process.
 PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check depthdif_hpc kernels tests benchmarks

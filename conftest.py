@@ -48,15 +48,25 @@ def _restore_distributed_env():
 
 
 # Tests that bring up or use the local SLURM clusters and network namespaces (tests/launch,
-# tests/multinode) share machine-wide state: one group, one xdist worker, one at a time.
+# tests/multinode) share machine-wide state: one work unit, one xdist worker, one at a time.
 _SHARED_MACHINE_STATE = ("tests/launch/", "tests/multinode/")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under `pytest -n N --dist loadgroup` (the Makefile's `make test`): a file's tests run on one
-    worker, so module- and session-scoped fixtures are built once, not once per test."""
-    root = config.rootpath
-    for item in items:
-        rel = item.path.relative_to(root).as_posix()
-        shared = next((p for p in _SHARED_MACHINE_STATE if rel.startswith(p)), None)
-        item.add_marker(pytest.mark.xdist_group(shared or rel))
+def work_unit(nodeid: str) -> str:
+    """What `make test`'s workers are handed whole: a test file (its module fixtures are built
+    once), or every test that shares the local clusters."""
+    path = nodeid.split("::", 1)[0]
+    return next((p for p in _SHARED_MACHINE_STATE if path.startswith(p)), path)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: only called under `pytest -n N`
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    # xdist's own --dist loadgroup marks groups by rewriting Item._nodeid, which pytest >= 9.2
+    # no longer reads (the node id comes from Item._id), so the groups are chosen here.
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return WorkUnits(config, log)
