@@ -92,7 +92,13 @@ class Decoder:
     @classmethod
     def from_manifest(cls, man: dict[str, Any], return_coords: bool = True,
                       normalizer: Normalizer = GLOBAL) -> Decoder:
-        q = quantizer_from(man)
+        return cls.from_quantizer(quantizer_from(man), int(man["tile_size"]), return_coords, normalizer)
+
+    @classmethod
+    def from_quantizer(cls, q: Any, tile: int, return_coords: bool = True,
+                       normalizer: Normalizer = GLOBAL) -> Decoder:
+        """The decoder of samples quantised by `q` (the store's, or the builder's for gridded
+        source files), normalised as `normalizer` says."""
         if normalizer.kind == "global":
             a, b = q.norm_affine()  # scalars: the reference path, bit for bit
         else:
@@ -100,7 +106,7 @@ class Decoder:
                 raise ValueError(f"per-level normalisation has {normalizer.levels} levels, the "
                                  f"store {N_LEVELS}")
             a, b = q.norm_affine_levels(normalizer)
-        return cls(a, b, int(man["tile_size"]), return_coords)
+        return cls(a, b, tile, return_coords)
 
     def batch_specs(self) -> Specs:
         """Per-sample shape and dtype of every key of a batch (coords only with return_coords)."""

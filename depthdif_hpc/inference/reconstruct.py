@@ -50,6 +50,7 @@ from depthdif_hpc.inference.tiling import (
     plan_tiles,
     region_domain,
 )
+from depthdif_hpc.normalization import GLOBAL, Normalizer
 
 FILL = np.float32(1.0e20)
 TEMP_NAME = "thetao"
@@ -80,10 +81,12 @@ class SourceInputs:
     """Grids one tile of one date from the source files through `data.build.grid_sample`."""
 
     def __init__(self, cfg: Config, day: int, ostia: str | list[str], en4: str | list[str],
-                 glorys: str | list[str] | None = None, mask: str | list[str] | None = None) -> None:
+                 glorys: str | list[str] | None = None, mask: str | list[str] | None = None,
+                 normalizer: Normalizer = GLOBAL) -> None:
         from depthdif_hpc.data.build import open_sources
 
         self.ctx = open_sources(cfg, glorys, ostia, en4)
+        self.normalizer = normalizer  # the model's (dataset.normalization): inputs as it trained
         self.day = day
         self.mask = None
         if mask:
@@ -110,8 +113,8 @@ class SourceInputs:
         from depthdif_hpc.data.decode import Decoder
 
         raw = grid_sample(self.ctx, self.day, tile)
-        a, b = self.ctx.quant.norm_affine()
-        item = Decoder(a, b, tile.size).decode(0, raw.fields, raw.obs, raw.meta)
+        decoder = Decoder.from_quantizer(self.ctx.quant, tile.size, normalizer=self.normalizer)
+        item = decoder.decode(0, raw.fields, raw.obs, raw.meta)
         lats, lons = tile.pixel_lats(), tile.pixel_lons()
         truth = None
         if self.ctx.glorys is not None:
@@ -504,7 +507,8 @@ def reconstruct(
     dom = global_domain(res) if region is None else region_domain(region, res, size)
     plan = plan_tiles(dom, size, stride)
     if inputs is None:
-        inputs = SourceInputs(cfg, day, ostia, en4, glorys=glorys, mask=mask)
+        inputs = SourceInputs(cfg, day, ostia, en4, glorys=glorys, mask=mask,
+                              normalizer=getattr(model, "normalizer", GLOBAL))
     runner = EnsembleRunner(model, ensemble=ensemble, sampler=sampler,
                             sampler_overrides=sampler_overrides, seed=seed, device=device)
     work = out.with_name(out.name + ".work")

@@ -303,6 +303,18 @@ def test_inputs_are_the_stores_samples(tiny_store, tiny_model, tmp_path):
     np.testing.assert_allclose(got.truth, np.where(item["y_valid_mask"].numpy(),
                                                    denormalize_temperature(item["y"]).numpy(), np.nan),
                                atol=2e-3)
+    # A per_level model gets its inputs normalised per level, as its training stream gave them.
+    from depthdif_hpc.data.store import resolve_normalizer
+
+    per_level = resolve_normalizer(load_config(overrides=[f"dataset.store={tiny_store}",
+                                                          "dataset.normalization=per_level"]))
+    item_pl = next(iter(ShardStream(tiny_store, "val", shuffle=False, return_coords=True,
+                                    normalizer=per_level)))
+    got_pl = rc.SourceInputs(cfg, int(row[META["day"]]), str(src / "ostia/*.nc"), str(src / "en4/*.nc"),
+                             glorys=str(src / "glorys/*.nc"), normalizer=per_level)(t)
+    for k in ("eo", "x"):
+        assert torch.equal(got_pl.batch[k][0], item_pl[k]), k
+    assert not torch.equal(got_pl.batch["x"][0], got.batch["x"][0])  # not the global z-score
     # Validity without GLORYS: from --mask files (the static land/floor of the same ocean), else
     # OSTIA's land at every depth (with a warning).
     day = int(row[META["day"]])
