@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ensemble", type=int, default=4)
     ap.add_argument("--ocean", choices=("v2", "simple"), default="v2",
                     help="synthetic ocean (docs/synthetic.md); a new one needs a fresh --out")
-    ap.add_argument("--normalization", choices=("global", "per_level"), default="global",
-                    help="temperature z-score the model trains with (dataset.normalization)")
+    ap.add_argument("--normalization", choices=("global", "per_level"), default="per_level",
+                    help="temperature z-score the model trains with (dataset.normalization; "
+                         "per_level: 2-4x lower deep error, docs/data_store.md)")
     ap.add_argument("--x0-skip", choices=("gaussian", "none"), default=X0_SKIP,
                     help="model.x0_skip: the Gaussian skip that makes the ensemble spread "
                          "(docs/model.md#gaussian-x0-skip)")
