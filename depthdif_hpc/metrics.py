@@ -180,6 +180,22 @@ def ensemble_ranks(obs: np.ndarray, members: np.ndarray, rng: np.random.Generato
     return below + np.floor(rng.random(obs.shape[0]) * (ties + 1)).astype(np.int64)
 
 
+def two_pixel_power(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per level of a (D, H, W) field (NaN read as 0, each level's mean removed): the power on the
+    2-pixel period, i.e. the Nyquist row and column of the 2-D spectrum, and the total power, both
+    (D,). An odd H or W drops its last row or column (it has no Nyquist frequency). Their ratio is
+    the checkerboard's share (docs/metrics.md#checkerboard)."""
+    f = np.nan_to_num(np.asarray(field, dtype=np.float64), nan=0.0)
+    if f.ndim != 3 or f.shape[1] < 2 or f.shape[2] < 2:
+        raise ValueError(f"need a (D, H >= 2, W >= 2) field, got {f.shape}")
+    f = f[:, : f.shape[1] // 2 * 2, : f.shape[2] // 2 * 2]
+    f = f - f.mean(axis=(1, 2), keepdims=True)
+    p = np.abs(np.fft.fft2(f)) ** 2
+    h2, w2 = f.shape[1] // 2, f.shape[2] // 2
+    nyquist = p[:, h2, :].sum(axis=1) + p[:, :, w2].sum(axis=1) - p[:, h2, w2]
+    return nyquist, p.sum(axis=(1, 2))
+
+
 def per_depth_error(pred_c: torch.Tensor, target_c: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
     """Per depth band of a (B, D, H, W) batch: RMSE, MAE, bias (degC) and the selected pixel count."""
     pred = pred_c.detach().float().cpu().numpy()

@@ -53,6 +53,7 @@ from depthdif_hpc.metrics import (
     ensemble_ranks,
     recon_metrics,
     spread_skill,
+    two_pixel_power,
 )
 
 METHODS = ("model", "oi", "idw", "climatology", "surface_extended")
@@ -176,6 +177,13 @@ class _Scores:
         self.psnr: dict[str, list[float]] = {m: [0.0, 0.0] for m in METHODS}
         self.ssim: dict[str, list[float]] = {m: [0.0, 0.0] for m in METHODS}
         self.rng = np.random.default_rng(0)
+        # (power on the 2-pixel period, total power) per level: the model's error, the truth
+        self.checker = {k: np.zeros((2, depth)) for k in ("model_error", "truth")}
+
+    def add_checkerboard(self, model: np.ndarray, truth: np.ndarray) -> None:
+        for k, f in (("model_error", model - truth), ("truth", truth)):
+            nyq, total = two_pixel_power(f)
+            self.checker[k] += np.stack([nyq, total])
 
     def add_probabilistic(self, s: str, target: np.ndarray, mask: np.ndarray, model_mean: np.ndarray,
                           model_var: np.ndarray | None, members: np.ndarray | None,
@@ -281,6 +289,7 @@ def evaluate(pred_path: str | Path, store: str | Path, report: str | Path, *,
             for s, (tgt, mask) in targets.items():
                 sc.stats[(m, s)].add(f, tgt, mask)
             sc.add_image(m, f, truth, y_valid)
+        sc.add_checkerboard(fields["model"], np.where(y_valid, truth, np.nan))
         std = pred["std"][i].astype(np.float64) if ensemble > 1 else None
         members = pred["members"][i].astype(np.float64) if has_members else None
         for s, (tgt, mask) in targets.items():
@@ -335,6 +344,11 @@ def _summarise(sc: _Scores, depth_m: np.ndarray, ensemble: int, has_members: boo
     if sc.ranks:
         out["rank_histogram"] = {s: {"counts": r.sum(axis=0).tolist(), "per_depth": r.tolist()}
                                  for s, r in sc.ranks.items()}
+    out["checkerboard"] = {}
+    for k, (nyq, total) in sc.checker.items():
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["checkerboard"][k] = {"overall": float(nyq.sum() / total.sum()) if total.sum() else math.nan,
+                                      "per_depth": (nyq / np.where(total > 0, total, np.nan)).tolist()}
     out["psnr"] = {m: v[0] / v[1] for m, v in sc.psnr.items() if v[1]}
     out["ssim"] = {m: v[0] / v[1] if v[1] else 0.0 for m, v in sc.ssim.items()}
     # at how many depths the model's hidden-pixel RMSE is below each baseline's
@@ -393,6 +407,15 @@ def _markdown(r: dict, depth_m: np.ndarray, figs: list[Path], pred_path, store) 
         for s, h in r["rank_histogram"].items():
             lines.append(f"* {s}: " + " ".join(str(c) for c in h["counts"]))
         lines.append("")
+    cb = r["checkerboard"]
+    lines += ["## Checkerboard (docs/metrics.md#checkerboard)", "",
+              "Share of the power on the 2-pixel period (the spectrum's Nyquist row and column), in %: "
+              f"the model's error {fmt(100 * cb['model_error']['overall'])}, the truth {fmt(100 * cb['truth']['overall'])} "
+              "over all levels.", "", "| depth (m) | model error | truth |", "|---:|---:|---:|"]
+    for k in report_levels(depth_m):
+        lines.append(f"| {depth_m[k]:.1f} | {fmt(100 * cb['model_error']['per_depth'][k])} | "
+                     f"{fmt(100 * cb['truth']['per_depth'][k])} |")
+    lines.append("")
     lines += ["## Image metrics (docs/metrics.md#reconstruction-metrics)", "", "| method | PSNR (dB) | SSIM |",
               "|---|---:|---:|"]
     for m in methods:
@@ -437,6 +460,9 @@ def summary_lines(r: dict) -> list[str]:
             lines.append(f"  {depth_m[k]:8.1f} | " + " | ".join(fmt(r["per_depth"][s][m]["rmse"][k]) for m in methods))
     for s, h in r.get("rank_histogram", {}).items():
         lines.append(f"rank histogram, {s}: " + " ".join(str(c) for c in h["counts"]))
+    cb = r["checkerboard"]
+    lines.append(f"checkerboard: {fmt(100 * cb['model_error']['overall'])} % of the model's error power on the "
+                 f"2-pixel period (truth: {fmt(100 * cb['truth']['overall'])} %)")
     lines.append("model RMSE below baseline at: " + ", ".join(
         f"{m} {v['depths']}/{v['of']} depths" for m, v in r["model_better_than"].items() if v["of"]))
     return lines

@@ -67,7 +67,8 @@ class DepthDif(nn.Module):
     normalizer: Normalizer = GLOBAL
     # Tensors a warm start (model.load_checkpoint) may find missing and leave at their initial
     # value: the x0 skip's variance, so weights trained without model.x0_skip (research
-    # checkpoints included) can be fine-tuned with it; it starts nearly off (diffusion/x0_skip.py).
+    # checkpoints included) can be fine-tuned with it; its likelihood fits it from INIT_VAR
+    # (diffusion/x0_skip.py).
     warm_start_fresh: tuple[str, ...] = ("x0_skip.",)
 
     def __init__(self, model: ModelConfig) -> None:
@@ -192,7 +193,14 @@ class DepthDif(nn.Module):
         pred = self.denoise(x_t, p.cond, t, self.coord_embedding(batch), noisy_mask)
         goal = x0 if self.parameterization == "x0" else noise
         loss = masked_mse(pred, goal, p.loss_mask)
-        return loss, {"loss": loss.detach(), **p.stats}
+        logs = {"loss": loss.detach(), **p.stats}
+        if self.x0_skip is not None:
+            nll = self.x0_skip.nll(pred, x0, self.schedule.alphas_cumprod[t], p.loss_mask)
+            logs["x0_skip_nll"] = nll.detach()
+            # The value stays the x0 MSE (logs, validation, checkpoint selection and runs without
+            # the skip compare alike); the gradient carries the likelihood that fits s^2.
+            loss = loss + (nll - nll.detach())
+        return loss, logs
 
     # ------------------------------------------------------------------ sampling
 

@@ -47,6 +47,7 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
     s = ShardStream(tiny_store, "val", shuffle=False, even_ranks=False)
     se = n = sw = nw = 0.0
     crps_sum = crps_n = 0.0
+    nyq_total = np.zeros(2)
     for item in s:
         i = int(item["sample_id"]) - s.id_offset
         if i >= 4:
@@ -56,6 +57,13 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
         wh = g["withheld"][i].astype(bool)
         hidden = yv & ~(xv & ~wh[None])
         m = g["mean"][i]
+        err = np.where(yv, m - truth, 0.0)
+        err = err[:, : err.shape[1] // 2 * 2, : err.shape[2] // 2 * 2]
+        err = err - err.mean(axis=(1, 2), keepdims=True)
+        hh, ww = err.shape[1] // 2, err.shape[2] // 2
+        # the 2-pixel patterns: rows alternating, columns alternating (and both), their power
+        p = np.abs(np.fft.fft2(err)) ** 2
+        nyq_total += [p[:, hh, :].sum() + p[:, :, ww].sum() - p[:, hh, ww].sum(), p.sum()]
         se += ((m - truth)[hidden] ** 2).sum()
         n += hidden.sum()
         mem = g["members"][i]  # (M, D, H, W)
@@ -74,6 +82,8 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
     assert 0 < r["spread_skill"]["hidden"]["model"]["overall"] < math.inf
     assert 0 < r["spread_skill"]["hidden"]["oi"]["overall"] < math.inf
     assert r["withheld_mode"] == "columns"
+    assert math.isclose(r["checkerboard"]["model_error"]["overall"], nyq_total[0] / nyq_total[1], rel_tol=1e-6)
+    assert 0 < r["checkerboard"]["truth"]["overall"] < 1
     # OI scores every point the model scores, and its CRPS is a Gaussian's
     assert r["overall"]["hidden"]["oi"]["count"] == n and r["crps"]["withheld"]["oi"]["overall"] > 0
     hist = r["rank_histogram"]["hidden"]["counts"]
@@ -92,7 +102,7 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
         img = mpimg.imread(report / name)
         assert img.shape[0] > 100 and img.shape[1] > 100 and float(np.std(img)) > 0.01, name
         assert name in md
-    assert "| climatology |" in md and "| oi |" in md and "## CRPS per depth" in md
+    assert "| climatology |" in md and "| oi |" in md and "## CRPS per depth" in md and "## Checkerboard" in md
     text = "\n".join(summary_lines(r))
     assert "withheld (columns)" in text and f"{r['overall']['hidden']['oi']['rmse']:.3f}" in text
     assert torch.isfinite(torch.tensor(r["psnr"]["model"]))

@@ -12,6 +12,7 @@ from depthdif_hpc.metrics import (
     crps_gaussian,
     ensemble_ranks,
     spread_skill,
+    two_pixel_power,
 )
 
 
@@ -90,3 +91,24 @@ def test_r2_and_depth_mean_by_hand():
     dm.add(np.array([1.0, 3.0, 10.0]), np.array([0, 0, 2]))
     assert dm.per_depth()[0] == 2.0 and math.isnan(dm.per_depth()[1]) and dm.per_depth()[2] == 10.0
     assert dm.overall() == pytest.approx(14 / 3)
+
+
+def test_two_pixel_power_finds_the_checkerboard_and_nothing_in_smooth_fields():
+    h, w = 16, 12
+    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    smooth = np.sin(2 * np.pi * i / h) + np.cos(2 * np.pi * j / w)
+    fields = np.stack([(-1.0) ** (i + j), (-1.0) ** i, smooth, smooth + 0.5 * (-1.0) ** j])
+    nyq, total = two_pixel_power(fields)
+    share = nyq / total
+    assert np.allclose(share[:2], 1.0) and share[2] < 1e-20
+    # equal amplitudes 1 and 0.5 over a smooth field of power 1 (two unit sinusoids): 0.25 / 1.25
+    assert math.isclose(share[3], 0.25 / 1.25, rel_tol=1e-9)
+    # white noise spreads evenly: the Nyquist row and column hold (H + W - 1) of H W frequencies
+    noise = np.random.default_rng(0).standard_normal((200, h, w))
+    nyq, total = two_pixel_power(noise)
+    assert abs(nyq.sum() / total.sum() - (h + w - 1) / (h * w - 1)) < 0.01
+    # NaN is 0; an odd size drops its last row and column
+    odd = np.pad(fields[:1], ((0, 0), (0, 1), (0, 1)), constant_values=np.nan)
+    assert np.allclose(np.divide(*two_pixel_power(odd)), 1.0)
+    with pytest.raises(ValueError, match="field"):
+        two_pixel_power(np.zeros((4, 4)))
