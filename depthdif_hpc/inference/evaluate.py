@@ -341,6 +341,20 @@ def _summarise(sc: _Scores, depth_m: np.ndarray, ensemble: int, has_members: boo
                 out["spread_skill"].setdefault(s, {})[m] = {
                     "overall": float(spread_skill(v.overall(), st.s2.sum() / st.n.sum(), k)),
                     "per_depth": per.tolist()}
+    if ensemble > 1:
+        # E(mean of K - truth)^2 = (mean of infinitely many - truth)^2 + variance / K, and the
+        # members' unbiased variance estimates it: a calibrated ensemble of 4 has an ensemble-mean
+        # RMSE sqrt(1.25) = 1.12 times that of its infinite mean, so runs with different K (and
+        # ensembles of different spread) compare only after this correction.
+        out["rmse_infinite_ensemble"] = {}
+        for s in SUPPORTS:
+            v, st = sc.var[("model", s)], sc.stats[("model", s)]
+            if v.n.sum() and st.n.sum():
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    per = st.s2 / np.where(st.n > 0, st.n, np.nan) - v.per_depth() / ensemble
+                    total = st.s2.sum() / st.n.sum() - v.overall() / ensemble
+                out["rmse_infinite_ensemble"][s] = {"overall": float(np.sqrt(max(total, 0.0))),
+                                                    "per_depth": np.sqrt(np.maximum(per, 0.0)).tolist()}
     if sc.ranks:
         out["rank_histogram"] = {s: {"counts": r.sum(axis=0).tolist(), "per_depth": r.tolist()}
                                  for s, r in sc.ranks.items()}
@@ -379,6 +393,10 @@ def _markdown(r: dict, depth_m: np.ndarray, figs: list[Path], pred_path, store) 
             ss = r["spread_skill"].get(s, {}).get(m, {}).get("overall")
             lines.append(f"| {m} | {fmt(o['rmse'])} | {fmt(o['mae'])} | {fmt(o['bias'])} | {fmt(o['r2'])} | "
                          f"{fmt(crps)} | {fmt(ss)} | {o['count']} |")
+        inf = r.get("rmse_infinite_ensemble", {}).get(s)
+        if inf is not None:
+            lines += ["", f"The model's ensemble-mean RMSE corrected to infinitely many members (MSE − mean "
+                          f"member variance / {r['ensemble']}): {fmt(inf['overall'])}."]
         lines.append("")
     for s in SUPPORTS:
         lines += [f"## RMSE per depth, {s} (degC)", "",
@@ -453,6 +471,9 @@ def summary_lines(r: dict) -> list[str]:
             ss = r["spread_skill"].get(s, {}).get(m, {}).get("overall")
             lines.append(f"{'':{len(label) + 1}} {m:>16} {fmt(o['rmse']):>7} {fmt(crps):>7} {fmt(ss):>7} "
                          f"{fmt(o['r2']):>7} {o['count']:>9}")
+        inf = r.get("rmse_infinite_ensemble", {}).get(s)
+        if inf is not None:
+            lines.append(f"{'':{len(label) + 1}} {'model, K -> inf':>16} {fmt(inf['overall']):>7}")
     depth_m = np.asarray(r["depth_m"], dtype=float)
     for s in SUPPORTS:
         lines.append(f"RMSE per depth, {s} (degC): depth (m) | " + " | ".join(methods))

@@ -48,6 +48,7 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
     se = n = sw = nw = 0.0
     crps_sum = crps_n = 0.0
     nyq_total = np.zeros(2)
+    var_sum = 0.0
     for item in s:
         i = int(item["sample_id"]) - s.id_offset
         if i >= 4:
@@ -65,6 +66,7 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
         p = np.abs(np.fft.fft2(err)) ** 2
         nyq_total += [p[:, hh, :].sum() + p[:, :, ww].sum() - p[:, hh, ww].sum(), p.sum()]
         se += ((m - truth)[hidden] ** 2).sum()
+        var_sum += (g["std"][i].astype(np.float64) ** 2)[hidden].sum()
         n += hidden.sum()
         mem = g["members"][i]  # (M, D, H, W)
         crps_sum += sr.crps_ensemble(truth[hidden], np.moveaxis(mem, 0, -1)[hidden], estimator="fair",
@@ -82,6 +84,8 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
     assert 0 < r["spread_skill"]["hidden"]["model"]["overall"] < math.inf
     assert 0 < r["spread_skill"]["hidden"]["oi"]["overall"] < math.inf
     assert r["withheld_mode"] == "columns"
+    inf = r["rmse_infinite_ensemble"]["hidden"]["overall"]
+    assert math.isclose(inf, math.sqrt(se / n - var_sum / n / 3), rel_tol=1e-5) and inf < math.sqrt(se / n)
     assert math.isclose(r["checkerboard"]["model_error"]["overall"], nyq_total[0] / nyq_total[1], rel_tol=1e-6)
     assert 0 < r["checkerboard"]["truth"]["overall"] < 1
     # OI scores every point the model scores, and its CRPS is a Gaussian's
@@ -104,6 +108,7 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
         assert name in md
     assert "| climatology |" in md and "| oi |" in md and "## CRPS per depth" in md and "## Checkerboard" in md
     text = "\n".join(summary_lines(r))
+    assert "model, K -> inf" in text and "infinitely many members" in md
     assert "withheld (columns)" in text and f"{r['overall']['hidden']['oi']['rmse']:.3f}" in text
     assert torch.isfinite(torch.tensor(r["psnr"]["model"]))
 
