@@ -44,7 +44,7 @@ ScheduleName = Literal["linear", "quadratic", "sigmoid", "cosine"]
 SamplerName = Literal["ddpm", "ddim"]
 DDIMDiscretization = Literal["uniform", "quadratic"]
 UpsampleMode = Literal["transposed", "nearest_conv"]
-X0Skip = Literal["none", "gaussian"]
+X0Skip = Literal["none", "gaussian", "gaussian_spectral"]
 ValidationSampler = Literal["model", "ddim"]
 Precision = Literal["auto", "bf16", "fp32"]
 Distributed = Literal["ddp", "deepspeed"]
@@ -220,8 +220,10 @@ class ModelConfig:
     mask_loss_with_valid_pixels: bool = False
     parameterization: str = "epsilon"  # see PARAMETERIZATION_ALIASES
     # gaussian: the x0 estimate is the posterior mean of x0 ~ N(output, s^2) given x_t, s^2 learned per
-    # generated channel, so members spread by ~s where a network that ignores x_t collapses them
-    # (docs/model.md#gaussian-x0-skip); none: the research model and its state-dict layout.
+    # generated channel, so members spread by ~s where a network that ignores x_t collapses them;
+    # gaussian_spectral: the same with a learned isotropic error spectrum per channel, so members
+    # spread with the error's spatial scales (docs/model.md#gaussian-x0-skip); none: the research
+    # model and its state-dict layout.
     x0_skip: X0Skip = "none"
     # auto: Triton on CUDA after each kernel's first-use check, eager elsewhere
     kernels: KernelMode = "eager"

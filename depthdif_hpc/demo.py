@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--normalization", choices=("global", "per_level"), default="per_level",
                     help="temperature z-score the model trains with (dataset.normalization; "
                          "per_level: 2-4x lower deep error, docs/data_store.md)")
-    ap.add_argument("--x0-skip", choices=("gaussian", "none"), default=X0_SKIP,
+    ap.add_argument("--x0-skip", choices=("gaussian", "gaussian_spectral", "none"), default=X0_SKIP,
                     help="model.x0_skip: the Gaussian skip that makes the ensemble spread "
                          "(docs/model.md#gaussian-x0-skip)")
     ap.add_argument("--ddim-discretization", choices=("quadratic", "uniform"), default=DDIM_DISCRETIZATION,

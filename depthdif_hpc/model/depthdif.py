@@ -25,7 +25,7 @@ from depthdif_hpc.diffusion.masks import align_mask, binarize, masked_mse
 from depthdif_hpc.diffusion.rng import RowGenerators
 from depthdif_hpc.diffusion.samplers import DDPMSampler, make_sampler, reverse_diffusion
 from depthdif_hpc.diffusion.schedules import NoiseSchedule
-from depthdif_hpc.diffusion.x0_skip import GaussianX0Skip
+from depthdif_hpc.diffusion.x0_skip import SPECTRAL_BINS, GaussianX0Skip
 from depthdif_hpc.model.conditioning import build_condition
 from depthdif_hpc.model.embeddings import CoordDateEncoder
 from depthdif_hpc.model.postprocess import gaussian_blur_depthwise, mask_invalid
@@ -99,7 +99,8 @@ class DepthDif(nn.Module):
         if model.x0_skip != "none" and self.parameterization != "x0":
             raise ValueError(f"model.x0_skip={model.x0_skip} needs the x0 parameterization")
         # Registered only when on: the default keeps the research state-dict layout.
-        self.x0_skip = GaussianX0Skip(model.generated_channels) if model.x0_skip == "gaussian" else None
+        self.x0_skip = (None if model.x0_skip == "none" else GaussianX0Skip(
+            model.generated_channels, bins=SPECTRAL_BINS if model.x0_skip == "gaussian_spectral" else 1))
 
     # ------------------------------------------------------------------ pieces
 

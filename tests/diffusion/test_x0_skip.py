@@ -9,7 +9,7 @@ import torch
 
 from depthdif_hpc.diffusion.samplers import make_sampler, reverse_diffusion
 from depthdif_hpc.diffusion.schedules import NoiseSchedule
-from depthdif_hpc.diffusion.x0_skip import GaussianX0Skip
+from depthdif_hpc.diffusion.x0_skip import GaussianX0Skip, radial_bins
 
 MU = 0.3
 
@@ -133,3 +133,75 @@ def test_a_mean_only_network_through_the_skip_spreads_by_s(name, steps, disc, lo
         out = reverse_diffusion(net, smp, (1, 1, 2000, 1), device=torch.device("cpu"), generator=g).sample
     assert lo < out.std().item() / s < hi
     assert abs(out.mean().item() - MU) < 0.1 * s
+
+
+# --- the spectral skip (model.x0_skip: gaussian_spectral) -------------------------------------
+
+def _field(n: int, c: int, size: int, length: float, var: float, g: torch.Generator) -> torch.Tensor:
+    """Stationary Gaussian fields (periodic): white noise through a Gaussian filter of `length`
+    pixels, scaled to `var` per pixel."""
+    f = torch.fft.fftfreq(size)
+    gain = torch.exp(-((f[:, None] ** 2 + f[None, :] ** 2) * (2 * torch.pi * length) ** 2) / 2)
+    x = torch.fft.ifft2(gain * torch.fft.fft2(torch.randn(n, c, size, size, generator=g))).real
+    return x * (var / float((gain ** 2).mean())) ** 0.5
+
+
+def test_a_flat_spectrum_is_the_white_skip():
+    white, spectral = GaussianX0Skip(2, init_var=0.3), GaussianX0Skip(2, bins=16, init_var=0.3)
+    m, x_t = torch.randn(3, 2, 12, 10), torch.randn(3, 2, 12, 10)
+    ab = torch.tensor([0.9, 0.3, 0.01])
+    assert torch.allclose(spectral(m, x_t, ab), white(m, x_t, ab), atol=1e-5)
+    r = torch.randn(3, 2, 12, 10)
+    assert torch.allclose(spectral.nll(m + r, m, ab), white.nll(m + r, m, ab), atol=1e-5)
+    assert torch.allclose(spectral.variance((12, 10)), white.variance())
+    with pytest.raises(ValueError, match="size"):
+        spectral.variance()
+
+
+def test_whittle_fits_the_spectrum_of_a_correlated_residual():
+    g = torch.Generator().manual_seed(3)
+    skip = GaussianX0Skip(1, bins=16)
+    opt = torch.optim.AdamW(skip.parameters(), lr=2e-3, weight_decay=0.01)
+    ab = torch.full((8,), 0.01)
+    # The largest scales' power is ~40x the start: from below Adam runs at half speed (0.01
+    # nats per step), so this takes ~800 steps where a flat spectrum takes ~400.
+    for _ in range(800):
+        r = _field(8, 1, 32, length=3.0, var=0.05, g=g)
+        nll = skip.nll(torch.zeros_like(r), r, ab)
+        opt.zero_grad()
+        nll.backward()
+        opt.step()
+    var = float(skip.variance((32, 32)))
+    assert 0.8 < var / 0.05 < 1.25, var
+    p = skip.log_power().exp().detach()[0]
+    # a 3 px Gaussian holds its power below ~0.1 cycles/px: bins 0-2; the fit knows it
+    assert float(p[:2].min()) > 100 * float(p[8:].max())
+
+
+def test_members_through_the_spectral_skip_are_correlated_in_space():
+    # A mean-only network: with the white skip members differ pixel by pixel; with the fitted
+    # spectrum they differ like the error field does (neighbours correlated), at the same variance.
+    size, var, length = 32, 0.05, 3.0
+    g = torch.Generator().manual_seed(4)
+    fitted = GaussianX0Skip(1, bins=16)
+    with torch.no_grad():
+        ref = _field(256, 1, size, length, var, g)
+        per_bin = torch.zeros(16).index_add_(0, radial_bins(size, size, 16).flatten(),
+                                             (torch.fft.fft2(ref).abs() ** 2).mean(dim=(0, 1)).flatten() / size**2)
+        n_b = torch.bincount(radial_bins(size, size, 16).flatten(), minlength=16).clamp_min(1)
+        fitted.log_var_scaled.copy_((per_bin / n_b).clamp_min(1e-8).log() / 10.0)
+    smp = _sampler("ddim", 20, "quadratic")
+    ab_all = smp.alphas_cumprod.float()
+    lag1 = {}
+    for name, skip in (("white", GaussianX0Skip(1, init_var=var)), ("spectral", fitted)):
+        def net(x: torch.Tensor, t: torch.Tensor, skip=skip) -> torch.Tensor:
+            return skip(torch.full_like(x, MU), x, ab_all[t])
+
+        with torch.no_grad():
+            out = reverse_diffusion(net, smp, (16, 1, size, size), device=torch.device("cpu"),
+                                    generator=torch.Generator().manual_seed(5)).sample
+        d = out - out.mean(dim=0, keepdim=True)
+        assert 0.7 < float(d.var()) * 16 / 15 / var < 1.1, name
+        lag1[name] = float((d * d.roll(1, dims=-1)).mean() / (d * d).mean())
+    # the reference field's lag-1 correlation is exp(-1 / (4 * 3^2)) = 0.97
+    assert abs(lag1["white"]) < 0.1 and lag1["spectral"] > 0.85, lag1

@@ -57,9 +57,9 @@ def test_predict_spreads_members_only_through_the_skip(skip, spread):
         assert std < 1e-6
 
 
-@pytest.mark.parametrize("ambient", [False, True])
-def test_the_objective_fits_the_variance_and_reports_the_mse(ambient):
-    model = build_model(tiny_config(ambient=ambient, overrides=["model.x0_skip=gaussian"]))
+@pytest.mark.parametrize("ambient,mode", [(False, "gaussian"), (True, "gaussian"), (False, "gaussian_spectral")])
+def test_the_objective_fits_the_variance_and_reports_the_mse(ambient, mode):
+    model = build_model(tiny_config(ambient=ambient, overrides=[f"model.x0_skip={mode}"]))
     assert isinstance(model.x0_skip, GaussianX0Skip)
     batch = random_batch()
     sched = model.schedule
@@ -76,3 +76,12 @@ def test_the_objective_fits_the_variance_and_reports_the_mse(ambient):
         moved = grad is not None and float(grad.abs().sum()) > 0
         assert moved == noisy and torch.isfinite(logs["x0_skip_nll"])
         assert model.model.final_conv[1].weight.grad is not None
+
+
+def test_the_spectral_skip_has_a_spectrum_per_level_and_its_own_layout():
+    white = build_model(tiny_config(overrides=["model.x0_skip=gaussian"]))
+    spectral = build_model(tiny_config(overrides=["model.x0_skip=gaussian_spectral"]))
+    g = spectral.cfg.generated_channels
+    assert tuple(spectral.state_dict()[KEY].shape) == (g, 16) and tuple(white.state_dict()[KEY].shape) == (g,)
+    with pytest.raises(RuntimeError, match=KEY):
+        spectral.load_state_dict(white.state_dict(), strict=True)
