@@ -57,6 +57,10 @@ from depthdif_hpc.metrics import (
 )
 
 METHODS = ("model", "oi", "idw", "climatology", "surface_extended")
+# Area means for the block spread-skill: 8 px = 0.8 degrees, about the scale of the demo's error
+# blobs; an ensemble whose members differ pixel by pixel is calibrated pointwise but 8x too narrow
+# for such a mean (docs/metrics.md#spread-skill-ratio).
+BLOCK_PX = 8
 SUPPORTS = ("hidden", "withheld")
 PROBABILISTIC = ("model", "oi")
 KM_PER_DEG = 111.19
@@ -177,8 +181,27 @@ class _Scores:
         self.psnr: dict[str, list[float]] = {m: [0.0, 0.0] for m in METHODS}
         self.ssim: dict[str, list[float]] = {m: [0.0, 0.0] for m in METHODS}
         self.rng = np.random.default_rng(0)
+        # (squared error of the mean, members' variance, count) of BLOCK_PX block means per level
+        self.block = np.zeros((3, depth))
         # (power on the 2-pixel period, total power) per level: the model's error, the truth
         self.checker = {k: np.zeros((2, depth)) for k in ("model_error", "truth")}
+
+    def add_blocks(self, members: np.ndarray, truth: np.ndarray) -> None:
+        """members (M, D, H, W), truth (D, H, W) NaN off Y: blocks wholly in Y at a level count."""
+        k = BLOCK_PX
+        d, h, w = truth.shape
+        if h < k or w < k:
+            return
+        h, w = h // k * k, w // k * k
+
+        def blocks(a: np.ndarray) -> np.ndarray:
+            return a[..., :h, :w].reshape(*a.shape[:-2], h // k, k, w // k, k).mean(axis=(-3, -1))
+
+        t, mem = blocks(truth), blocks(members)
+        ok = np.isfinite(t) & np.isfinite(mem).all(axis=0)
+        err = np.where(ok, mem.mean(axis=0) - t, 0.0)
+        var = np.where(ok, mem.var(axis=0, ddof=1), 0.0)
+        self.block += np.stack([(err ** 2).sum(axis=(1, 2)), var.sum(axis=(1, 2)), ok.sum(axis=(1, 2))])
 
     def add_checkerboard(self, model: np.ndarray, truth: np.ndarray) -> None:
         for k, f in (("model_error", model - truth), ("truth", truth)):
@@ -292,6 +315,8 @@ def evaluate(pred_path: str | Path, store: str | Path, report: str | Path, *,
         sc.add_checkerboard(fields["model"], np.where(y_valid, truth, np.nan))
         std = pred["std"][i].astype(np.float64) if ensemble > 1 else None
         members = pred["members"][i].astype(np.float64) if has_members else None
+        if members is not None:
+            sc.add_blocks(members, np.where(y_valid, truth, np.nan))
         for s, (tgt, mask) in targets.items():
             sc.add_probabilistic(s, tgt, mask, fields["model"], None if std is None else std**2, members,
                                  fields.get("oi"), oi_var)
@@ -355,6 +380,13 @@ def _summarise(sc: _Scores, depth_m: np.ndarray, ensemble: int, has_members: boo
                     total = st.s2.sum() / st.n.sum() - v.overall() / ensemble
                 out["rmse_infinite_ensemble"][s] = {"overall": float(np.sqrt(max(total, 0.0))),
                                                     "per_depth": np.sqrt(np.maximum(per, 0.0)).tolist()}
+    se, var, n = sc.block
+    if n.sum():
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per = spread_skill(var / np.where(n > 0, n, np.nan), se / np.where(n > 0, n, np.nan), ensemble)
+        out["block_spread_skill"] = {"block_px": BLOCK_PX, "blocks": int(n.sum()),
+                                     "overall": float(spread_skill(var.sum() / n.sum(), se.sum() / n.sum(), ensemble)),
+                                     "per_depth": per.tolist()}
     if sc.ranks:
         out["rank_histogram"] = {s: {"counts": r.sum(axis=0).tolist(), "per_depth": r.tolist()}
                                  for s, r in sc.ranks.items()}
@@ -420,6 +452,11 @@ def _markdown(r: dict, depth_m: np.ndarray, figs: list[Path], pred_path, store) 
                      + " | ".join(fmt(r["per_depth"]["hidden"][m]["r2"][k]) for m in methods) + " |")
     lines += ["", "Model RMSE below the baseline's at: " + ", ".join(
         f"{m} {v['depths']}/{v['of']} depths" for m, v in r["model_better_than"].items()), ""]
+    if "block_spread_skill" in r:
+        b = r["block_spread_skill"]
+        lines += [f"Spread-skill of {b['block_px']} x {b['block_px']} px block means (every ocean pixel, "
+                  f"{b['blocks']} blocks x levels): {fmt(b['overall'])}; per depth: " + ", ".join(
+                      f"{depth_m[k]:.0f} m {fmt(b['per_depth'][k])}" for k in report_levels(depth_m)), ""]
     if "rank_histogram" in r:
         lines += ["## Rank histogram of the truth among the members (pooled over levels)", ""]
         for s, h in r["rank_histogram"].items():
@@ -479,6 +516,9 @@ def summary_lines(r: dict) -> list[str]:
         lines.append(f"RMSE per depth, {s} (degC): depth (m) | " + " | ".join(methods))
         for k in report_levels(depth_m):
             lines.append(f"  {depth_m[k]:8.1f} | " + " | ".join(fmt(r["per_depth"][s][m]["rmse"][k]) for m in methods))
+    if "block_spread_skill" in r:
+        b = r["block_spread_skill"]
+        lines.append(f"spread-skill of {b['block_px']} x {b['block_px']} px block means: {fmt(b['overall'])}")
     for s, h in r.get("rank_histogram", {}).items():
         lines.append(f"rank histogram, {s}: " + " ".join(str(c) for c in h["counts"]))
     cb = r["checkerboard"]

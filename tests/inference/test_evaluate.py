@@ -49,6 +49,7 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
     crps_sum = crps_n = 0.0
     nyq_total = np.zeros(2)
     var_sum = 0.0
+    block = np.zeros(3)
     for item in s:
         i = int(item["sample_id"]) - s.id_offset
         if i >= 4:
@@ -69,6 +70,13 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
         var_sum += (g["std"][i].astype(np.float64) ** 2)[hidden].sum()
         n += hidden.sum()
         mem = g["members"][i]  # (M, D, H, W)
+        for lvl in range(truth.shape[0]):
+            for r0 in range(0, truth.shape[1] - 7, 8):
+                for c0 in range(0, truth.shape[2] - 7, 8):
+                    if yv[lvl, r0:r0 + 8, c0:c0 + 8].all():
+                        bm = mem[:, lvl, r0:r0 + 8, c0:c0 + 8].astype(np.float64).mean(axis=(1, 2))
+                        bt = truth[lvl, r0:r0 + 8, c0:c0 + 8].mean()
+                        block += [(bm.mean() - bt) ** 2, bm.var(ddof=1), 1]
         crps_sum += sr.crps_ensemble(truth[hidden], np.moveaxis(mem, 0, -1)[hidden], estimator="fair",
                                      backend="numpy").sum()
         crps_n += hidden.sum()
@@ -84,6 +92,9 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
     assert 0 < r["spread_skill"]["hidden"]["model"]["overall"] < math.inf
     assert 0 < r["spread_skill"]["hidden"]["oi"]["overall"] < math.inf
     assert r["withheld_mode"] == "columns"
+    b = r["block_spread_skill"]
+    assert b["blocks"] == block[2] > 0
+    assert math.isclose(b["overall"], math.sqrt(4 / 3) * math.sqrt(block[1] / block[0]), rel_tol=1e-5)
     inf = r["rmse_infinite_ensemble"]["hidden"]["overall"]
     assert math.isclose(inf, math.sqrt(se / n - var_sum / n / 3), rel_tol=1e-5) and inf < math.sqrt(se / n)
     assert math.isclose(r["checkerboard"]["model_error"]["overall"], nyq_total[0] / nyq_total[1], rel_tol=1e-6)
@@ -108,7 +119,7 @@ def test_evaluate_end_to_end(tiny_store, tiny_model, tmp_path):
         assert name in md
     assert "| climatology |" in md and "| oi |" in md and "## CRPS per depth" in md and "## Checkerboard" in md
     text = "\n".join(summary_lines(r))
-    assert "model, K -> inf" in text and "infinitely many members" in md
+    assert "model, K -> inf" in text and "block means" in text and "block means" in md and "infinitely many members" in md
     assert "withheld (columns)" in text and f"{r['overall']['hidden']['oi']['rmse']:.3f}" in text
     assert torch.isfinite(torch.tensor(r["psnr"]["model"]))
 
