@@ -312,11 +312,11 @@ def evaluate(pred_path: str | Path, store: str | Path, report: str | Path, *,
             for s, (tgt, mask) in targets.items():
                 sc.stats[(m, s)].add(f, tgt, mask)
             sc.add_image(m, f, truth, y_valid)
-        sc.add_checkerboard(fields["model"], np.where(y_valid, truth, np.nan))
+        sc.add_checkerboard(fields["model"], truth)  # NaN off Y already: y_valid is its finiteness
         std = pred["std"][i].astype(np.float64) if ensemble > 1 else None
         members = pred["members"][i].astype(np.float64) if has_members else None
         if members is not None:
-            sc.add_blocks(members, np.where(y_valid, truth, np.nan))
+            sc.add_blocks(members, truth)
         for s, (tgt, mask) in targets.items():
             sc.add_probabilistic(s, tgt, mask, fields["model"], None if std is None else std**2, members,
                                  fields.get("oi"), oi_var)
