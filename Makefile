@@ -13,7 +13,7 @@ endif
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint clean wheelhouse
+.PHONY: install demo test lint clean wheelhouse image-test
 
 install: $(STAMP)
 
@@ -57,5 +57,26 @@ WHEELHOUSE ?= .wheelhouse
 wheelhouse: $(STAMP)
 	$(PY) benchmarks/wheelhouse.py --out $(WHEELHOUSE)
 
+# The lent GPU image's torch 2.11 and triton 3.6 (the oldest the package supports) in a second
+# venv, and the whole suite in it, the GPU command's CPU rehearsal included (docs/gpu_run.md).
+# Not part of `make test`: the registry's torch 2.11 is the CUDA build, 4.7 GB with its
+# libraries. numpy < 2.4: triton 3.6's interpreter fails on loop bounds under numpy 2.4.
+IMAGE_VENV ?= .venv-image
+IMAGE_PY := $(IMAGE_VENV)/bin/python
+IMAGE_PINS := torch==2.11.0 triton==3.6.0 accelerate==1.15.0 numpy<2.4 setuptools<82
+$(IMAGE_VENV)/.installed: pyproject.toml
+	python3 -m venv $(IMAGE_VENV)
+	$(IMAGE_PY) -m pip install -q --upgrade pip
+	printf '%s\n' $(foreach p,$(IMAGE_PINS),'$(p)') > $(IMAGE_VENV)/constraints.txt
+	$(IMAGE_PY) -m pip install -q -c $(IMAGE_VENV)/constraints.txt torch triton numpy "setuptools>=77" wheel
+	DS_BUILD_OPS=0 $(IMAGE_PY) -m pip install -q --no-build-isolation -c $(IMAGE_VENV)/constraints.txt "deepspeed>=0.16,<0.20"
+	$(IMAGE_PY) -m pip install -q --no-build-isolation -c $(IMAGE_VENV)/constraints.txt -e ".[dev,synthetic]"
+	$(IMAGE_PY) -m pip check
+	touch $@
+
+# Its own folder for DeepSpeed's just-in-time ops: one built against the other torch would load.
+image-test: $(IMAGE_VENV)/.installed
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(IMAGE_VENV)/torch_extensions $(IMAGE_PY) -m pytest -q -p no:cacheprovider --durations=15 -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .cache build *.egg-info
+	rm -rf $(VENV) $(IMAGE_VENV) .cache build *.egg-info

@@ -508,7 +508,7 @@ def reconstruct(
     plan = plan_tiles(dom, size, stride)
     if inputs is None:
         inputs = SourceInputs(cfg, day, ostia, en4, glorys=glorys, mask=mask,
-                              normalizer=getattr(model, "normalizer", GLOBAL))
+                              normalizer=model.normalizer)
     runner = EnsembleRunner(model, ensemble=ensemble, sampler=sampler,
                             sampler_overrides=sampler_overrides, seed=seed, device=device)
     work = out.with_name(out.name + ".work")
