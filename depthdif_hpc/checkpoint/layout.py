@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("depthdif_hpc.checkpoint")
@@ -141,7 +142,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def latest_complete(root: Path, warn=log.warning) -> Path | None:
+def latest_complete(root: Path, warn: Callable[[str], object] = log.warning) -> Path | None:
     """Newest checkpoint that passes `check_complete`; broken newer ones are reported."""
     for step, d in reversed(list_checkpoints(root)):
         why = check_complete(d)

@@ -190,7 +190,7 @@ class SyntheticOcean:
         fl = np.clip(np.abs(lat) / 35.0, 0.0, 1.0)
         return s, fl
 
-    def sst(self, lat: np.ndarray, eta: np.ndarray, day) -> np.ndarray:
+    def sst(self, lat: np.ndarray, eta: np.ndarray, day: np.ndarray | float) -> np.ndarray:
         s, fl = self._season(lat, day)
         t = -1.0 + 29.0 * np.cos(np.radians(lat)) ** 2 + 2.8 * s * fl + 1.1 * eta
         return np.maximum(t, -1.8)
@@ -206,7 +206,7 @@ class SyntheticOcean:
         fs = [self.eddy] if self.mode == "simple" else [self.eddy, *self.sub, self.heave, self.mld_field]
         return np.stack([self._field_pts(m, lat, lon, day) for m in fs])
 
-    def mixed_layer_depth(self, lat: np.ndarray, f: np.ndarray, day) -> np.ndarray:
+    def mixed_layer_depth(self, lat: np.ndarray, f: np.ndarray, day: np.ndarray | float) -> np.ndarray:
         """v2 mixed-layer depth (m): shallow in summer, deep in late winter and at high
         latitude, times a large-scale spatial factor."""
         pr = self.params
@@ -215,7 +215,8 @@ class SyntheticOcean:
         base = pr.mld_summer_m + (pr.mld_winter_m - pr.mld_summer_m) * (1 - s) / 2 * fl
         return np.clip(base * np.exp(pr.mld_spatial * f[-1]), 10.0, 400.0)
 
-    def temperature(self, lat: np.ndarray, f: np.ndarray, day, z: np.ndarray) -> np.ndarray:
+    def temperature(self, lat: np.ndarray, f: np.ndarray, day: np.ndarray | float,
+                    z: np.ndarray) -> np.ndarray:
         """Potential temperature at depth z; `f` the fields (F, ...) of fields_grid/fields_pts
         broadcast against lat and z."""
         if self.mode == "simple":
@@ -243,7 +244,8 @@ class SyntheticOcean:
             t = t + amp * f[1 + k] * np.exp(-(((z - zc) / w) ** 2)) * (1 - np.exp(-z / 60.0))
         return np.maximum(t, -1.9)
 
-    def profile(self, lat: np.ndarray, eta: np.ndarray, day, z: np.ndarray) -> np.ndarray:
+    def profile(self, lat: np.ndarray, eta: np.ndarray, day: np.ndarray | float,
+                z: np.ndarray) -> np.ndarray:
         """Simple mode: T at depth z (broadcast against lat/eta): mixed layer + thermocline +
         deep water, all carrying the surface eddy field."""
         s, fl = self._season(lat, day)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,7 +233,7 @@ def store_identity(store: str | Path) -> str:
     return hashlib.sha256((Path(store) / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
-def iter_split_fields(store: str | Path, split: str):
+def iter_split_fields(store: str | Path, split: str) -> Iterator[tuple[int, np.ndarray, np.void]]:
     """(sample index, (1 + D, H, W) degC [eo, GLORYS-like y] with NaN where invalid, meta row),
     read shard by shard from the stored codes (independent of the model's normalization)."""
     import zarr

@@ -142,7 +142,7 @@ def withheld_mode(attrs: dict) -> str:
     return str(attrs.get("withhold_mode", "columns"))
 
 
-def withheld_lookup(pred, done: np.ndarray, store: str | Path, split: str,
+def withheld_lookup(pred: zarr.Group, done: np.ndarray, store: str | Path, split: str,
                     meta: np.ndarray) -> Callable[[int], np.ndarray | None]:
     """j -> the (H, W) withheld mask of sample j: the prediction store's for finished samples;
     for others, whole-float holdout recomputes it from the withheld float ids (the same floats in

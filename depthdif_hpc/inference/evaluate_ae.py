@@ -21,6 +21,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from depthdif_hpc.metrics import DepthStats, recon_metrics
 from depthdif_hpc.model.latent import AutoencoderModel
 from depthdif_hpc.normalization import denormalize_temperature
 
+if TYPE_CHECKING:
+    from depthdif_hpc.config import Config
+
 FIGURE = "rmse_per_depth.png"
 
 
@@ -40,7 +44,7 @@ class NotAnAutoencoderError(ValueError):
 
 
 def load_trained_autoencoder(checkpoint: str | Path, *, use_ema: bool = True,
-                             overrides: list[str] | None = None):
+                             overrides: list[str] | None = None) -> tuple[Config, AutoencoderModel]:
     """(config, AutoencoderModel in eval mode) from a run, checkpoint or export folder."""
     from depthdif_hpc.checkpoint.loading import load_model
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -123,7 +124,7 @@ def predict_split(
     device: str | torch.device = "cpu",
     limit: int | None = None,
     progress: bool = True,
-    barrier=None,
+    barrier: Callable[[], object] | None = None,
 ) -> dict[str, int]:
     """Predict one split of a store into `out`; returns counts of written and skipped samples.
 

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import submitit
@@ -67,7 +68,7 @@ class _StopForwarder:
             return h
         return None
 
-    def on_preempt(self, signum, frame) -> None:
+    def on_preempt(self, signum: int, frame: FrameType | None) -> None:
         first = not self.requested
         self.requested = True
         if first:

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from depthdif_hpc.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from depthdif_hpc.train.stream import DataFactory
+    from depthdif_hpc.train.trainer import Trainer
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -19,7 +25,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None, *, data_factory=None, hooks=None) -> int:
+def main(argv: list[str] | None = None, *, data_factory: DataFactory | None = None,
+         hooks: dict[str, Callable[[Trainer], Any]] | None = None) -> int:
     """Train with these arguments; returns the exit code (submitit calls this directly)."""
     from depthdif_hpc.train.state import CheckpointSpaceError
     from depthdif_hpc.train.steplog import NonFiniteLossError
