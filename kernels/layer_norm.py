@@ -61,7 +61,7 @@ MAX_ONE_CHUNK = 2048
 
 
 @triton.jit
-def chan_merge(mean, m2, n_a, mean_b, m2_b, n_b):
+def chan_merge(mean, m2, n_a, mean_b, m2_b, n_b):  # noqa: ANN201 - Triton values
     """Per-pixel (mean, M2, count) of the channels so far merged with a chunk's (Chan et al.'s
     parallel formula: no sum-of-squares cancellation); also used by convnext_front.py."""
     n = n_a + n_b

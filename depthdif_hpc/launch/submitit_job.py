@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -62,7 +63,7 @@ class _StopForwarder:
         pass  # SIGUSR1 before the trainer starts: nothing to stop yet (the forwarder retries)
 
     @classmethod
-    def _trainer_handler(cls):
+    def _trainer_handler(cls) -> Callable[[int, FrameType | None], Any] | None:
         h = signal.getsignal(signal.SIGUSR1)
         if callable(h) and h is not cls._placeholder:
             return h
