@@ -16,18 +16,23 @@ from pathlib import Path
 
 from depthdif_hpc.checkpoint import layout
 from depthdif_hpc.checkpoint.weights import checkpoint_weights
+from depthdif_hpc.command import command
 
 
 def export(checkpoint: str | Path, out: str | Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     src = layout.resolve(checkpoint)
+    if not layout.is_checkpoint(src):
+        raise FileNotFoundError(f"{src} is neither a run folder (no {layout.CHECKPOINTS}/) nor a "
+                                f"checkpoint folder (no {layout.MANIFEST})")
+    # Read before the output folder exists: a source that is not a checkpoint leaves nothing behind.
+    weights = {k: v.float().contiguous() for k, v in checkpoint_weights(src).items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = layout.read_manifest(src) if layout.is_checkpoint(src) else {}
+    manifest = layout.read_manifest(src)
     written: dict[str, Path] = {}
     meta = {"source": str(src.resolve()), "step": str(manifest.get("step", "")), "dtype": "float32"}
-    weights = {k: v.float().contiguous() for k, v in checkpoint_weights(src).items()}
     target = out / layout.MODEL
     save_file(weights, str(target) + ".part", metadata=meta)
     os.replace(str(target) + ".part", target)
@@ -48,17 +53,14 @@ def export(checkpoint: str | Path, out: str | Path) -> dict[str, Path]:
     return written
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="depthdif-export", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.checkpoint.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="checkpoint folder or run folder")
     ap.add_argument("--out", required=True, help="output folder for model.safetensors / ema.safetensors")
     args = ap.parse_args(argv)
-    try:
-        written = export(args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"export failed: {exc}", file=sys.stderr)
-        return 2
+    written = export(args.checkpoint, args.out)
     for k, p in written.items():
         print(f"{k}: {p}")
     return 0

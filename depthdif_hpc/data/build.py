@@ -24,12 +24,14 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..command import command
 from ..config import Config, load_config, to_dict
 from .grid import Tile, candidate_tiles, in_box
 from .profiles import (
@@ -528,6 +530,7 @@ def _manifest(ctx: Context, out: Path, jobs: list[tuple[str, int]], digest: str)
     }
 
 
+@command(StoreError)
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m depthdif_hpc.data.build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -559,4 +562,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

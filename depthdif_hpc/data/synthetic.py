@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from ..command import command
 from .profiles import GLORYS_DEPTHS
 from .readers import day_to_yyyymmdd, yyyymmdd_to_day
 
@@ -582,6 +584,7 @@ def build_tiny_store(out_dir: str | Path, *, seed: int = 0, tile_size: int = 128
     return store
 
 
+@command()
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m depthdif_hpc.data.synthetic", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -605,4 +608,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,8 +28,9 @@ import torch
 import zarr
 from tqdm import tqdm
 
+from depthdif_hpc.command import command
 from depthdif_hpc.config import Config, EvaluationConfig, OIConfig, validate_config
-from depthdif_hpc.data.store import META
+from depthdif_hpc.data.store import META, StoreError
 from depthdif_hpc.inference.baselines import idw, surface_extended
 from depthdif_hpc.inference.climatology import (
     Climatology,
@@ -529,6 +530,7 @@ def summary_lines(r: dict) -> list[str]:
     return lines
 
 
+@command(StoreError)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.inference.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from depthdif_hpc.command import command
 from depthdif_hpc.data.store import StoreError, read_manifest
 from depthdif_hpc.data.stream import make_dataloader
 from depthdif_hpc.inference.report import fmt, report_levels, write_json
@@ -229,6 +230,7 @@ def _markdown(r: dict, fig: Path | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+@command(StoreError)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.inference.evaluate_ae", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,15 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = ap.parse_args(argv)
-    try:
-        r = evaluate_autoencoder(args.checkpoint, args.store, args.report, split=args.split,
-                                 batch_size=args.batch_size, num_workers=args.workers,
-                                 limit=args.limit, use_ema=not args.no_ema,
-                                 overrides=list(args.overrides), device=args.device,
-                                 figures=not args.no_figures, progress=sys.stderr.isatty())
-    except (ValueError, FileNotFoundError, StoreError) as exc:
-        print(f"evaluate_ae: {exc}", file=sys.stderr)
-        return 2
+    r = evaluate_autoencoder(args.checkpoint, args.store, args.report, split=args.split,
+                             batch_size=args.batch_size, num_workers=args.workers,
+                             limit=args.limit, use_ema=not args.no_ema,
+                             overrides=list(args.overrides), device=args.device,
+                             figures=not args.no_figures, progress=sys.stderr.isatty())
     o, c = r["overall"], r["autoencoder"]
     print(f"{r['split']}: {r['n_samples']} samples, {o['count']} valid points; compression "
           f"{c['in_channels']} -> {c['latent_channels']} ch x {c['spatial_downsample']}^2 = {c['ratio']:.2f}x")

@@ -28,11 +28,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from depthdif_hpc.command import command
 from depthdif_hpc.config import SamplerName
 from depthdif_hpc.data.batch import Batch
 from depthdif_hpc.data.grid import Tile
 from depthdif_hpc.data.profiles import PLATFORM_MORE
-from depthdif_hpc.data.store import META, read_manifest
+from depthdif_hpc.data.store import META, StoreError, read_manifest
 from depthdif_hpc.data.stream import ShardStream
 from depthdif_hpc.inference.writer import PredictionWriter, create_prediction_store
 from depthdif_hpc.normalization import GLOBAL
@@ -255,6 +256,7 @@ def _dist() -> tuple[int, int, object]:
     return dist.get_rank(), dist.get_world_size(), dist.barrier
 
 
+@command(StoreError)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.inference.predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

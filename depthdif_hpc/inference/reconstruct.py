@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from depthdif_hpc.command import command
 from depthdif_hpc.config import Config, SamplerName
 from depthdif_hpc.data.grid import Tile
 from depthdif_hpc.data.profiles import GLORYS_DEPTHS
@@ -584,6 +585,7 @@ def _rank() -> tuple[int, int, int]:
     return env.rank, env.world_size, env.local_rank
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m depthdif_hpc.inference.reconstruct", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -633,18 +635,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg, model = load_model(a.checkpoint, use_ema=not a.no_ema, overrides=list(a.overrides))
     over = {k: v for k, v in (("ddim_num_timesteps", a.steps), ("ddim_eta", a.eta)) if v is not None}
     figure = None if a.no_figure else (a.figure or str(Path(a.out).with_suffix(".png")))
-    try:
-        rep = reconstruct(model, cfg, date=a.date, out=a.out, ostia=a.ostia, en4=a.en4,
-                          glorys=a.glorys, mask=a.mask, region=region, tile=a.tile,
-                          stride=a.stride, ensemble=a.ensemble, keep_members=a.members,
-                          sampler=a.sampler, sampler_overrides=over, seed=a.seed, device=device,
-                          rank=rank, world_size=world, figure=figure, keep_work=a.keep_work,
-                          stall_timeout_s=a.stall_timeout, band_rows=a.band_rows,
-                          progress=not a.no_progress,
-                          source_label=str(Path(a.checkpoint).resolve()))
-    except (SourceError, FileExistsError, ValueError) as exc:
-        print(f"depthdif-reconstruct: error: {exc}", file=sys.stderr)
-        return 2
+    rep = reconstruct(model, cfg, date=a.date, out=a.out, ostia=a.ostia, en4=a.en4,
+                      glorys=a.glorys, mask=a.mask, region=region, tile=a.tile,
+                      stride=a.stride, ensemble=a.ensemble, keep_members=a.members,
+                      sampler=a.sampler, sampler_overrides=over, seed=a.seed, device=device,
+                      rank=rank, world_size=world, figure=figure, keep_work=a.keep_work,
+                      stall_timeout_s=a.stall_timeout, band_rows=a.band_rows,
+                      progress=not a.no_progress,
+                      source_label=str(Path(a.checkpoint).resolve()))
     print(f"rank {rank}: {rep['computed']} tiles computed ({rep['tiles_per_s']:.3f} tiles/s), "
           f"{rep['empty']} without ocean, {rep['skipped']} already done, of {rep['tiles']}", flush=True)
     if rank == 0:
