@@ -14,9 +14,14 @@ if TYPE_CHECKING:
     from depthdif_hpc.train.trainer import Trainer
 
 
+# The exit codes say more than depthdif_hpc.command's one code for bad input (EXIT_* in trainer.py),
+# so this command reports in its format but not through it.
+PROG = "python -m depthdif_hpc.train"
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m depthdif_hpc.train",
+        prog=PROG,
         description="Train DepthDif (Accelerate; DDP or DeepSpeed ZeRO). Later --config files and "
                     "key=value overrides win. Exit 0 done, 75 preempted (checkpoint written), "
                     "2 bad config, 3 non-finite loss, 1 other failure.")
@@ -51,13 +56,13 @@ def main(argv: list[str] | None = None, *, data_factory: DataFactory | None = No
             finally:
                 trainer.close()
     except ConfigError as exc:
-        print(f"depthdif_hpc.train: configuration refused: {exc}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: configuration refused: {exc}", file=sys.stderr, flush=True)
         code = EXIT_CONFIG
     except NonFiniteLossError as exc:
-        print(f"depthdif_hpc.train: {exc}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         code = EXIT_NONFINITE
     except CheckpointSpaceError as exc:
-        print(f"depthdif_hpc.train: {exc}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         code = EXIT_FAILURE
     finally:
         _shutdown(synchronise=agreed_exit)

@@ -174,7 +174,9 @@ def test_nonfinite_loss_stops_with_step_and_sample_ids(tmp_path, capsys):
 def test_config_disagreements_refused(tmp_path, capsys):
     run = tmp_path / "run"
     assert _run(run, "trainer.global_batch_size=64") == 2
-    assert "trainer.global_batch_size = 64" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("python -m depthdif_hpc.train: error: configuration refused: ")
+    assert "trainer.global_batch_size = 64" in err
     ds = tmp_path / "ds.json"
     ds.write_text('{"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}')
     assert _run(run, "trainer.distributed=deepspeed", f"trainer.deepspeed_config={ds}") == 2
