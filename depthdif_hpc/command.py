@@ -3,11 +3,14 @@
 A missing file or a value the package refuses is the user's to fix, and a traceback only buries
 the message; anything else is a bug and keeps its traceback. The prefix is the program name the
 command's argparse uses (`python -m <module>`), so argparse's own usage errors and these read alike.
+A ValueError can also come from a bug deep inside: DEPTHDIF_TRACEBACK=1 lets every error through
+with its traceback.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -29,6 +32,8 @@ def command(*also: type[BaseException]) -> Callable[[Callable[..., int | None]],
             try:
                 code = main(*args, **kwargs)
             except (*INPUT_ERRORS, *also) as exc:
+                if os.environ.get("DEPTHDIF_TRACEBACK", "") not in ("", "0"):
+                    raise
                 print(f"{_prog(main)}: error: {exc}", file=sys.stderr, flush=True)
                 return 2
             return 0 if code is None else code

@@ -45,6 +45,12 @@ def test_input_errors_are_one_line_and_exit_2(capsys, what, message):
     assert err == f"python -m {__name__}: error: {message}\n"
 
 
+def test_depthdif_traceback_lets_input_errors_through(monkeypatch):
+    monkeypatch.setenv("DEPTHDIF_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="nowhere.zarr"):
+        _main("value")
+
+
 def test_other_errors_keep_their_traceback_and_codes_pass_through(capsys):
     with pytest.raises(KeyError, match="a bug"):
         _main("bug")
