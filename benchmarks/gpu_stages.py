@@ -103,6 +103,10 @@ class Plan:
     trainer_tile: int = 128
     # Train days of the trainer's synthetic store (4 tiles a day, 2017) and its one val day.
     trainer_dates: tuple[str, str] = ("2017-12-08", "2018-01-01")
+    # env's two ceilings: a device-to-device copy of this many MiB, a bf16 n x n x n product.
+    # 1 GiB and 8192: each well past the 50 MB L2 and launch overhead (~0.7 and ~1.4 ms).
+    ceiling_copy_mib: int = 1024
+    ceiling_matmul_n: int = 8192
 
     @classmethod
     def make(cls, rehearsal: bool) -> Plan:
@@ -131,7 +135,8 @@ class Plan:
                    compile_step_modes=("triton+compile+cl+table",),
                    kernel_modes=("eager+ckpt", "triton+cl+table+fused+bench"),
                    parity_mixes=("training",), call_layouts=("+cl",),
-                   profile_modes=("triton+cl+table+fused+bench",), unet_parity_epilogue=True)
+                   profile_modes=("triton+cl+table+fused+bench",), unet_parity_epilogue=True,
+                   ceiling_copy_mib=16, ceiling_matmul_n=256)
 
 
 # ============================================================================ small helpers
@@ -707,6 +712,10 @@ def stage_env(ctx: Ctx) -> int:
         rows.append(("driver, max SM MHz, max mem MHz, power limit", smi))
     else:
         rows.append(("device", f"cpu ({platform.processor() or platform.machine()})"))
+    try:
+        rows += _ceilings(ctx)
+    except Exception as exc:  # noqa: BLE001 - the environment's rows stand without them
+        rows.append(("ceilings", f"failed: {type(exc).__name__}: {exc}"))
     for mod in PACKAGES:
         v = module_version(mod)
         where = ""
@@ -726,6 +735,42 @@ def stage_env(ctx: Ctx) -> int:
         append(ctx.out, "env", {"key": k, "value": v})
         log(f"{k:45s} {v}")
     return 0
+
+
+def _ceilings(ctx: Ctx) -> list[tuple[str, Any]]:
+    """What this card does at best, measured: copy bandwidth (bytes read + written) and the bf16
+    matrix rate on random data (zeros can run faster), beside the datasheet's dense bf16 peak
+    that MFU divides by. Timings and MFU read against these, not only against the datasheet."""
+    import torch
+
+    from depthdif_hpc.model.flops import peak_flops
+
+    bench, dev, n = Bench(ctx.device), ctx.device, ctx.plan.ceiling_matmul_n
+    copy_tb_s = _copy_rate(bench, dev, ctx.plan.ceiling_copy_mib) / 1e12
+    matmul_tflop_s = _matmul_rate(bench, dev, n) / 1e12
+    free_memory()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    sheet = peak_flops(name, torch.bfloat16)
+    return [("copy_tb_s", float(f"{copy_tb_s:.4g}")),
+            (f"bf16_matmul_{n}_tflop_s", float(f"{matmul_tflop_s:.4g}")),
+            ("bf16_datasheet_tflop_s", round(sheet / 1e12, 1) if sheet else "unknown")]
+
+
+def _copy_rate(bench: Bench, device: Any, mib: int) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read and written."""
+    import torch
+
+    src = torch.randn(mib * 2**18, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / (bench(lambda: dst.copy_(src)) / 1e3)
+
+
+def _matmul_rate(bench: Bench, device: Any, n: int) -> float:
+    """FLOP/s of an n x n x n bf16 matrix product on random data."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / (bench(lambda: a @ b) / 1e3)
 
 
 def _run(cmd: list[str]) -> str:
@@ -774,13 +819,14 @@ def _op_parity(ctx: Ctx, kernel_name: str, case: str, mix: str, kernel: Callable
     gradient; also the eager reference run as the model would run it (under autocast for the
     training mix), for scale. Tolerance: _testing.TOL of the lowest precision involved."""
     import torch
-    from depthdif_hpc.kernels._testing import TOL, rel_err
+    from depthdif_hpc.kernels._testing import TOL, poisoned_empty, rel_err
 
     leaves = [t for t in inputs if t is not None]
-    out = kernel(inputs)
     g = torch.Generator().manual_seed(7)
-    dy = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
-    out.backward(dy)
+    with poisoned_empty():  # an element the kernel never writes is NaN, not a stale right value
+        out = kernel(inputs)
+        dy = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+        out.backward(dy)
     ref_in = [t.detach().double().requires_grad_(True) if t is not None else None for t in inputs]
     ref = reference(ref_in)
     ref.backward(dy.double())
@@ -857,7 +903,7 @@ def _unet_autocast_parity(ctx: Ctx, unet: Any, calls: list[Call]) -> int:
     rehearsal runs it in fp32: the interpreter's bf16 truncation would be measured, not the
     kernels."""
     import torch
-    from depthdif_hpc.kernels._testing import rel_err
+    from depthdif_hpc.kernels._testing import poisoned_empty, rel_err
 
     B, px = ctx.plan.parity_batch, ctx.plan.unet_parity_px
     g = torch.Generator().manual_seed(5)
@@ -901,7 +947,8 @@ def _unet_autocast_parity(ctx: Ctx, unet: Any, calls: list[Call]) -> int:
             {"C": c.shape[0], "H": c.shape[1], "W": c.shape[2], "dtype": d, "impl": "epilogue"}
             for c in calls if c.kind == "front" for d in ("fp32", "bf16")]})
         case += " channels_last, front table: epilogue"
-    kern = run("triton", amp)
+    with poisoned_empty():
+        kern = run("triton", amp)
     mix = "autocast bf16" if amp else "fp32"
     bad = 0
     for name in ref:
@@ -1509,6 +1556,14 @@ def headlines(out: Path) -> list[str]:
                  for k, v in tot.items()]
         lines.append(f"CALLS fronts+attention+norms per U-Net fwd+bwd at B{calls[0]['batch']}: "
                      + ", ".join(parts))
+    env = {r["key"]: r["value"] for r in read(out, "env")}
+    mm_key = next((k for k in env if k.startswith("bf16_matmul_")), None)
+    matmul = fnum(env.get(mm_key)) if mm_key else None
+    if matmul is not None:
+        lines.append(f"CEILINGS copy {env.get('copy_tb_s')} TB/s (read + write), "
+                     f"{mm_key.removeprefix('bf16_matmul_').removesuffix('_tflop_s')}^3 bf16 "
+                     f"matmul {matmul:g} TFLOP/s, datasheet dense bf16 "
+                     f"{env.get('bf16_datasheet_tflop_s')} TFLOP/s (MFU's denominator)")
     table = front_table(out)
     if table["entries"]:
         n_epi = sum(e["impl"] == "epilogue" for e in table["entries"])

@@ -91,12 +91,15 @@ def test_rehearsal_runs_every_stage(tmp_path):
     env = {r["key"]: r["value"] for r in env}
     assert env["mode"].startswith("rehearsal") and env["torch"] and env["triton"]
     assert env["stages"].split() == ALL_STAGES
+    # The two measured ceilings (rehearsal sizes) beside the datasheet figure (none for a CPU).
+    plan = stages.Plan.make(True)
+    assert float(env["copy_tb_s"]) > 0 and float(env[f"bf16_matmul_{plan.ceiling_matmul_n}_tflop_s"]) > 0
+    assert env["bf16_datasheet_tflop_s"] == "unknown"
 
     _, parity = table(out, "parity")
     assert {r["kernel"] for r in parity} == {"convnext_front", "convnext_front_epilogue",
                                              "linear_attention", "layer_norm", "unet"}
     assert all(r["ok"] == "yes" for r in parity)
-    plan = stages.Plan.make(True)
     assert {r["mix"] for r in parity if r["kernel"] == "convnext_front"} == set(plan.parity_mixes)
     front_cases = {r["case"] for r in parity if r["kernel"] == "convnext_front"}
     # The model's own flags: the first block (no LN, fp32 input) and the last (no time bias).
@@ -163,7 +166,7 @@ def test_rehearsal_runs_every_stage(tmp_path):
                     "## Training steps", "## Device time of one step by kernel class"):
         assert heading in report
     text = (out / "summary.txt").read_text()
-    for head in ("PARITY OK", "CALLS", "FRONT TABLE (cpu)", "STEP ambient", "LATENT",
+    for head in ("PARITY OK", "CEILINGS copy", "CALLS", "FRONT TABLE (cpu)", "STEP ambient", "LATENT",
                  "TRAINER", f"PROFILE {triton}"):
         assert head in text
 

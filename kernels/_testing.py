@@ -8,7 +8,9 @@ kernel's own rounding of results stored in bf16/fp16, not the eager op's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -34,6 +36,30 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return err / scale if scale > 0 else err
 
 
+@contextlib.contextmanager
+def poisoned_empty() -> Iterator[None]:
+    """Inside, new tensors from torch.empty & co. start as NaN (floats; integers at their max).
+
+    An output element that a kernel never writes then fails the comparison instead of holding
+    whatever the allocator's previous tenant left: on a GPU the caching allocator hands back a
+    freed block of the same size, often the eager run's own result, so a kernel that skips a
+    tail could pass. Torch fills only under deterministic mode; warn_only keeps every op
+    available (a nondeterministic one only warns, and that warning is silenced here).
+    """
+    det = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(det, warn_only=warn_only)
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 def run_with_grads(
     fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor | None], dy: torch.Tensor,
     *extra: object,
@@ -54,15 +80,19 @@ def check_parity(
     tol: float | None = None,
     ref_dtype: torch.dtype = torch.float32,
     seed: int = 1,
+    poison: bool = True,
 ) -> dict[str, float]:
-    """Assert kernel == reference (output and all gradients) within `tol`; returns the errors."""
+    """Assert kernel == reference (output and all gradients) within `tol`; returns the errors.
+
+    The kernel runs under `poisoned_empty` unless `poison` is False."""
     first = next(t for t in inputs if t is not None)
     dtype = first.dtype
     tol = TOL[dtype] if tol is None else tol
     # Every op returns a tensor shaped like its first input.
     g = torch.Generator(device="cpu").manual_seed(seed)
     dy = torch.randn(first.shape, generator=g).to(device=first.device, dtype=dtype)
-    out, grads = run_with_grads(kernel, inputs, dy, *extra)
+    with poisoned_empty() if poison else contextlib.nullcontext():
+        out, grads = run_with_grads(kernel, inputs, dy, *extra)
     up = [t.to(ref_dtype) if t is not None else None for t in inputs]
     ref_out, ref_grads = run_with_grads(reference, up, dy.to(ref_dtype), *extra)
     if out.dtype != dtype:

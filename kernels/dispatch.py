@@ -287,9 +287,12 @@ class KernelDispatcher:
                           for t, d in zip(fresh, dtypes, strict=True)]
                 if shape_class[-1:] == (CHANNELS_LAST,):
                     inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
+                # Not poisoned: that flips torch's global deterministic mode, which the check
+                # must leave alone (it runs inside the user's process, also while torch.compile
+                # traces); the tests and the GPU command's parity poison.
                 check_parity(spec.kernel, spec.reference, inputs, spec.tensor_args,
                              *extra, tol=_tolerance(spec, dtypes),
-                             ref_dtype=torch.float64)
+                             ref_dtype=torch.float64, poison=False)
         except Exception as exc:  # a compile error, a launch failure and a mismatch alike
             what = ", ".join(f"{n}={str(d).removeprefix('torch.')}"
                              for n, d in zip(spec.tensor_args, dtypes, strict=True) if d is not None)
