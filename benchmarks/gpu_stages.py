@@ -397,13 +397,16 @@ def raise_recompile_limits() -> None:
 class Bench:
     """Median time of fn() in ms. CUDA: events around each repetition, the L2 cache flushed
     (a buffer twice its size zeroed) before each, gradients of `grads` reset outside the timed
-    region. CPU (rehearsal): wall clock of one run: the wiring, not a measurement."""
+    region; `spread` then holds the repetitions' interquartile range over the median, the noise
+    a difference between two timings must exceed. CPU (rehearsal): wall clock of one run: the
+    wiring, not a measurement (spread None)."""
 
     def __init__(self, device: Any, rep_ms: float = 150.0, warmup_ms: float = 40.0) -> None:
         import torch
 
         self.cuda = device.type == "cuda"
         self.rep_ms, self.warmup_ms = rep_ms, warmup_ms
+        self.spread: float | None = None
         self.flush = None
         if self.cuda:
             props = torch.cuda.get_device_properties(device)
@@ -444,7 +447,10 @@ class Bench:
             fn()
             e.record()
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in ev)
+        times = [s.elapsed_time(e) for s, e in ev]
+        q1, med, q3 = statistics.quantiles(times, n=4)
+        self.spread = (q3 - q1) / med if med > 0 else None
+        return med
 
 
 # ============================================================================ kernel calls
@@ -996,6 +1002,8 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
             note = ""
             try:
                 f_ms, fb_ms = _time_call(call, fn, B, ctx.device, bench, impl.endswith("+cl"))
+                if bench.spread is not None:
+                    note = f"fwd+bwd IQR {100 * bench.spread:.1f}% of the median"
             except oom_error():
                 f_ms = fb_ms = math.nan
                 note = "out of memory"
@@ -1041,7 +1049,7 @@ def _time_call(call: Call, impl: Callable, batch: int, device: Any, bench: Bench
             dy.append(torch.randn_like(out))
         out.backward(dy[0])
 
-    return bench(fwd), bench(fwdbwd, leaves)
+    return bench(fwd), bench(fwdbwd, leaves)  # bench.spread is then the forward + backward's
 
 
 def _add_speedups(out: Path) -> None:
