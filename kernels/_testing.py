@@ -51,6 +51,7 @@ def poisoned_empty() -> Iterator[None]:
     fill = torch.utils.deterministic.fill_uninitialized_memory
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation")
+        warnings.filterwarnings("ignore", message="Deterministic behavior was enabled")  # cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = True
         try:
