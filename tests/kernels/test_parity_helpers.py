@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from depthdif_hpc.kernels._testing import check_parity, poisoned_empty
 
 
