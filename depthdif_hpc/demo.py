@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from depthdif_hpc.config import Config, config_dir, load_config
+from depthdif_hpc.inference.report import REPORT, write_text
 
 CONFIGS = config_dir() / "px_space"
 TILE = 64
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join("      " + line for line in summary_lines(r)))
 
     recon = reconstruct_box(model, model_cfg, store, src, out, report, args.ensemble, sampler_overrides)
-    print(f"\nreport: {report / 'report.md'}   (total {time.time() - start:.0f}s)")
+    print(f"\nreport: {report / REPORT}   (total {time.time() - start:.0f}s)")
     print(f"reconstruction: {recon}")
     return 0
 
@@ -193,14 +194,16 @@ def reconstruct_box(model: torch.nn.Module, cfg: Config, store: Path, src: dict,
     with netCDF4.Dataset(path) as ds:
         rmse, tiles = float(ds.rmse_vs_reference_c), int(ds.tiles_total)
     print(f"      RMSE against GLORYS over the box: {rmse:.3f} degC")
-    md = report / "report.md"
-    if "## Reconstruction of the demo box" not in md.read_text():
-        with open(md, "a") as f:
-            f.write(f"\n## Reconstruction of the demo box on {date}\n\n"
-                    f"`{path.name}`: {tiles} tiles of {TILE} px blended, ensemble of {ensemble}; "
-                    f"RMSE against GLORYS {rmse:.3f} degC. Top: the ensemble mean at four depths; "
-                    "middle: GLORYS; bottom: the ensemble spread and a section.\n\n"
-                    "![reconstruction](reconstruction.png)\n")
+    md = report / REPORT
+    text = md.read_text()
+    if "## Reconstruction of the demo box" not in text:
+        # Rewritten whole, not appended: a kill mid-append would leave a cut section that a rerun
+        # takes for done.
+        write_text(md, text + f"\n## Reconstruction of the demo box on {date}\n\n"
+                   f"`{path.name}`: {tiles} tiles of {TILE} px blended, ensemble of {ensemble}; "
+                   f"RMSE against GLORYS {rmse:.3f} degC. Top: the ensemble mean at four depths; "
+                   "middle: GLORYS; bottom: the ensemble spread and a section.\n\n"
+                   "![reconstruction](reconstruction.png)\n")
     return path
 
 

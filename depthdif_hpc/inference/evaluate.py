@@ -45,7 +45,14 @@ from depthdif_hpc.inference.oi import (
     haversine_km,
     pixel_latlon,
 )
-from depthdif_hpc.inference.report import fmt, report_levels, write_json
+from depthdif_hpc.inference.report import (
+    REPORT,
+    fmt,
+    open_report,
+    report_levels,
+    write_json,
+    write_text,
+)
 from depthdif_hpc.metrics import (
     DepthMean,
     DepthStats,
@@ -335,15 +342,14 @@ def evaluate(pred_path: str | Path, store: str | Path, report: str | Path, *,
                              "own_fit_fraction": float(np.nanmean(own_fraction))}
     if oi_params is not None:
         result["oi"] = {**oi_params.to_dict(), "halo_km": cfg.oi.halo_km}
-    report = Path(report)
-    report.mkdir(parents=True, exist_ok=True)
+    report = open_report(report)
     write_json(report / "metrics.json", result)
     figs = []
     if figures and keep_for_figures is not None:
         from depthdif_hpc.inference import report_figures as rf
 
         figs = rf.make_all(report, depth_m, result, keep_for_figures)
-    (report / "report.md").write_text(_markdown(result, depth_m, figs, pred_path, store))
+    write_text(report / REPORT, _markdown(result, depth_m, figs, pred_path, store))
     return result
 
 
@@ -553,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     r = evaluate(args.pred, args.store, args.report, cfg=cfg, climatology_path=args.climatology,
                  figures=not args.no_figures)
     print("\n".join(summary_lines(r)))
-    print(f"report: {Path(args.report) / 'report.md'}")
+    print(f"report: {Path(args.report) / REPORT}")
     return 0
 
 

@@ -29,7 +29,14 @@ import torch
 from depthdif_hpc.command import command
 from depthdif_hpc.data.store import StoreError, read_manifest
 from depthdif_hpc.data.stream import make_dataloader
-from depthdif_hpc.inference.report import fmt, report_levels, write_json
+from depthdif_hpc.inference.report import (
+    REPORT,
+    fmt,
+    open_report,
+    report_levels,
+    write_json,
+    write_text,
+)
 from depthdif_hpc.metrics import DepthStats, recon_metrics
 from depthdif_hpc.model.latent import AutoencoderModel
 from depthdif_hpc.normalization import denormalize_temperature
@@ -154,11 +161,10 @@ def evaluate_autoencoder(checkpoint: str | Path, store: str | Path, report: str 
                       **{k: np.asarray(v, dtype=float).tolist() for k, v in per.items()}},
     }
     result["per_depth"]["count"] = [int(c) for c in per["count"]]
-    report = Path(report)
-    report.mkdir(parents=True, exist_ok=True)
+    report = open_report(report)
     write_json(report / "metrics.json", result)
     fig = _figure(report / FIGURE, result) if figures else None
-    (report / "report.md").write_text(_markdown(result, fig))
+    write_text(report / REPORT, _markdown(result, fig))
     return result
 
 
@@ -259,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     z = np.asarray(r["per_depth"]["depth_m"])
     print("RMSE per depth (degC): " + ", ".join(
         f"{z[k]:.0f} m {fmt(r['per_depth']['rmse'][k])}" for k in report_levels(z)))
-    print(f"report: {Path(args.report) / 'report.md'}")
+    print(f"report: {Path(args.report) / REPORT}")
     return 0
 
 

@@ -99,6 +99,27 @@ def test_per_depth_rmse_equals_hand_computation(tiny_store, tmp_path):
     assert img.ndim == 3 and min(img.shape[:2]) > 100 and float(img.std()) > 0
 
 
+def test_a_rerun_that_stops_halfway_leaves_no_report_md(tiny_store, tmp_path, monkeypatch):
+    """report.md is the last file written: a rerun into a finished report folder that fails after
+    metrics.json must not leave the old report.md beside the new metrics."""
+    import depthdif_hpc.inference.evaluate_ae as ev
+
+    ckpt = _constant_ae(tmp_path / "ae", 2.0 + 0.4 * np.arange(50))
+    report = tmp_path / "report"
+    evaluate_autoencoder(ckpt, tiny_store, report, progress=False)
+    assert (report / "report.md").is_file()
+
+    def broken_figure(*args, **kwargs):
+        raise RuntimeError("killed while plotting")
+
+    monkeypatch.setattr(ev, "_figure", broken_figure)
+    with pytest.raises(RuntimeError, match="killed while plotting"):
+        evaluate_autoencoder(ckpt, tiny_store, report, progress=False)
+    assert not (report / "report.md").exists()
+    assert (report / "metrics.json").is_file()  # the new metrics, whole (written atomically)
+    assert not list(report.glob(".*tmp*"))
+
+
 def test_cli_on_a_trained_run(tiny_store, tmp_path, capsys):
     run = tmp_path / "ae_run"
     code = train_main([
