@@ -382,7 +382,10 @@ class Trainer:
             batches, exhausted = self._fetch(it)
             stop, exhausted = self._agree(self.stop.signum is not None, exhausted)
             if stop:
-                log.warning(f"stop requested (signal {self.stop.signum}) at step {self.step}: "
+                # Ranks agree on the stop: a rank whose own signal has not arrived yet stops too.
+                why = (f"signal {self.stop.signum}" if self.stop.signum is not None
+                       else "signal on another rank")
+                log.warning(f"stop requested ({why}) at step {self.step}: "
                             "checkpointing and exiting with code 75")
                 if self.last_ckpt_step != self.step:
                     # The batches just fetched were not trained on: save the position before them.

@@ -125,10 +125,15 @@ def rank_log(run_dir: Path, rank: int) -> str:
     return (Path(run_dir) / "logs" / f"rank_{rank:05d}.log").read_text()
 
 
+# A trainer's stop line; the cause is its own signal or a peer's (the ranks agree on a stop).
+STOP_RE = r"stop requested \((?:signal \d+|signal on another rank)\) at step {step}:"
+
+
 def stop_and_resume_steps(run_dir: Path) -> tuple[list[int], list[int]]:
-    """Steps at which rank 0 stopped on a signal, and steps it resumed from, in log order."""
+    """Steps at which rank 0 stopped on a signal (its own, or another rank's that all ranks
+    agreed on), and steps it resumed from, in log order."""
     text = rank_log(run_dir, 0)
-    stops = [int(m) for m in re.findall(r"stop requested \(signal \d+\) at step (\d+)", text)]
+    stops = [int(m) for m in re.findall(STOP_RE.format(step=r"(\d+)"), text)]
     resumes = [int(m) for m in re.findall(r"resumed from \S+: step (\d+)", text)]
     return stops, resumes
 
