@@ -825,22 +825,23 @@ def _op_parity(ctx: Ctx, kernel_name: str, case: str, mix: str, kernel: Callable
     gradient; also the eager reference run as the model would run it (under autocast for the
     training mix), for scale. Tolerance: _testing.TOL of the lowest precision involved."""
     import torch
-    from depthdif_hpc.kernels._testing import TOL, poisoned_empty, rel_err
+    from depthdif_hpc.kernels._testing import TOL, no_tf32, poisoned_empty, rel_err
 
     leaves = [t for t in inputs if t is not None]
     g = torch.Generator().manual_seed(7)
-    with poisoned_empty():  # an element the kernel never writes is NaN, not a stale right value
-        out = kernel(inputs)
-        dy = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
-        out.backward(dy)
-    ref_in = [t.detach().double().requires_grad_(True) if t is not None else None for t in inputs]
-    ref = reference(ref_in)
-    ref.backward(dy.double())
-    eag_in = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
-    ctxm = autocast(ctx.device) if eager_autocast else contextlib.nullcontext()
-    with ctxm:
-        eag = reference(eag_in)
-    eag.backward(dy.to(eag.dtype))
+    with no_tf32():  # an fp32 tensor is held to fp32's tolerance: cuDNN's TF32 is not measured
+        with poisoned_empty():  # an element the kernel never writes is NaN, not a stale right value
+            out = kernel(inputs)
+            dy = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+            out.backward(dy)
+        ref_in = [t.detach().double().requires_grad_(True) if t is not None else None for t in inputs]
+        ref = reference(ref_in)
+        ref.backward(dy.double())
+        eag_in = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+        ctxm = autocast(ctx.device) if eager_autocast else contextlib.nullcontext()
+        with ctxm:
+            eag = reference(eag_in)
+        eag.backward(dy.to(eag.dtype))
     tol = max(TOL[t.dtype] for t in leaves)
     bad = 0
     checks = [("out", out, ref, eag, out.dtype)]
@@ -909,7 +910,7 @@ def _unet_autocast_parity(ctx: Ctx, unet: Any, calls: list[Call]) -> int:
     rehearsal runs it in fp32: the interpreter's bf16 truncation would be measured, not the
     kernels."""
     import torch
-    from depthdif_hpc.kernels._testing import poisoned_empty, rel_err
+    from depthdif_hpc.kernels._testing import no_tf32, poisoned_empty, rel_err
 
     B, px = ctx.plan.parity_batch, ctx.plan.unet_parity_px
     g = torch.Generator().manual_seed(5)
@@ -923,15 +924,10 @@ def _unet_autocast_parity(ctx: Ctx, unet: Any, calls: list[Call]) -> int:
         unet.set_kernels(mode)
         unet.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_(True)
-        prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        if not amp:
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        try:
+        with contextlib.nullcontext() if amp else no_tf32():
             with autocast(ctx.device) if amp else contextlib.nullcontext():
                 out = unet(xx, t, c)
             out.float().backward(gy)
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
         res = {"out": out.detach().float(), "d<input>": xx.grad.detach().float()}
         res |= {f"d{n}": p.grad.detach().float().clone() for n, p in unet.named_parameters()
                 if p.grad is not None}

@@ -80,6 +80,7 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
         # Gradients are accumulated in fp32 across micro-batches: summing bf16 micro-batch
         # gradients would lose the small ones.
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    _torch_autocast(ds, path, precision)
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"{path}: remove the 'optimizer'/'scheduler' sections: the trainer builds AdamW "
                           "and controls the learning rate itself (docs/model.md#training)")
@@ -88,6 +89,35 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def _torch_autocast(ds: dict, path: str, precision: str) -> None:
+    """The engine runs the model under bf16 autocast itself (DeepSpeed's `torch_autocast`).
+
+    DeepSpeed (0.18 on) switches off, inside its engine, any CUDA autocast entered outside it, and
+    its bf16 mode casts the parameters to bf16: the model's fp32 pieces (the sinusoidal time
+    embedding, the fp32 first-block input, the fp32 loss) then meet bf16 weights with no autocast
+    to reconcile them. On an H100 the first step failed so ("mat1 and mat2 must have the same
+    dtype", docs/model.md#precision); CPU runs did not see it because the engine only looks for
+    CUDA autocast. `lower_precision_safe_modules` is empty: the parameters already are the bf16
+    working copy, whose gradients reduce in the engine's communication dtype; listing modules
+    would only tag them with the same dtype.
+    """
+    ta = ds.get("torch_autocast")
+    if precision != "bf16":
+        if ta is not None and ta.get("enabled") in (True, "true"):
+            raise ConfigError(f"{path}: torch_autocast.enabled is true but trainer.precision resolved to "
+                              f"{precision}; the trainer sets torch_autocast itself for bf16")
+        return
+    if ta is None:
+        ta = ds["torch_autocast"] = {}
+    if ta.get("enabled", "auto") not in ("auto", True):
+        raise ConfigError(f"{path}: torch_autocast.enabled = {ta['enabled']} with bf16: the engine would run "
+                          "bf16 weights without autocast; leave it out or set it to \"auto\"")
+    if ta.get("dtype", "bfloat16") not in ("bfloat16", "bf16", "auto"):
+        raise ConfigError(f"{path}: torch_autocast.dtype = {ta['dtype']} disagrees with trainer.precision (bf16)")
+    ta.update(enabled=True, dtype="bfloat16")
+    ta.setdefault("lower_precision_safe_modules", [])
 
 
 def check_world(cfg: Config, world_size: int) -> None:

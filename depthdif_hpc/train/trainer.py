@@ -345,8 +345,9 @@ class Trainer:
             ids.extend(sample_ids(mb))
             dev = to_device(mb, self.device)
             with acc.accumulate(self.model):
-                with self._autocast() if self.deepspeed else nullcontext():
-                    loss, logs = self.model(dev, generator=self.gen)
+                # Under DeepSpeed the engine enters bf16 autocast itself (train/setup.py's
+                # _torch_autocast); under DDP Accelerate wraps the forward.
+                loss, logs = self.model(dev, generator=self.gen)
                 acc.backward(loss)
                 if acc.sync_gradients and not self.deepspeed:
                     if self.cfg.trainer.gradient_clip_val > 0:

@@ -186,6 +186,14 @@ def test_config_disagreements_refused(tmp_path, capsys):
     assert _run(run, "trainer.distributed=deepspeed", f"trainer.deepspeed_config={ds}",
                 "trainer.zero_stage=3") == 2
     assert "stage = 2 disagrees with trainer.zero_stage = 3" in capsys.readouterr().err
+    # bf16 needs the engine's own autocast (DeepSpeed switches off one entered outside it)
+    ds.write_text('{"torch_autocast": {"enabled": false}}')
+    assert _run(run, "trainer.distributed=deepspeed", f"trainer.deepspeed_config={ds}",
+                "trainer.precision=bf16") == 2
+    assert "torch_autocast.enabled = False with bf16" in capsys.readouterr().err
+    ds.write_text('{"torch_autocast": {"enabled": true}}')
+    assert _run(run, "trainer.distributed=deepspeed", f"trainer.deepspeed_config={ds}") == 2
+    assert "torch_autocast.enabled is true but trainer.precision resolved to fp32" in capsys.readouterr().err
 
 
 def test_warm_start_and_export(tmp_path):
