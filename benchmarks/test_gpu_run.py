@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
 ALL_STAGES = ["deps", "env", "parity", "calls", "step", "profile", "latent", "trainer",
-              "calls_compile", "step_compile"]
+              "step_compile", "calls_compile"]
 FILES = {"summary.txt", "report.md", "log.txt", "env.csv", "parity.csv", "calls.csv", "steps.csv",
          "profile.csv"}
 
