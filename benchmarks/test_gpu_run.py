@@ -327,3 +327,24 @@ def test_presets_read_without_omegaconf_equal_the_loader(monkeypatch, preset):
     assert how.startswith("YAML onto the schema")
     assert plain == real
     assert plain.model.unet.dim == 8
+
+
+def test_calls_headline_compares_partial_implementations_on_their_own_calls():
+    def row(kind: str, call: str, per_step: int, impl: str, ms: float) -> dict[str, str]:
+        return {"kind": kind, "call": call, "per_step": str(per_step), "batch": "48", "impl": impl,
+                "fwdbwd_ms": str(ms)}
+
+    rows = [row("front", "f1", 2, "eager", 10.0), row("front", "f1", 2, "triton", 5.0),
+            row("front", "f1", 2, "triton+cl", 4.0), row("front", "f1", 2, "epilogue+cl", 2.0),
+            row("norm", "n1", 1, "eager", 4.0), row("norm", "n1", 1, "triton", 2.0),
+            row("norm", "n1", 1, "triton+cl", 1.0),
+            row("front", "f2", 1, "eager", 6.0), row("front", "f2", 1, "triton", 3.0),
+            row("front", "f2", 1, "triton+cl", 3.0), row("front", "f2", 1, "epilogue+cl", 4.0),
+            row("front", "f1", 2, "compile", 1.0), row("norm", "n1", 1, "compile", float("nan"))]
+    head = stages.calls_headline(rows)
+    # eager 2x10 + 4 + 6 = 30; triton 10 + 2 + 3 = 15; table+cl: min(4, 2) x 2 + 1 + min(3, 4) = 8
+    assert "(3 calls): eager 30.00 ms, triton 15.00 ms (2.00x), triton+cl 12.00 ms (2.50x)" in head
+    assert "table+cl 8.00 ms (3.75x)" in head
+    # measured on f1 only (n1 failed): compared with eager's f1, not with eager's total
+    assert "compile on 1 of 3 calls: 2.00 ms vs eager 20.00 ms (10.00x)" in head
+    assert "epilogue+cl on 2 of 3 calls: 8.00 ms vs eager 26.00 ms (3.25x)" in head
