@@ -349,13 +349,16 @@ class TrainerConfig:
     # on at every step (an audit of the data split across ranks and nodes, kept exact on resume).
     record_sample_ids: bool = False
     # Speed options (docs/cluster.md, "Speed options"). Each default keeps the eager, contiguous,
-    # un-checkpointed step until a GPU measurement says otherwise.
+    # un-checkpointed step until a GPU measurement says otherwise; channels_last has one.
     # torch.compile of the U-Net in place (parameter names unchanged; the Triton kernel ops stay
     # whole as custom ops). Not with ZeRO-3, whose parameter gathering hooks break the graph.
     compile: bool = False
     compile_backend: CompileBackend = "inductor"  # aot_eager: no code generation (tests, triage)
     compile_mode: CompileMode = "default"
-    channels_last: bool = False  # U-Net parameters and activations in torch.channels_last
+    # U-Net activations (and, without DeepSpeed, weights) in torch.channels_last. "auto": on CUDA
+    # only: the ambient Triton step at batch 48 on an H100 took 130.8 ms channels_last against
+    # 207.1 ms NCHW (docs/gpu_run.md); CPU runs keep NCHW, which nothing has measured there.
+    channels_last: bool | str = "auto"
     fused_adamw: bool = False  # torch.optim.AdamW(fused=True) instead of foreach
     # U-Net levels (0 = full resolution .. len(dim_mults) - 1) whose stages recompute their
     # activations in the backward pass instead of keeping them: "none", "all" or a list [0, 1].
@@ -377,6 +380,8 @@ class TrainerConfig:
         yield from _positive("global_batch_size", self.global_batch_size)
         yield from _positive("intra_op_threads", self.intra_op_threads)
         yield from _positive("collective_timeout_s", self.collective_timeout_s)
+        if isinstance(self.channels_last, str) and self.channels_last != "auto":
+            yield "channels_last", self.channels_last, "must be true, false or 'auto' (on CUDA only)"
         ac = self.activation_checkpointing
         if isinstance(ac, str) and ac not in ("none", "all"):
             yield "activation_checkpointing", ac, "must be 'none', 'all' or a list of U-Net level indices"

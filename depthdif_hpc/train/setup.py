@@ -24,6 +24,12 @@ def resolve_precision(cfg: Config) -> str:
     return p
 
 
+def resolve_channels_last(cfg: Config) -> bool:
+    """trainer.channels_last with "auto" resolved: on CUDA only (docs/cluster.md, "Speed options")."""
+    cl = cfg.trainer.channels_last
+    return torch.cuda.is_available() if cl == "auto" else bool(cl)
+
+
 def _load_ds_file(path: str) -> dict:
     f = Path(path)
     if not f.is_file():
@@ -196,7 +202,8 @@ def apply_speed_options(model: torch.nn.Module, cfg: Config, zero_stage: int) ->
     """
     tr = cfg.trainer
     torch.backends.cudnn.benchmark = tr.cudnn_benchmark
-    wanted = {"channels_last": tr.channels_last, "compile": tr.compile,
+    # Only what the config asks for by name: "auto" channels_last is no request.
+    wanted = {"channels_last": tr.channels_last is True, "compile": tr.compile,
               "activation_checkpointing": tr.activation_checkpointing != "none"}
     unet = getattr(model, "model", None)
     if not isinstance(unet, UNet):
@@ -210,7 +217,7 @@ def apply_speed_options(model: torch.nn.Module, cfg: Config, zero_stage: int) ->
                           "hooks split the compiled graph at every module; use ZeRO 1/2 or DDP")
     # DeepSpeed broadcasts and flattens parameters through flat byte views, which need NCHW-
     # contiguous tensors (and ZeRO keeps them in flat buffers anyway): activations only there.
-    unet.set_channels_last(tr.channels_last, weights=tr.distributed != "deepspeed")
+    unet.set_channels_last(resolve_channels_last(cfg), weights=tr.distributed != "deepspeed")
     unet.set_activation_checkpointing(tr.activation_checkpointing)
     if tr.compile:
         kwargs = {} if tr.compile_mode == "default" else {"mode": tr.compile_mode}

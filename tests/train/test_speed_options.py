@@ -154,6 +154,25 @@ def test_refusals(tmp_path):
         apply_speed_options(model, cfg, zero_stage=3)
     with pytest.raises(ConfigError, match="trainer.channels_last applies to the diffusion U-Net"):
         apply_speed_options(torch.nn.Linear(2, 2), _cfg(tmp_path, "trainer.channels_last=true"), 0)
+    with pytest.raises(ConfigError, match="trainer.channels_last.*true, false or 'auto'"):
+        _cfg(tmp_path, "trainer.channels_last=nhwc")
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda"])
+def test_channels_last_auto_is_on_with_cuda_only(tmp_path, monkeypatch, cuda):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cfg = _cfg(tmp_path)
+    assert cfg.trainer.channels_last == "auto"  # the default, not set by the test's presets
+    model = torch.nn.Module()
+    model.model = _unet()
+    apply_speed_options(model, cfg, 0)
+    # a weight whose two formats differ in memory (not a depthwise or 1x1 one)
+    conv = next(m for m in model.model.modules() if isinstance(m, torch.nn.Conv2d)
+                and m.groups == 1 and m.in_channels > 1 and m.kernel_size != (1, 1))
+    assert model.model.memory_format == (torch.channels_last if cuda else torch.contiguous_format)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == cuda
+    # "auto" is no request: a model without a U-Net (the autoencoder) is left alone
+    apply_speed_options(torch.nn.Linear(2, 2), cfg, 0)
 
 
 def _run(run_dir: Path, *extra: str, hooks=None) -> int:
