@@ -348,3 +348,15 @@ def test_calls_headline_compares_partial_implementations_on_their_own_calls():
     # measured on f1 only (n1 failed): compared with eager's f1, not with eager's total
     assert "compile on 1 of 3 calls: 2.00 ms vs eager 20.00 ms (10.00x)" in head
     assert "epilogue+cl on 2 of 3 calls: 8.00 ms vs eager 26.00 ms (3.25x)" in head
+
+
+@pytest.mark.parametrize("rehearsal", [False, True], ids=["gpu", "rehearsal"])
+def test_every_planned_step_mode_is_made_of_known_tokens(rehearsal):
+    """The GPU plan's modes never run on CPU: a typo there would cost a lent GPU's stage."""
+    plan = stages.Plan.make(rehearsal)
+    modes = {*plan.step_modes, *plan.compile_step_modes, *plan.kernel_modes, *plan.profile_modes}
+    for mode in modes:
+        tokens = mode.split("+")
+        assert tokens[0] in ("eager", "triton", "compile"), mode
+        assert set(tokens) <= stages.MODE_TOKENS, mode
+        assert len(tokens) == len(set(tokens)), mode
