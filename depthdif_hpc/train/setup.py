@@ -189,9 +189,9 @@ def make_accelerator(cfg: Config, world_size: int) -> tuple[Any, str, dict | Non
     return accelerator, precision, ds_cfg
 
 
-def apply_speed_options(model: torch.nn.Module, cfg: Config, zero_stage: int) -> None:
+def apply_speed_options(model: torch.nn.Module, cfg: Config, zero_stage: int) -> str:
     """The trainer's speed options (docs/cluster.md, "Speed options") on the freshly built model,
-    before Accelerate wraps it in DDP or a DeepSpeed engine.
+    before Accelerate wraps it in DDP or a DeepSpeed engine; returns what is in effect, for the log.
 
     torch.compile compiles the U-Net in place (`nn.Module.compile`): parameter names, checkpoints
     and EMA are unchanged, and the wrappers see an ordinary module whose forward runs the
@@ -211,14 +211,21 @@ def apply_speed_options(model: torch.nn.Module, cfg: Config, zero_stage: int) ->
         if on:
             raise ConfigError(f"trainer.{on[0]} applies to the diffusion U-Net; model.model_type = "
                               f"{cfg.model.model_type!r} has none")
-        return
+        return f"no U-Net; cudnn.benchmark {'on' if tr.cudnn_benchmark else 'off'}"
     if tr.compile and zero_stage == 3:
         raise ConfigError("trainer.compile = true with DeepSpeed ZeRO stage 3: its parameter gathering "
                           "hooks split the compiled graph at every module; use ZeRO 1/2 or DDP")
     # DeepSpeed broadcasts and flattens parameters through flat byte views, which need NCHW-
     # contiguous tensors (and ZeRO keeps them in flat buffers anyway): activations only there.
-    unet.set_channels_last(resolve_channels_last(cfg), weights=tr.distributed != "deepspeed")
+    cl = resolve_channels_last(cfg)
+    weights = tr.distributed != "deepspeed"
+    unet.set_channels_last(cl, weights=weights)
     unet.set_activation_checkpointing(tr.activation_checkpointing)
     if tr.compile:
         kwargs = {} if tr.compile_mode == "default" else {"mode": tr.compile_mode}
         unet.compile(backend=tr.compile_backend, **kwargs)
+    auto = " (auto)" if tr.channels_last == "auto" else ""
+    return (f"channels_last {'on' + ('' if weights else ', activations only') if cl else 'off'}{auto}, "
+            f"compile {tr.compile_backend + '/' + tr.compile_mode if tr.compile else 'off'}, "
+            f"fused AdamW {'on' if tr.fused_adamw else 'off'}, activation checkpointing "
+            f"{tr.activation_checkpointing}, cudnn.benchmark {'on' if tr.cudnn_benchmark else 'off'}")

@@ -178,7 +178,7 @@ class Trainer:
         if self.resume_from is None and cfg.model.load_checkpoint:
             note = load_weights(model, cfg.model.load_checkpoint)
             log.info(f"warm start: weights from {cfg.model.load_checkpoint}" + (f" ({note})" if note else ""))
-        apply_speed_options(model, cfg, self.zero_stage)
+        log.info("speed options: " + apply_speed_options(model, cfg, self.zero_stage))
         self.model, self.optimizer = acc.prepare(model, build_optimizer(model, cfg))
         self.engine = self.model if self.deepspeed else None
         self.module: torch.nn.Module = acc.unwrap_model(self.model)
