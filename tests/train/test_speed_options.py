@@ -165,7 +165,8 @@ def test_channels_last_auto_is_on_with_cuda_only(tmp_path, monkeypatch, cuda):
     assert cfg.trainer.channels_last == "auto"  # the default, not set by the test's presets
     model = torch.nn.Module()
     model.model = _unet()
-    apply_speed_options(model, cfg, 0)
+    said = apply_speed_options(model, cfg, 0)
+    assert said.startswith(f"channels_last {'on' if cuda else 'off'} (auto), compile off"), said
     # a weight whose two formats differ in memory (not a depthwise or 1x1 one)
     conv = next(m for m in model.model.modules() if isinstance(m, torch.nn.Conv2d)
                 and m.groups == 1 and m.in_channels > 1 and m.kernel_size != (1, 1))
