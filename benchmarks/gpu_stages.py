@@ -1480,8 +1480,11 @@ def stage_trainer(ctx: Ctx) -> int:
             gflop, m2, fnote = _flops_and_mfu(w.model, plan.trainer_tile, plan.trainer_tile, sps,
                                               ctx.device)
             m = m if m is not None else m2
+    # The store is small (96 samples on a GPU: its build is paid in device time), so an epoch is
+    # a few steps and each starts with an empty loader pipeline: the data wait counts those.
+    per_epoch = math.ceil(n_train / batch)
     note = (f"deepspeed zero2, {'fp32' if plan.rehearsal else 'bf16'}, {1 / step_s:.3f} steps/s, "
-            f"data wait {100 * wait:.1f}%, process {wall:.0f} s, checkpoint "
+            f"data wait {100 * wait:.1f}% ({per_epoch} steps per epoch), process {wall:.0f} s, checkpoint "
             f"{ckpts[-1].name if ckpts else 'none'}" + (f"; {fnote}" if fnote else "")
             + ("; PROBLEMS: " + "; ".join(problems) if problems else ""))
     append(ctx.out, "steps", {
