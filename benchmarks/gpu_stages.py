@@ -95,6 +95,9 @@ class Plan:
     compile_backend: str = "inductor"
     trainer_steps: int = 50
     trainer_batch: int = 32
+    # DeepSpeed ZeRO-2 (the scale-out path) first, then DDP (the presets' default launch); the
+    # second process finds the first one's Triton cache, so it costs ~40 s more.
+    trainer_launches: tuple[str, ...] = ("zero2", "ddp")
     step_modes: tuple[str, ...] = STEP_MODES
     compile_step_modes: tuple[str, ...] = COMPILE_STEP_MODES
     # The two modes of the latent stage (and the trainer's batch): eager and the Triton
@@ -1388,11 +1391,14 @@ def stage_latent(ctx: Ctx) -> int:
     return 1 if failed else 0
 
 
-def trainer_command(store: Path, run_dir: Path, plan: Plan, batch: int, steps: int) -> list[str]:
-    """The real entry point, ambient preset, DeepSpeed ZeRO-2, bf16 (fp32 on the CPU)."""
+def trainer_command(store: Path, run_dir: Path, plan: Plan, batch: int, steps: int,
+                    launch: str = "zero2") -> list[str]:
+    """The real entry point, ambient preset, bf16 (fp32 on the CPU), under DeepSpeed ZeRO-2
+    (`launch` "zero2") or DDP ("ddp", the preset's own)."""
     cfgs = [a for f in (*PRESETS["ambient"], DATA_CONFIG) for a in ("--config", f)]
-    over = [f"dataset.store={store}", f"trainer.run_dir={run_dir}", "trainer.resume=none",
-            "trainer.distributed=deepspeed", "trainer.deepspeed_config=configs/deepspeed/zero2.json",
+    dist = (["trainer.distributed=deepspeed", "trainer.deepspeed_config=configs/deepspeed/zero2.json"]
+            if launch == "zero2" else ["trainer.distributed=ddp"])
+    over = [f"dataset.store={store}", f"trainer.run_dir={run_dir}", "trainer.resume=none", *dist,
             f"trainer.precision={'fp32' if plan.rehearsal else 'bf16'}",
             f"trainer.max_steps={steps}", f"dataloader.batch_size={batch}",
             f"trainer.log_every_n_steps={max(1, steps // 10)}",
@@ -1413,8 +1419,9 @@ def trainer_command(store: Path, run_dir: Path, plan: Plan, batch: int, steps: i
 
 
 def stage_trainer(ctx: Ctx) -> int:
-    """A synthetic store, then `python -m depthdif_hpc.train` (ambient preset, DeepSpeed ZeRO-2,
-    bf16) for a few dozen steps: steps/s, a finite and falling loss, a checkpoint written."""
+    """A synthetic store, then `python -m depthdif_hpc.train` (ambient preset, bf16) for a few
+    dozen steps under each of `plan.trainer_launches` (DeepSpeed ZeRO-2, then the preset's DDP):
+    steps/s, a finite and falling loss, a checkpoint written."""
     plan = ctx.plan
     from depthdif_hpc.data.store import read_manifest
     from depthdif_hpc.data.synthetic import build_tiny_store
@@ -1431,9 +1438,18 @@ def stage_trainer(ctx: Ctx) -> int:
     if fit < plan.batch:  # the step stage ran out of memory above `fit`: so would the trainer
         batch = min(batch, fit)
     steps = int(os.environ.get("TRAINER_STEPS", plan.trainer_steps))
-    run_dir = ctx.work / "trainer_run"
-    cmd = trainer_command(store, run_dir, plan, batch, steps)
-    log("trainer: " + " ".join(cmd))
+    failed = 0
+    for launch in plan.trainer_launches:
+        failed += _trainer_run(ctx, store, n_train, batch, steps, launch)
+    return 1 if failed else 0
+
+
+def _trainer_run(ctx: Ctx, store: Path, n_train: int, batch: int, steps: int, launch: str) -> int:
+    """One trainer process under `launch`; its row in steps.csv (mode = launch)."""
+    plan = ctx.plan
+    run_dir = ctx.work / f"trainer_run_{launch}"
+    cmd = trainer_command(store, run_dir, plan, batch, steps, launch)
+    log(f"trainer ({launch}): " + " ".join(cmd))
     t1 = time.perf_counter()
     rc = subprocess.run(cmd, cwd=ROOT).returncode
     wall = time.perf_counter() - t1
@@ -1483,17 +1499,18 @@ def stage_trainer(ctx: Ctx) -> int:
     # The store is small (96 samples on a GPU: its build is paid in device time), so an epoch is
     # a few steps and each starts with an empty loader pipeline: the data wait counts those.
     per_epoch = math.ceil(n_train / batch)
-    note = (f"deepspeed zero2, {'fp32' if plan.rehearsal else 'bf16'}, {1 / step_s:.3f} steps/s, "
+    note = (f"{'deepspeed zero2' if launch == 'zero2' else 'ddp'}, {'fp32' if plan.rehearsal else 'bf16'}, "
+            f"{1 / step_s:.3f} steps/s, "
             f"data wait {100 * wait:.1f}% ({per_epoch} steps per epoch), process {wall:.0f} s, checkpoint "
             f"{ckpts[-1].name if ckpts else 'none'}" + (f"; {fnote}" if fnote else "")
             + ("; PROBLEMS: " + "; ".join(problems) if problems else ""))
     append(ctx.out, "steps", {
-        "stage": "trainer", "preset": "ambient", "mode": "trainer", "objective":
+        "stage": "trainer", "preset": "ambient", "mode": launch, "objective":
         "python -m depthdif_hpc.train", "batch": batch, "height": plan.trainer_tile,
         "width": plan.trainer_tile, "step_ms": step_s * 1e3, "samples_per_s": sps,
         "peak_mem_gib": peak, "gflop_per_sample": gflop, "mfu": m, "warmup_s": None,
         "loss_first": first, "loss_last": last, "note": note})
-    log(f"TRAINER B{batch}: {1 / step_s:.3f} steps/s, {sps:.2f} samples/s, loss {first:.4g} -> "
+    log(f"TRAINER {launch} B{batch}: {1 / step_s:.3f} steps/s, {sps:.2f} samples/s, loss {first:.4g} -> "
         f"{last:.4g}, {note}")
     return 1 if problems else 0
 

@@ -140,15 +140,16 @@ def test_rehearsal_runs_every_stage(tmp_path):
     _, steps = table(out, "steps")
     modes = {(r["stage"], r["mode"]) for r in steps}
     assert {("step", m) for m in (*plan.step_modes, *plan.compile_step_modes)} <= modes
-    assert {("latent", m) for m in plan.kernel_modes} | {("trainer", "trainer")} <= modes
+    assert {("latent", m) for m in plan.kernel_modes} | {("trainer", "zero2"), ("trainer", "ddp")} <= modes
     for r in steps:
         assert float(r["step_ms"]) > 0 and float(r["samples_per_s"]) > 0, r
         assert float(r["loss_first"]) > 0 and float(r["loss_last"]) > 0, r
         assert r["objective"], r
-    trainer = next(r for r in steps if r["stage"] == "trainer")
-    assert float(trainer["loss_last"]) < float(trainer["loss_first"])
-    assert "deepspeed zero2" in trainer["note"] and "step_00000010" in trainer["note"]
-    assert "PROBLEMS" not in trainer["note"]
+    for launch, said in (("zero2", "deepspeed zero2"), ("ddp", "ddp")):
+        trainer = next(r for r in steps if r["stage"] == "trainer" and r["mode"] == launch)
+        assert float(trainer["loss_last"]) < float(trainer["loss_first"])
+        assert trainer["note"].startswith(said) and "step_00000010" in trainer["note"], trainer
+        assert "PROBLEMS" not in trainer["note"]
     latent = [r for r in steps if r["stage"] == "latent"]
     assert all("than pixel space" in r["note"] for r in latent)
 
