@@ -21,7 +21,7 @@ PY=${PY:-python3}
 OUT=${OUT:-${TMPDIR:-/tmp}/ddhpc_gpu_run_out}
 BUDGET_S=${BUDGET_S:-480}
 MIN_STAGE_S=${MIN_STAGE_S:-15}
-ALL_STAGES="deps env parity calls step profile latent trainer step_compile calls_compile"
+ALL_STAGES="deps env parity calls step profile latent trainer sample step_compile calls_compile"
 STAGES=${STAGES:-$ALL_STAGES}
 STAGES=${STAGES//,/ }
 export WHEELHOUSE=${WHEELHOUSE:-$ROOT/.wheelhouse}
@@ -57,9 +57,9 @@ fi
 # Time limits (s). GPU: sized for an H100/H200 with a cold Triton and inductor cache. Rehearsal:
 # for the 2-core CI machine.
 declare -A GPU_LIMIT=([deps]=60 [env]=60 [parity]=180 [calls]=180 [step]=150 [profile]=90
-                      [latent]=120 [trainer]=240 [step_compile]=300 [calls_compile]=240)
+                      [latent]=120 [trainer]=240 [sample]=60 [step_compile]=300 [calls_compile]=240)
 declare -A CPU_LIMIT=([deps]=60 [env]=60 [parity]=240 [calls]=180 [step]=180 [profile]=120
-                      [latent]=180 [trainer]=240 [step_compile]=240 [calls_compile]=180)
+                      [latent]=180 [trainer]=240 [sample]=120 [step_compile]=240 [calls_compile]=180)
 
 limit_of() {
   local var="TIMEOUT_$1"

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_stages.py STAGE --out DIR --work DIR [--rehearsal]
 
-STAGE is one of deps, env, parity, calls, calls_compile, step, step_compile, profile, latent,
+STAGE is one of deps, env, parity, calls, calls_compile, step, step_compile, profile, latent, sample,
 trainer (measure; exit status 0 = the stage did what it says), report (render report.md and
 the headline lines of summary.txt from the CSVs) or front_table (after the run, on any machine:
 write the front dispatch table of the results in --out to --table; docs/gpu_run.md). gpu_run.sh runs them in order of value, each
@@ -95,6 +95,11 @@ class Plan:
     compile_backend: str = "inductor"
     trainer_steps: int = 50
     trainer_batch: int = 32
+    # sample: DepthDif.predict with a DDIM chain of this many steps at this batch, per mode
+    # (a "+bf16" token runs it under bf16 autocast; predict itself runs fp32).
+    sample_steps: int = 50
+    sample_batch: int = 16
+    sample_modes: tuple[str, ...] = ("eager", "triton", "triton+cl", "triton+cl+bf16")
     # DeepSpeed ZeRO-2 (the scale-out path) first, then DDP (the presets' default launch); the
     # second process finds the first one's Triton cache, so it costs ~40 s more.
     trainer_launches: tuple[str, ...] = ("zero2", "ddp")
@@ -104,8 +109,10 @@ class Plan:
     # kernels, as the trainer runs them on CUDA (channels_last).
     kernel_modes: tuple[str, str] = ("eager+cl", "triton+cl")
     parity_mixes: tuple[str, ...] = ("fp32", "bf16", "training")
-    # calls, calls_compile: each call on NCHW ("") and channels_last ("+cl") inputs.
-    call_layouts: tuple[str, ...] = ("", "+cl")
+    # calls, calls_compile: each call on channels_last inputs, the trainer's layout on CUDA.
+    # NCHW ("") was timed by the first H100 run (committed results; its v1 front was 1.09x
+    # over eager there) and would cost 2 of the stage's 5 rows per call.
+    call_layouts: tuple[str, ...] = ("+cl",)
     profile_modes: tuple[str, ...] = ("eager+cl", "triton+cl")
     # parity: the U-Net's Triton run in channels_last with every front on the epilogue variant
     unet_parity_epilogue: bool = False
@@ -139,11 +146,12 @@ class Plan:
                    tiny={"model": {"unet": {"dim": 8, "dim_mults": [1]}}},
                    warmup_steps=0, timed_steps=1, compile_backend="aot_eager",
                    trainer_steps=10, trainer_batch=2, trainer_tile=32,
+                   sample_steps=2, sample_batch=1, sample_modes=("eager", "triton+cl+bf16"),
                    trainer_dates=("2017-12-30", "2018-01-03"),
                    step_modes=("eager+ckpt", "triton+cl+table+fused+bench"),
                    compile_step_modes=("triton+compile+cl+table",),
                    kernel_modes=("eager+ckpt", "triton+cl+table+fused+bench"),
-                   parity_mixes=("training",), call_layouts=("+cl",),
+                   parity_mixes=("training",),
                    profile_modes=("triton+cl+table+fused+bench",), unet_parity_epilogue=True,
                    ceiling_copy_mib=16, ceiling_matmul_n=256)
 
@@ -1064,10 +1072,17 @@ def _time_call(call: Call, impl: Callable, batch: int, device: Any, bench: Bench
     return bench(fwd), bench(fwdbwd, leaves)  # bench.spread is then the forward + backward's
 
 
+def calls_baseline(rows: list[dict[str, str]]) -> str:
+    """The implementation speed-ups are relative to: NCHW eager, else eager on channels_last."""
+    return "eager" if any(r["impl"] == "eager" for r in rows) else "eager+cl"
+
+
 def _add_speedups(out: Path) -> None:
-    """speedup_fwdbwd = eager fwd+bwd / this impl's, once the eager row of a call exists."""
+    """speedup_fwdbwd = eager fwd+bwd / this impl's, once the eager row of a call exists (NCHW
+    eager; eager+cl when the plan times channels_last only)."""
     rows = read(out, "calls")
-    eager = {r["call"]: fnum(r["fwdbwd_ms"]) for r in rows if r["impl"] == "eager"}
+    base = calls_baseline(rows)
+    eager = {r["call"]: fnum(r["fwdbwd_ms"]) for r in rows if r["impl"] == base}
     for r in rows:
         e, m = eager.get(r["call"]), fnum(r["fwdbwd_ms"])
         r["speedup_fwdbwd"] = _fmt(e / m) if e and m and not math.isnan(m) else ""
@@ -1391,6 +1406,81 @@ def stage_latent(ctx: Ctx) -> int:
     return 1 if failed else 0
 
 
+def stage_sample(ctx: Ctx) -> int:
+    """What a reconstruction costs: `DepthDif.predict` (the path of predict and reconstruct) with
+    a DDIM chain at the plan's batch and tile, per mode: ms per chain and per denoising step,
+    tiles/s, peak memory, and how far each mode's reconstruction is from the fp32 eager one on
+    the same noise (eta 0: the chain is deterministic, so the difference is arithmetic), in degC
+    over the valid pixels. It tells whether predict could run its kernels channels_last or in
+    bf16 (it runs fp32, with model.kernels, today)."""
+    import torch
+
+    plan = ctx.plan
+    w = workload("ambient", plan, ctx.device, ctx.work)
+    w.model.eval()
+    batch = w.make_batch(plan.sample_batch, plan.px)
+    sampler = w.model.make_sampler("ddim", ddim_num_timesteps=plan.sample_steps)
+    cuda = ctx.device.type == "cuda"
+
+    def chain(bf16: bool) -> Any:
+        gen = torch.Generator(device=ctx.device).manual_seed(3)
+        with autocast(ctx.device) if bf16 else contextlib.nullcontext():
+            return w.model.predict(batch, sampler=sampler, generator=gen).y_hat_denorm
+
+    ref = None
+    failed = 0
+    for mode in plan.sample_modes:
+        tokens = set(mode.split("+"))
+        bf16 = "bf16" in tokens
+        note = ""
+        try:
+            w.unet.set_kernels("triton" if "triton" in tokens else "eager")
+            w.unet.set_channels_last("cl" in tokens)
+            free_memory()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+            t0 = time.perf_counter()
+            out = chain(bf16)  # warm-up: Triton compilation, kernel self-checks, cuDNN plans
+            if cuda:
+                torch.cuda.synchronize()
+            warm = time.perf_counter() - t0
+            times = []
+            for _ in range(plan.timed_steps if plan.rehearsal else 2):
+                t0 = time.perf_counter()
+                out = chain(bf16)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            ms = statistics.median(times) * 1e3
+            peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if cuda else None
+            if ref is None:
+                ref = out
+            valid = torch.isfinite(ref) & torch.isfinite(out)
+            diff = (out - ref)[valid].abs()
+            note = (f"{ms / plan.sample_steps:.2f} ms per denoising step; vs {plan.sample_modes[0]} "
+                    f"fp32: max |diff| {diff.max().item():.3g} degC, RMS "
+                    f"{diff.square().mean().sqrt().item():.3g} degC")
+            if not bool(torch.isfinite(out).any()):
+                note += "; PROBLEM: no finite value"
+                failed += 1
+            row = {"step_ms": ms, "samples_per_s": plan.sample_batch / (ms / 1e3),
+                   "peak_mem_gib": peak, "warmup_s": warm}
+        except oom_error():
+            row, note = {}, "out of memory"
+        except Exception as exc:  # noqa: BLE001 - one failing mode must not hide the others
+            traceback.print_exc()
+            row, note = {}, f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+            failed += 1
+        append(ctx.out, "steps", {
+            "stage": "sample", "preset": "ambient", "mode": mode,
+            "objective": f"DepthDif.predict, DDIM {plan.sample_steps} steps", "batch": plan.sample_batch,
+            "height": plan.px, "width": plan.px, "gflop_per_sample": None, "mfu": None,
+            "loss_first": None, "loss_last": None, "note": note, **row})
+        log(f"sample {mode:16s} B{plan.sample_batch}: {row.get('step_ms', math.nan):9.1f} ms per chain  {note}")
+    w.unet.set_channels_last(False)
+    return 1 if failed else 0
+
+
 def trainer_command(store: Path, run_dir: Path, plan: Plan, batch: int, steps: int,
                     launch: str = "zero2") -> list[str]:
     """The real entry point, ambient preset, bf16 (fp32 on the CPU), under DeepSpeed ZeRO-2
@@ -1599,11 +1689,17 @@ def headlines(out: Path) -> list[str]:
                      f"{len(table['entries'])} front calls, fused v2 for the rest")
     for r in read(out, "steps"):
         m = fnum(r["mfu"])
-        tag = {"step": "STEP", "latent": "LATENT", "trainer": "TRAINER"}.get(r["stage"], r["stage"])
+        tag = {"step": "STEP", "latent": "LATENT", "trainer": "TRAINER", "sample": "SAMPLE"}.get(
+            r["stage"], r["stage"])
         peak = fnum(r["peak_mem_gib"])
         ms, sps = fnum(r["step_ms"]), fnum(r["samples_per_s"])
         if ms is None or sps is None:
             lines.append(f"{tag} {r['preset']} {r['mode']}: {r['note']}")
+            continue
+        if r["stage"] == "sample":
+            lines.append(f"{tag} {r['preset']} {r['mode']} B{r['batch']}: {r['objective']}: "
+                         f"{ms:.1f} ms per chain, {sps:.2f} tiles/s"
+                         + (f", peak {peak:.1f} GiB" if peak is not None else "") + f"; {r['note']}")
             continue
         lines.append(f"{tag} {r['preset']} {r['mode']} B{r['batch']}: {ms:.2f} ms/step, "
                      f"{sps:.2f} samples/s"
@@ -1636,7 +1732,8 @@ def calls_headline(calls: list[dict[str, str]]) -> str:
             per.setdefault(r["impl"], {})[r["call"]] = v
             weight[r["call"]] = int(r["per_step"])
     every = list(dict.fromkeys(r["call"] for r in calls))
-    eager = per.get("eager", {})
+    base = calls_baseline(calls)
+    eager = per.get(base, {})
     if "triton+cl" in per:
         fronts = {r["call"] for r in calls if r["kind"] == "front"}
         epi = per.get(EPILOGUE_IMPL, {})
@@ -1651,13 +1748,13 @@ def calls_headline(calls: list[dict[str, str]]) -> str:
         subset = [c for c in every if c in got]
         if len(subset) == len(every):
             t = total(impl, subset)
-            e = total("eager", subset) if len(eager) == len(every) else None
-            full.append(f"{impl} {t:.2f} ms" + (f" ({e / t:.2f}x)" if e and impl != "eager" else ""))
+            e = total(base, subset) if len(eager) == len(every) else None
+            full.append(f"{impl} {t:.2f} ms" + (f" ({e / t:.2f}x)" if e and impl != base else ""))
         else:
             both = [c for c in subset if c in eager]
             t = total(impl, both)
-            e = total("eager", both) if both else 0.0
-            partial.append(f"{impl} on {len(subset)} of {len(every)} calls: {t:.2f} ms vs eager {e:.2f} ms"
+            e = total(base, both) if both else 0.0
+            partial.append(f"{impl} on {len(subset)} of {len(every)} calls: {t:.2f} ms vs {base} {e:.2f} ms"
                            + (f" ({e / t:.2f}x)" if t > 0 and e > 0 else ""))
     head = f"CALLS fronts+attention+norms per U-Net fwd+bwd at B{calls[0]['batch']} ({len(every)} calls): "
     return head + ", ".join(full) + ("; " + "; ".join(partial) if partial else "")
@@ -1725,6 +1822,7 @@ STAGES: dict[str, Callable[[Ctx], int]] = {
     "profile": stage_profile,
     "latent": stage_latent,
     "trainer": stage_trainer,
+    "sample": stage_sample,
 }
 
 

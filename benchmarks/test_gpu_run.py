@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
-ALL_STAGES = ["deps", "env", "parity", "calls", "step", "profile", "latent", "trainer",
+ALL_STAGES = ["deps", "env", "parity", "calls", "step", "profile", "latent", "trainer", "sample",
               "step_compile", "calls_compile"]
 FILES = {"summary.txt", "report.md", "log.txt", "env.csv", "parity.csv", "calls.csv", "steps.csv",
          "profile.csv"}
@@ -143,8 +143,14 @@ def test_rehearsal_runs_every_stage(tmp_path):
     assert {("latent", m) for m in plan.kernel_modes} | {("trainer", "zero2"), ("trainer", "ddp")} <= modes
     for r in steps:
         assert float(r["step_ms"]) > 0 and float(r["samples_per_s"]) > 0, r
-        assert float(r["loss_first"]) > 0 and float(r["loss_last"]) > 0, r
         assert r["objective"], r
+        if r["stage"] == "sample":  # reconstructions, no loss: each mode against fp32 eager
+            assert "ms per denoising step; vs eager fp32: max |diff|" in r["note"], r
+            continue
+        assert float(r["loss_first"]) > 0 and float(r["loss_last"]) > 0, r
+    sampled = {r["mode"]: r for r in steps if r["stage"] == "sample"}
+    assert set(sampled) == set(plan.sample_modes)
+    assert "max |diff| 0 degC" in sampled["eager"]["note"]  # the reference against itself
     for launch, said in (("zero2", "deepspeed zero2"), ("ddp", "ddp")):
         trainer = next(r for r in steps if r["stage"] == "trainer" and r["mode"] == launch)
         assert float(trainer["loss_last"]) < float(trainer["loss_first"])
@@ -168,7 +174,7 @@ def test_rehearsal_runs_every_stage(tmp_path):
         assert heading in report
     text = (out / "summary.txt").read_text()
     for head in ("PARITY OK", "CEILINGS copy", "CALLS", "FRONT TABLE (cpu)", "STEP ambient", "LATENT",
-                 "TRAINER", f"PROFILE {triton}"):
+                 "TRAINER ambient zero2", "TRAINER ambient ddp", "SAMPLE ambient", f"PROFILE {triton}"):
         assert head in text
 
 
@@ -349,6 +355,10 @@ def test_calls_headline_compares_partial_implementations_on_their_own_calls():
     # measured on f1 only (n1 failed): compared with eager's f1, not with eager's total
     assert "compile on 1 of 3 calls: 2.00 ms vs eager 20.00 ms (10.00x)" in head
     assert "epilogue+cl on 2 of 3 calls: 8.00 ms vs eager 26.00 ms (3.25x)" in head
+    # channels_last only (the GPU plan): eager+cl is the baseline
+    cl_only = [r | {"impl": "eager+cl"} for r in rows if r["impl"] == "eager"] + \
+        [r for r in rows if r["impl"] == "triton+cl"]
+    assert "(3 calls): eager+cl 30.00 ms, triton+cl 12.00 ms (2.50x)" in stages.calls_headline(cl_only)
 
 
 @pytest.mark.parametrize("rehearsal", [False, True], ids=["gpu", "rehearsal"])
