@@ -28,8 +28,8 @@ implementation.
 
 ConvNeXt fronts on channels_last inputs have two kernels: the fused v2 front (the default) and
 the epilogue variant (torch's depthwise conv + one fused bias/FiLM/LayerNorm kernel,
-convnext_epilogue.py). A measured table (front_table.py: DEPTHDIF_FRONT_TABLE or
-`set_front_table`) picks one per call shape; the epilogue variant is its own op here
+convnext_epilogue.py). A measured table (front_table.py: the one shipped for the GPU,
+DEPTHDIF_FRONT_TABLE or `set_front_table`) picks one per call shape; the epilogue variant is its own op here
 (``convnext_front_epilogue``), so it gets its own self-check, verdict and fallback.
 """
 

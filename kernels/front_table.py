@@ -9,12 +9,15 @@ the choice is a measured table, per call shape (C, H, W) and dtype of x, of one 
                   "fused_ms": 1.91, "epilogue_ms": 1.62}, ...]}
 
 `python benchmarks/gpu_stages.py front_table --calls <calls.csv> --out <json>` writes it from a
-GPU run's per-call timings (forward + backward; docs/gpu_run.md). It is used when the
-environment variable DEPTHDIF_FRONT_TABLE names the file (read once per process, at the first
-channels_last front call), or after `set_front_table(...)`. A table applies only on the device
-it was measured on (`device`: torch.cuda.get_device_name, "cpu" for the CPU rehearsal); on any
-other device, and for a shape or dtype it does not list, the fused v2 front runs, which is the
-behaviour without a table. `impl` of an entry: "fused" or "epilogue"; the timings are informative.
+GPU run's per-call timings (forward + backward; docs/gpu_run.md). Which table is used, in order:
+the one given to `set_front_table(...)`; the file the environment variable DEPTHDIF_FRONT_TABLE
+names (read once per process, at the first channels_last front call), or none if it says
+"none"; else the table shipped for the device, `front_tables/<device name, spaces as _>.json`
+beside this file (committed from the device's measured results). A table applies only on the
+device it was measured on (`device`: torch.cuda.get_device_name, "cpu" for the CPU rehearsal);
+on any other device, and for a shape or dtype it does not list, the fused v2 front runs, which
+is the behaviour without a table. `impl` of an entry: "fused" or "epilogue"; the timings are
+informative.
 """
 
 from __future__ import annotations
@@ -90,9 +93,22 @@ class FrontTable:
         return self.entries.get((C, H, W, dtype), "fused")
 
 
+SHIPPED = Path(__file__).resolve().parent / "front_tables"
 _LOCK = threading.Lock()
-_STATE: dict[str, Any] = {"table": None, "from_env": True}
+# table: the explicit or environment table; shipped: whether, without one, the device's shipped
+# table applies (not after set_front_table or DEPTHDIF_FRONT_TABLE=none).
+_STATE: dict[str, Any] = {"table": None, "from_env": True, "shipped": True}
+_SHIPPED: dict[str, FrontTable | None] = {}
 _WARNED: set[str] = set()
+
+
+def shipped_table(name: str) -> FrontTable | None:
+    """The table shipped for the device called `name`, if there is one (loaded once)."""
+    with _LOCK:
+        if name not in _SHIPPED:
+            path = SHIPPED / (name.replace(" ", "_") + ".json")
+            _SHIPPED[name] = FrontTable.load(path) if path.is_file() else None
+        return _SHIPPED[name]
 
 
 def set_front_table(table: FrontTable | dict | str | Path | None) -> FrontTable | None:
@@ -103,25 +119,32 @@ def set_front_table(table: FrontTable | dict | str | Path | None) -> FrontTable 
     elif isinstance(table, dict):
         table = FrontTable.from_dict(table)
     with _LOCK:
-        _STATE["table"], _STATE["from_env"] = table, False
+        _STATE.update(table=table, from_env=False, shipped=False)
     return table
 
 
 def reset_front_table() -> None:
     """Forget any table; the environment variable is read again at the next call."""
     with _LOCK:
-        _STATE["table"], _STATE["from_env"] = None, True
+        _STATE.update(table=None, from_env=True, shipped=True)
+        _SHIPPED.clear()
         _WARNED.clear()
 
 
-def front_table() -> FrontTable | None:
-    """The table in use: set_front_table's, else DEPTHDIF_FRONT_TABLE's (loaded once), else None."""
+def front_table(device: torch.device | None = None) -> FrontTable | None:
+    """The table in use (see the module docstring): set_front_table's, else DEPTHDIF_FRONT_TABLE's,
+    else, given a `device`, the one shipped for it."""
     with _LOCK:
         if _STATE["from_env"]:
-            path = os.environ.get(ENV)
-            _STATE["table"] = FrontTable.load(path) if path else None
+            path = os.environ.get(ENV, "")
+            off = path.strip().lower() == "none"
+            _STATE["table"] = FrontTable.load(path) if path and not off else None
+            _STATE["shipped"] = not path
             _STATE["from_env"] = False
-        return _STATE["table"]
+        table, shipped = _STATE["table"], _STATE["shipped"]
+    if table is None and shipped and device is not None:
+        return shipped_table(device_name(device))
+    return table
 
 
 def device_name(device: torch.device) -> str:
@@ -133,7 +156,7 @@ def device_name(device: torch.device) -> str:
 
 def choose_front(C: int, H: int, W: int, dtype: str, device: torch.device) -> str:
     """"fused" or "epilogue" for a channels_last front call (see the module docstring)."""
-    table = front_table()
+    table = front_table(device)
     if table is None:
         return "fused"
     name = device_name(device)

@@ -231,3 +231,38 @@ def test_table_from_the_environment_and_bad_tables(tmp_path, monkeypatch):
     for data, match in bad:
         with pytest.raises(ValueError, match=match):
             FrontTable.from_dict(data)
+
+
+def test_shipped_table_applies_on_its_device_unless_switched_off(tmp_path, monkeypatch):
+    """Without DEPTHDIF_FRONT_TABLE the table shipped for the device runs; "none" or
+    set_front_table(None) switches it off; a device without a shipped table runs the fused front."""
+    from depthdif_hpc.kernels import front_table as ft
+
+    monkeypatch.setattr(ft, "SHIPPED", tmp_path)
+    (tmp_path / "cpu.json").write_text(json.dumps(_table([{"C": 8, "H": 2, "W": 2, "dtype": "bf16",
+                                                            "impl": "epilogue"}])))
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    monkeypatch.delenv("DEPTHDIF_FRONT_TABLE", raising=False)
+    reset_front_table()
+    try:
+        assert ft.choose_front(8, 2, 2, "bf16", cpu) == "epilogue"
+        assert ft.choose_front(8, 2, 2, "bf16", meta) == "fused"  # no meta.json
+        set_front_table(None)
+        assert ft.choose_front(8, 2, 2, "bf16", cpu) == "fused"
+        monkeypatch.setenv("DEPTHDIF_FRONT_TABLE", "none")
+        reset_front_table()
+        assert ft.choose_front(8, 2, 2, "bf16", cpu) == "fused"
+    finally:
+        reset_front_table()
+
+
+def test_every_shipped_table_is_valid_and_named_after_its_device():
+    from depthdif_hpc.kernels import front_table as ft
+
+    files = sorted(ft.SHIPPED.glob("*.json"))
+    assert files, ft.SHIPPED
+    for f in files:
+        t = FrontTable.load(f)
+        assert f.stem == t.device.replace(" ", "_"), f
+        assert t.entries and set(t.entries.values()) <= {"fused", "epilogue"}, f
+        assert "benchmarks/results/" in t.source, f  # measured, and committed with its run
