@@ -100,6 +100,8 @@ class Plan:
     sample_steps: int = 50
     sample_batch: int = 16
     sample_modes: tuple[str, ...] = ("eager", "triton", "triton+cl", "triton+cl+bf16")
+    # trainer: DDIM steps of the predict run on the first run's checkpoint
+    predict_ddim_steps: int = 20
     # DeepSpeed ZeRO-2 (the scale-out path) first, then DDP (the presets' default launch); the
     # second process finds the first one's Triton cache, so it costs ~40 s more.
     trainer_launches: tuple[str, ...] = ("zero2", "ddp")
@@ -147,6 +149,7 @@ class Plan:
                    warmup_steps=0, timed_steps=1, compile_backend="aot_eager",
                    trainer_steps=10, trainer_batch=2, trainer_tile=32,
                    sample_steps=2, sample_batch=1, sample_modes=("eager", "triton+cl+bf16"),
+                   predict_ddim_steps=2,
                    trainer_dates=("2017-12-30", "2018-01-03"),
                    step_modes=("eager+ckpt", "triton+cl+table+fused+bench"),
                    compile_step_modes=("triton+compile+cl+table",),
@@ -1529,9 +1532,57 @@ def stage_trainer(ctx: Ctx) -> int:
         batch = min(batch, fit)
     steps = int(os.environ.get("TRAINER_STEPS", plan.trainer_steps))
     failed = 0
-    for launch in plan.trainer_launches:
+    for i, launch in enumerate(plan.trainer_launches):
         failed += _trainer_run(ctx, store, n_train, batch, steps, launch)
+        if i == 0:  # the first run's checkpoint through the inference entry point
+            failed += _predict_run(ctx, store, ctx.work / f"trainer_run_{launch}")
     return 1 if failed else 0
+
+
+def _predict_run(ctx: Ctx, store: Path, run_dir: Path) -> int:
+    """`python -m depthdif_hpc.inference.predict` on the run's final checkpoint (the inference entry point
+    as a user runs it: checkpoint loading, DDIM ensemble, the prediction store): every sample of
+    the val split marked done, a finite mean where the target is valid. Row: stage "predict"."""
+    import numpy as np
+
+    from depthdif_hpc.inference.writer import PredictionWriter
+
+    plan = ctx.plan
+    out = ctx.work / "predict.zarr"
+    steps, members = plan.predict_ddim_steps, 2
+    cmd = [sys.executable, "-m", "depthdif_hpc.inference.predict", "--checkpoint", str(run_dir),
+           "--store", str(store), "--split", "val", "--out", str(out), "--sampler", "ddim",
+           "--steps", str(steps), "--ensemble", str(members), "--batch-size", "4"]
+    if plan.rehearsal:
+        cmd += ["--limit", "1"]
+    log("predict: " + " ".join(cmd))
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    wall = time.perf_counter() - t0
+    problems = [] if rc == 0 else [f"exit {rc}"]
+    n = 0
+    if out.exists():
+        w = PredictionWriter(out)
+        done = w.done()
+        n = int(done.sum())
+        if not done.all():
+            problems.append(f"{n} of {done.size} samples done")
+        mean = np.asarray(w.group["mean"][:])
+        if not np.isfinite(mean).any():
+            problems.append("no finite value in the mean")
+    else:
+        problems.append("no prediction store")
+    note = (f"{n} val samples x {members} members, DDIM {steps} steps, process {wall:.0f} s"
+            + ("; PROBLEMS: " + "; ".join(problems) if problems else ""))
+    append(ctx.out, "steps", {
+        "stage": "predict", "preset": "ambient", "mode": "cli",
+        "objective": "python -m depthdif_hpc.inference.predict", "batch": 4, "height": plan.trainer_tile,
+        "width": plan.trainer_tile, "step_ms": wall * 1e3 / max(n, 1),
+        "samples_per_s": n / wall if wall > 0 else None, "peak_mem_gib": None,
+        "gflop_per_sample": None, "mfu": None, "warmup_s": None, "loss_first": None,
+        "loss_last": None, "note": note})
+    log(f"PREDICT: {note}")
+    return 1 if problems else 0
 
 
 def _trainer_run(ctx: Ctx, store: Path, n_train: int, batch: int, steps: int, launch: str) -> int:
@@ -1689,8 +1740,11 @@ def headlines(out: Path) -> list[str]:
                      f"{len(table['entries'])} front calls, fused v2 for the rest")
     for r in read(out, "steps"):
         m = fnum(r["mfu"])
-        tag = {"step": "STEP", "latent": "LATENT", "trainer": "TRAINER", "sample": "SAMPLE"}.get(
-            r["stage"], r["stage"])
+        tag = {"step": "STEP", "latent": "LATENT", "trainer": "TRAINER", "sample": "SAMPLE",
+               "predict": "PREDICT"}.get(r["stage"], r["stage"])
+        if r["stage"] == "predict":
+            lines.append(f"{tag} {r['objective']}: {r['note']}")
+            continue
         peak = fnum(r["peak_mem_gib"])
         ms, sps = fnum(r["step_ms"]), fnum(r["samples_per_s"])
         if ms is None or sps is None:

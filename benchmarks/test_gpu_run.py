@@ -147,6 +147,10 @@ def test_rehearsal_runs_every_stage(tmp_path):
         if r["stage"] == "sample":  # reconstructions, no loss: each mode against fp32 eager
             assert "ms per denoising step; vs eager fp32: max |diff|" in r["note"], r
             continue
+        if r["stage"] == "predict":  # the inference CLI on the zero2 run's checkpoint
+            assert r["note"].startswith("1 val samples x 2 members, DDIM 2 steps"), r
+            assert "PROBLEMS" not in r["note"], r
+            continue
         assert float(r["loss_first"]) > 0 and float(r["loss_last"]) > 0, r
     sampled = {r["mode"]: r for r in steps if r["stage"] == "sample"}
     assert set(sampled) == set(plan.sample_modes)
@@ -174,7 +178,8 @@ def test_rehearsal_runs_every_stage(tmp_path):
         assert heading in report
     text = (out / "summary.txt").read_text()
     for head in ("PARITY OK", "CEILINGS copy", "CALLS", "FRONT TABLE (cpu)", "STEP ambient", "LATENT",
-                 "TRAINER ambient zero2", "TRAINER ambient ddp", "SAMPLE ambient", f"PROFILE {triton}"):
+                 "TRAINER ambient zero2", "TRAINER ambient ddp", "PREDICT python -m depthdif_hpc.inference.predict",
+                 "SAMPLE ambient", f"PROFILE {triton}"):
         assert head in text
 
 
