@@ -21,7 +21,7 @@ PY=${PY:-python3}
 OUT=${OUT:-${TMPDIR:-/tmp}/ddhpc_gpu_run_out}
 BUDGET_S=${BUDGET_S:-480}
 MIN_STAGE_S=${MIN_STAGE_S:-15}
-ALL_STAGES="deps env parity calls step profile latent trainer sample step_compile calls_compile"
+ALL_STAGES="deps env parity calls step profile latent trainer sample step_compile calls_compile gpu_tests"
 STAGES=${STAGES:-$ALL_STAGES}
 STAGES=${STAGES//,/ }
 export WHEELHOUSE=${WHEELHOUSE:-$ROOT/.wheelhouse}
@@ -57,9 +57,11 @@ fi
 # Time limits (s). GPU: sized for an H100/H200 with a cold Triton and inductor cache. Rehearsal:
 # for the 2-core CI machine.
 declare -A GPU_LIMIT=([deps]=60 [env]=60 [parity]=180 [calls]=180 [step]=150 [profile]=90
-                      [latent]=120 [trainer]=240 [sample]=60 [step_compile]=300 [calls_compile]=240)
+                      [latent]=120 [trainer]=240 [sample]=60 [step_compile]=300 [calls_compile]=240
+                      [gpu_tests]=150)
 declare -A CPU_LIMIT=([deps]=60 [env]=60 [parity]=240 [calls]=180 [step]=180 [profile]=120
-                      [latent]=180 [trainer]=240 [sample]=120 [step_compile]=240 [calls_compile]=180)
+                      [latent]=180 [trainer]=240 [sample]=120 [step_compile]=240 [calls_compile]=180
+                      [gpu_tests]=120)
 
 limit_of() {
   local var="TIMEOUT_$1"
@@ -84,7 +86,7 @@ run_stage() {
   echo "##### stage $name (limit ${limit} s, $(date -u +%H:%M:%S) UTC)" >> "$LOG"
   start=$(date +%s)
   # -k: a stage that ignores SIGTERM (a stuck CUDA call) is killed 10 s later.
-  timeout -k 10 "$limit" "$PY" benchmarks/gpu_stages.py "$name" --out "$OUT" --work "$WORK" \
+  STAGE_LIMIT_S=$limit timeout -k 10 "$limit" "$PY" benchmarks/gpu_stages.py "$name" --out "$OUT" --work "$WORK" \
     $MODE_FLAG >> "$LOG" 2>&1
   rc=$?
   case $rc in

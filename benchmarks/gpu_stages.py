@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -1484,6 +1485,63 @@ def stage_sample(ctx: Ctx) -> int:
     return 1 if failed else 0
 
 
+GPU_TESTS = "pytest -m gpu"  # parity.csv's `kernel` of the gpu_tests stage's rows
+GPU_TEST_PATHS = ("benchmarks", "tests/kernels", "tests/data/test_stream.py")
+
+
+def split_gpu_tests(rows: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """parity.csv's rows: (the op and U-Net parity, the gpu_tests stage's: summary first)."""
+    tests = [r for r in rows if r["kernel"] == GPU_TESTS]
+    tests.sort(key=lambda r: r["case"] != "(summary)")
+    return [r for r in rows if r["kernel"] != GPU_TESTS], tests
+
+
+def pytest_outcomes(text: str) -> tuple[dict[str, str], dict[str, str]]:
+    """From `pytest -v -rfE` output: {test id: PASSED | FAILED | ...} as the tests ran, and
+    {test id: message} from the closing summary of failures and errors."""
+    outcome = dict(re.findall(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", text, re.M))
+    why = dict(re.findall(r"^(?:FAILED|ERROR) (\S+::\S+) - (.*)$", text, re.M))
+    return outcome, why
+
+
+def stage_gpu_tests(ctx: Ctx) -> int:
+    """The suite's CUDA-only tests (`pytest -m gpu`: every kernel's parity at odd shapes and
+    tails, in each dtype, against the fp32 reference; 183 of them, skipped on CPUs) on the
+    device. Rows in parity.csv (kernel "pytest -m gpu"): a summary, then each failure. pytest
+    gets the stage's limit less 15 s; a run stopped there keeps the outcomes it printed."""
+    limit = float(os.environ.get("STAGE_LIMIT_S", "150"))
+    text_path = ctx.work / "gpu_tests.txt"
+    cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-m", "gpu", "-p", "no:cacheprovider",
+           *GPU_TEST_PATHS]
+    log("gpu_tests: " + " ".join(cmd))
+    t0 = time.perf_counter()
+    stopped = False
+    with text_path.open("w") as f:
+        try:
+            subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=max(limit - 15, 5))
+        except subprocess.TimeoutExpired:
+            stopped = True
+    wall = time.perf_counter() - t0
+    text = text_path.read_text(errors="replace")
+    outcome, why = pytest_outcomes(text)
+    counts = {k: sum(v == k for v in outcome.values()) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    bad = [n for n, v in outcome.items() if v in ("FAILED", "ERROR")]
+    collect_error = "errors during collection" in text or "ERROR collecting" in text
+    note = (f"{counts['PASSED']} passed, {counts['FAILED']} failed, {counts['ERROR']} errors, "
+            f"{counts['SKIPPED']} skipped in {wall:.0f} s"
+            + (" (stopped at the stage's limit)" if stopped else "")
+            + ("; collection errors (log.txt)" if collect_error else ""))
+    ok = not bad and not stopped and not collect_error and outcome
+    row = {"kernel": GPU_TESTS, "mix": "pytest", "tensor": "", "dtype": "", "err_kernel": None,
+           "err_eager": None, "tol": None}
+    append(ctx.out, "parity", {**row, "case": "(summary)", "ok": "yes" if ok else "no", "note": note})
+    for n in bad:
+        append(ctx.out, "parity", {**row, "case": n, "ok": "no", "note": why.get(n, outcome[n])[:300]})
+    print(text[-6000:])  # log.txt: the failures' tracebacks and pytest's summary
+    log(f"GPU TESTS: {note}")
+    return 0 if ok else 1
+
+
 def trainer_command(store: Path, run_dir: Path, plan: Plan, batch: int, steps: int,
                     launch: str = "zero2") -> list[str]:
     """The real entry point, ambient preset, bf16 (fp32 on the CPU), under DeepSpeed ZeRO-2
@@ -1676,13 +1734,15 @@ def stage_report(out: Path, summary: Path) -> int:
           f"{env.get('commit', '?')}; {env.get('date_utc', '?')}", "", "## Stages", "", "```",
           *stage_lines, "```", "", "## Headlines", "", *[f"* {h}" for h in heads], ""]
     md += _md_section("Environment", read(out, "env"), ["key", "value"])
-    parity = read(out, "parity")
+    parity, tests = split_gpu_tests(read(out, "parity"))
     failed = [r for r in parity if r["ok"] != "yes"]
     worst = sorted((r for r in parity if r["kernel"] != "unet"),
                    key=lambda r: -(fnum(r["err_kernel"]) or 0) / (fnum(r["tol"]) or 1))[:15]
     md += _md_section(f"Parity: {len(parity) - len(failed)} of {len(parity)} tensors within "
                       "tolerance; failures", failed, TABLES["parity"])
     md += _md_section("Parity: the 15 op tensors closest to their tolerance", worst, TABLES["parity"])
+    if tests:
+        md += _md_section("pytest -m gpu (the summary, then each failure)", tests, ["case", "ok", "note"])
     md += _md_section("Per-call timings (ms, median, L2 flushed)", read(out, "calls"),
                       ["call", "per_step", "batch", "dtypes", "impl", "fwd_ms", "fwdbwd_ms",
                        "speedup_fwdbwd", "note"])
@@ -1715,7 +1775,10 @@ def _md_section(title: str, rows: list[dict[str, str]], cols: list[str]) -> list
 def headlines(out: Path) -> list[str]:
     """The few numbers worth quoting, from whatever the stages wrote."""
     lines = []
-    parity = read(out, "parity")
+    parity, tests = split_gpu_tests(read(out, "parity"))
+    if tests:
+        lines.append(f"GPU TESTS pytest -m gpu: {'OK' if all(r['ok'] == 'yes' for r in tests) else 'FAIL'}: "
+                     + tests[0]["note"])
     if parity:
         bad = [r for r in parity if r["ok"] != "yes"]
         mixes = sorted({r["mix"] for r in parity})
@@ -1877,6 +1940,7 @@ STAGES: dict[str, Callable[[Ctx], int]] = {
     "latent": stage_latent,
     "trainer": stage_trainer,
     "sample": stage_sample,
+    "gpu_tests": stage_gpu_tests,
 }
 
 

@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
 ALL_STAGES = ["deps", "env", "parity", "calls", "step", "profile", "latent", "trainer", "sample",
-              "step_compile", "calls_compile"]
+              "step_compile", "calls_compile", "gpu_tests"]
 FILES = {"summary.txt", "report.md", "log.txt", "env.csv", "parity.csv", "calls.csv", "steps.csv",
          "profile.csv"}
 
@@ -96,7 +96,10 @@ def test_rehearsal_runs_every_stage(tmp_path):
     assert float(env["copy_tb_s"]) > 0 and float(env[f"bf16_matmul_{plan.ceiling_matmul_n}_tflop_s"]) > 0
     assert env["bf16_datasheet_tflop_s"] == "unknown"
 
-    _, parity = table(out, "parity")
+    _, rows = table(out, "parity")
+    parity, tests = stages.split_gpu_tests(rows)
+    # CPU: every CUDA-only test skipped, none failed
+    assert [(r["case"], r["ok"]) for r in tests] == [("(summary)", "yes")], tests
     assert {r["kernel"] for r in parity} == {"convnext_front", "convnext_front_epilogue",
                                              "linear_attention", "layer_norm", "unet"}
     assert all(r["ok"] == "yes" for r in parity)
@@ -179,7 +182,7 @@ def test_rehearsal_runs_every_stage(tmp_path):
     text = (out / "summary.txt").read_text()
     for head in ("PARITY OK", "CEILINGS copy", "CALLS", "FRONT TABLE (cpu)", "STEP ambient", "LATENT",
                  "TRAINER ambient zero2", "TRAINER ambient ddp", "PREDICT python -m depthdif_hpc.inference.predict",
-                 "SAMPLE ambient", f"PROFILE {triton}"):
+                 "SAMPLE ambient", f"PROFILE {triton}", "GPU TESTS pytest -m gpu: OK: 0 passed, 0 failed, 0 errors, 18"):
         assert head in text
 
 
@@ -376,3 +379,17 @@ def test_every_planned_step_mode_is_made_of_known_tokens(rehearsal):
         assert tokens[0] in ("eager", "triton", "compile"), mode
         assert set(tokens) <= stages.MODE_TOKENS, mode
         assert len(tokens) == len(set(tokens)), mode
+
+
+def test_pytest_outcomes_of_verbose_output():
+    text = """benchmarks/bench_a.py::test_x[bf16-1] PASSED                               [ 33%]
+benchmarks/bench_a.py::test_x[fp32-2] FAILED                               [ 66%]
+tests/kernels/test_b.py::test_y SKIPPED (needs a CUDA device)              [100%]
+=========================== short test summary info ============================
+FAILED benchmarks/bench_a.py::test_x[fp32-2] - AssertionError: parity failed (tol 5e-05)
+"""
+    outcome, why = stages.pytest_outcomes(text)
+    assert outcome == {"benchmarks/bench_a.py::test_x[bf16-1]": "PASSED",
+                       "benchmarks/bench_a.py::test_x[fp32-2]": "FAILED",
+                       "tests/kernels/test_b.py::test_y": "SKIPPED"}
+    assert why == {"benchmarks/bench_a.py::test_x[fp32-2]": "AssertionError: parity failed (tol 5e-05)"}

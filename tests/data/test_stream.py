@@ -231,6 +231,7 @@ def test_batched_skip_mode_keeps_batch_boundaries(tiny_store, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pinned_batches(tiny_store, workers):
     cfg = tiny_config("dataloader.pin_memory=true")
