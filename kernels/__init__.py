@@ -17,7 +17,7 @@ The model calls them through `run_op(op, mode, *args)` (dispatch.py), which pick
 the reference per `model.kernels` and self-checks each kernel before its first use.
 """
 
-from ._utils import DTYPES, dtype_name
+from ._utils import DTYPES, dtype_name, no_tf32
 from .convnext_epilogue import convnext_epilogue_reference, convnext_front_epilogue
 from .convnext_front import convnext_front, convnext_front_reference
 from .dispatch import (
@@ -49,6 +49,7 @@ __all__ = [
     "layer_norm_reference",
     "linear_attention",
     "linear_attention_reference",
+    "no_tf32",
     "run_op",
     "set_front_table",
 ]

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from ._utils import no_tf32
+
 # Tolerance on max-abs error relative to the reference's max magnitude, per input dtype.
 TOL: dict[torch.dtype, float] = {
     torch.float32: 5e-5,  # fp32 everywhere; IEEE (non-TF32) dots
@@ -59,23 +61,6 @@ def poisoned_empty() -> Iterator[None]:
         finally:
             torch.use_deterministic_algorithms(det, warn_only=warn_only)
             torch.utils.deterministic.fill_uninitialized_memory = fill
-
-
-@contextlib.contextmanager
-def no_tf32() -> Iterator[None]:
-    """Inside, fp32 convolutions and matmuls round nothing to TF32 (10-bit mantissa).
-
-    cuDNN may use TF32 for fp32 convolutions unless told not to (torch's default). The first H100
-    run measured the epilogue front's fp32 depthwise-weight gradient, which is cuDNN's, 2.4-3.6e-4
-    from the fp64 reference (the eager reference as far off), against the 5e-5 an fp32 kernel
-    must meet: the parity measured cuDNN's rounding policy, not the kernel.
-    """
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def run_with_grads(

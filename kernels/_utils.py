@@ -21,6 +21,24 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
 SUPPORTED_DTYPES = tuple(DTYPES.values())
 
 
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """Inside, fp32 convolutions and matmuls round nothing to TF32 (10-bit mantissa): for checks
+    and scores that must measure fp32 arithmetic (the kernels' parity, evaluate_ae's errors).
+
+    cuDNN may use TF32 for fp32 convolutions unless told not to (torch's default). The first H100
+    run measured the epilogue front's fp32 depthwise-weight gradient, which is cuDNN's, 2.4-3.6e-4
+    from the fp64 reference (the eager reference as far off), against the 5e-5 an fp32 kernel
+    must meet: the parity measured cuDNN's rounding policy, not the kernel.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "bf16" (other dtypes by torch's own name)."""
     return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))

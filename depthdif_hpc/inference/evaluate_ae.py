@@ -16,7 +16,6 @@ arguments are config overrides.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -37,6 +36,7 @@ from depthdif_hpc.inference.report import (
     write_json,
     write_text,
 )
+from depthdif_hpc.kernels import no_tf32
 from depthdif_hpc.metrics import DepthStats, recon_metrics
 from depthdif_hpc.model.latent import AutoencoderModel
 from depthdif_hpc.normalization import denormalize_temperature
@@ -116,7 +116,9 @@ def evaluate_autoencoder(checkpoint: str | Path, store: str | Path, report: str 
 
     total = len(loader.dataset) if limit is None else min(limit, len(loader.dataset))
     bar = tqdm(total=total, desc="evaluate_ae", disable=not progress, leave=False)
-    with torch.no_grad(), _full_fp32():
+    # No TF32 while scoring: cuDNN allows it for fp32 convolutions by default, and its ~1e-3
+    # relative error would show up in a reconstruction error of 0.0x degC.
+    with torch.no_grad(), no_tf32():
         for batch in loader:
             b = batch["y"].shape[0]
             if limit is not None:
@@ -166,18 +168,6 @@ def evaluate_autoencoder(checkpoint: str | Path, store: str | Path, report: str 
     fig = _figure(report / FIGURE, result) if figures else None
     write_text(report / REPORT, _markdown(result, fig))
     return result
-
-
-@contextlib.contextmanager
-def _full_fp32():
-    """No TF32 in cuDNN convolutions / matmuls while scoring (PyTorch allows it in cuDNN by
-    default; its ~1e-3 relative error would show up in a reconstruction error of 0.0x degC)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _figure(path: Path, r: dict) -> Path:
