@@ -847,7 +847,8 @@ def _op_parity(ctx: Ctx, kernel_name: str, case: str, mix: str, kernel: Callable
     gradient; also the eager reference run as the model would run it (under autocast for the
     training mix), for scale. Tolerance: _testing.TOL of the lowest precision involved."""
     import torch
-    from depthdif_hpc.kernels._testing import TOL, no_tf32, poisoned_empty, rel_err
+    from depthdif_hpc.kernels import no_tf32
+    from depthdif_hpc.kernels._testing import TOL, poisoned_empty, rel_err
 
     leaves = [t for t in inputs if t is not None]
     g = torch.Generator().manual_seed(7)
@@ -932,7 +933,8 @@ def _unet_autocast_parity(ctx: Ctx, unet: Any, calls: list[Call]) -> int:
     rehearsal runs it in fp32: the interpreter's bf16 truncation would be measured, not the
     kernels."""
     import torch
-    from depthdif_hpc.kernels._testing import no_tf32, poisoned_empty, rel_err
+    from depthdif_hpc.kernels import no_tf32
+    from depthdif_hpc.kernels._testing import poisoned_empty, rel_err
 
     B, px = ctx.plan.parity_batch, ctx.plan.unet_parity_px
     g = torch.Generator().manual_seed(5)
@@ -1008,7 +1010,7 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
         # "+cl": the same call on a channels_last input, as the trainer's channels_last switch
         # makes it (the front then runs its NHWC v2 kernels, cuDNN its NHWC convolutions).
         chosen = {f"{impl}{lay}": fn for lay in plan.call_layouts
-                  for impl, fn in ((("compile", None),) if compiled else
+                  for impl, fn in ((("compile", ref),) if compiled else
                                    (("eager", ref), ("triton", kern)))}
         if call.kind == "front" and not compiled:
             # The front's other channels_last kernel (cuDNN's conv + the fused epilogue): the
@@ -1020,10 +1022,9 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
         # layout training would use, so a stage stopped at its limit leaves whole layouts.
         jobs.sort(key=lambda j: not j[1].endswith("+cl"))
     for call, impl, fn in jobs:
-        ref = impls(call.kind)[1]
-        if impl.startswith("compile"):
+        if impl.startswith("compile"):  # fn: the eager reference, compiled per call and layout
             torch._dynamo.reset()
-            fn = torch.compile(ref, dynamic=False, backend=plan.compile_backend)
+            fn = torch.compile(fn, dynamic=False, backend=plan.compile_backend)
         note = ""
         try:
             f_ms, fb_ms = _time_call(call, fn, B, ctx.device, bench, impl.endswith("+cl"))

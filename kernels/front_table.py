@@ -131,9 +131,9 @@ def reset_front_table() -> None:
         _WARNED.clear()
 
 
-def front_table(device: torch.device | None = None) -> FrontTable | None:
+def front_table(name: str | None = None) -> FrontTable | None:
     """The table in use (see the module docstring): set_front_table's, else DEPTHDIF_FRONT_TABLE's,
-    else, given a `device`, the one shipped for it."""
+    else, given a device's `name` (`device_name`), the one shipped for it."""
     with _LOCK:
         if _STATE["from_env"]:
             path = os.environ.get(ENV, "")
@@ -142,8 +142,8 @@ def front_table(device: torch.device | None = None) -> FrontTable | None:
             _STATE["shipped"] = not path
             _STATE["from_env"] = False
         table, shipped = _STATE["table"], _STATE["shipped"]
-    if table is None and shipped and device is not None:
-        return shipped_table(device_name(device))
+    if table is None and shipped and name is not None:
+        return shipped_table(name)
     return table
 
 
@@ -156,10 +156,10 @@ def device_name(device: torch.device) -> str:
 
 def choose_front(C: int, H: int, W: int, dtype: str, device: torch.device) -> str:
     """"fused" or "epilogue" for a channels_last front call (see the module docstring)."""
-    table = front_table(device)
+    name = device_name(device)
+    table = front_table(name)
     if table is None:
         return "fused"
-    name = device_name(device)
     if name != table.device and name not in _WARNED:
         _WARNED.add(name)
         warnings.warn(f"front table {table.source or '(set in code)'} was measured on "
