@@ -12,7 +12,8 @@
 #
 # Stages run in order of value, each in its own process under its own time limit (TIMEOUT_<stage>
 # overrides it), never beyond what is left of BUDGET_S; a stage is skipped once less than
-# MIN_STAGE_S seconds are left. STAGES picks a subset (in this order). The summary is printed last.
+# MIN_STAGE_S seconds are left. STAGES picks stages and their order (a later GPU session puts
+# first what earlier ones did not measure). The summary is printed last.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,6 +25,12 @@ MIN_STAGE_S=${MIN_STAGE_S:-15}
 ALL_STAGES="deps env parity calls step profile latent trainer sample step_compile calls_compile gpu_tests"
 STAGES=${STAGES:-$ALL_STAGES}
 STAGES=${STAGES//,/ }
+for name in $STAGES; do
+  case " $ALL_STAGES " in
+    *" $name "*) ;;
+    *) echo "gpu_run.sh: unknown stage '$name' in STAGES (stages: $ALL_STAGES)" >&2; exit 2 ;;
+  esac
+done
 export WHEELHOUSE=${WHEELHOUSE:-$ROOT/.wheelhouse}
 T0=$(date +%s)
 
@@ -101,8 +108,8 @@ run_stage() {
   echo "gpu_run.sh: mode $MODE, budget ${BUDGET_S} s, stages: $STAGES"
   printf '%-14s %-8s %4s %6s %6s  %s\n' stage status rc secs limit note
 } | tee "$SUM"
-for name in $ALL_STAGES; do
-  case " $STAGES " in *" $name "*) run_stage "$name" ;; esac
+for name in $STAGES; do
+  run_stage "$name"
 done
 
 echo "##### report" >> "$LOG"

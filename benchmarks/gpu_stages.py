@@ -75,11 +75,12 @@ PACKAGES = {"numpy": "numpy", "accelerate": "accelerate", "omegaconf": "omegacon
 # NCHW for the Triton step), so the baselines that matter are channels_last ones: eager+cl
 # (cuDNN's NHWC convolutions, no kernel of ours) and, for torch.compile, compile+cl first. The
 # NCHW Triton step and activation checkpointing (270.1 ms, 6.1 GiB against 11.5) are in that
-# run's results; leaving them out keeps the stages before the compile ones within 480 s.
+# run's results; leaving them out keeps the stages before the compile ones within 480 s. For
+# the same reason torch.compile runs channels_last only: each mode is a compilation of the whole
+# U-Net, and an NCHW one would measure a layout the trainer does not use on CUDA.
 MODE_TOKENS = frozenset({"eager", "triton", "compile", "cl", "fused", "ckpt", "bench", "table"})
 STEP_MODES = ("eager", "eager+cl", "triton+cl", "triton+cl+table", "triton+cl+table+fused+bench")
-COMPILE_STEP_MODES = ("compile+cl", "triton+compile+cl", "triton+compile+cl+table+fused+bench",
-                      "compile", "triton+compile")
+COMPILE_STEP_MODES = ("compile+cl", "triton+compile+cl", "triton+compile+cl+table+fused+bench")
 
 
 @dataclass(frozen=True)
@@ -1097,11 +1098,28 @@ def _add_speedups(out: Path) -> None:
         append(out, "calls", r)
 
 
+def step_front_table(out: Path | None, device: Any) -> tuple[dict | Any | None, str]:
+    """The front table of the "table" step modes and where it came from: this run's (its calls
+    stage timed the fronts both ways), else the one shipped for the device (a command of the
+    compile stages alone still runs the table the trainer would use), else none (the fused
+    front everywhere)."""
+    from depthdif_hpc.kernels.front_table import device_name, shipped_table
+
+    if out is not None:
+        table = front_table(out)
+        if table["entries"]:
+            return table, "this run's calls"
+    shipped = shipped_table(device_name(device))
+    if shipped is not None:
+        return shipped, f"shipped {device_name(device).replace(' ', '_')}.json"
+    return None, "none (fused front everywhere)"
+
+
 def _train_step(w: Workload, mode: str, plan: Plan, device: Any,
-                out: Path | None = None) -> Callable[[dict], Any]:
+                out: Path | None = None) -> tuple[Callable[[dict], Any], str]:
     """One optimizer step as the trainer takes it: bf16 autocast, backward, clip at 1.0, AdamW
     (foreach, the trainer's optimizer), with kernels and torch.compile per `mode` (the front
-    table, for the "table" token, from the results in `out`)."""
+    table, for the "table" token, see step_front_table), and a note for the step's row."""
     import torch
     from depthdif_hpc.kernels import set_front_table
 
@@ -1109,7 +1127,8 @@ def _train_step(w: Workload, mode: str, plan: Plan, device: Any,
     unknown = tokens - MODE_TOKENS
     if unknown:
         raise ValueError(f"step mode {mode!r}: unknown options {sorted(unknown)}")
-    set_front_table(front_table(out) if "table" in tokens and out is not None else None)
+    table, source = step_front_table(out, device) if "table" in tokens else (None, "")
+    set_front_table(table)
     w.unet.set_kernels("triton" if "triton" in tokens else "eager")
     torch.backends.cudnn.benchmark = "bench" in tokens
     w.unet.set_channels_last("cl" in tokens)
@@ -1131,7 +1150,7 @@ def _train_step(w: Workload, mode: str, plan: Plan, device: Any,
         opt.step()
         return loss.detach()
 
-    return step
+    return step, f"front table: {source}" if source else ""
 
 
 @dataclass
@@ -1163,7 +1182,7 @@ def measure_step(preset: str, mode: str, ctx: Ctx, start_batch: int,
         w = workload(preset, plan, ctx.device, ctx.work)
         oom = False
         try:
-            step = _train_step(w, mode, plan, ctx.device, ctx.out)
+            step, table_note = _train_step(w, mode, plan, ctx.device, ctx.out)
             data = w.make_batch(b, px)
             t0 = time.perf_counter()
             first = math.nan
@@ -1191,7 +1210,7 @@ def measure_step(preset: str, mode: str, ctx: Ctx, start_batch: int,
                 first = last if math.isnan(first) else first
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
             res = StepResult(b, statistics.median(times) if times else math.nan, peak, warm, first,
-                             last, "; ".join(notes))
+                             last, "; ".join(n for n in (*notes, table_note) if n))
             if keep:
                 res.step, res.data, res.workload = step, data, w
             return res

@@ -210,6 +210,22 @@ def test_a_spent_budget_skips_the_remaining_stages(tmp_path):
     assert (out / "report.md").exists()  # the report is written whatever ran
 
 
+def test_stages_run_in_the_order_named_and_an_unknown_one_is_refused(tmp_path):
+    """A later GPU session runs first what earlier ones did not measure; a typo in STAGES must
+    fail at once, not be skipped silently on a lent GPU."""
+    proc, out = run_script(tmp_path, STAGES="env deps", DEPS_MODULES="json", timeout=120)
+    order = [line.split()[0] for line in (out / "summary.txt").read_text().splitlines()
+             if line.split() and line.split()[0] in ALL_STAGES]
+    assert order == ["env", "deps"], _why(proc, out)
+
+    typo = tmp_path / "typo"
+    typo.mkdir()
+    proc, out = run_script(typo, STAGES="deps step_compiel", timeout=60)
+    assert proc.returncode == 2
+    assert "unknown stage 'step_compiel'" in proc.stderr
+    assert not (out / "summary.txt").exists()  # refused before any stage ran
+
+
 def _fake_wheel(directory: Path, name: str, version: str, requires: list[str] = (),
                 tag: str = "py3-none-any", module: str | None = None) -> Path:
     """A minimal installable wheel (one module, METADATA with Requires-Dist, RECORD)."""
@@ -393,3 +409,40 @@ FAILED benchmarks/bench_a.py::test_x[fp32-2] - AssertionError: parity failed (to
                        "benchmarks/bench_a.py::test_x[fp32-2]": "FAILED",
                        "tests/kernels/test_b.py::test_y": "SKIPPED"}
     assert why == {"benchmarks/bench_a.py::test_x[fp32-2]": "AssertionError: parity failed (tol 5e-05)"}
+
+
+def test_table_steps_use_this_runs_table_else_the_devices_shipped_one(tmp_path, monkeypatch):
+    """A command of the compile stages alone has no calls rows: its `table` modes must run the
+    table the trainer would use on that GPU, not silently the fused front everywhere."""
+    import torch
+    from depthdif_hpc.kernels import front_table as ft
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cpu = torch.device("cpu")
+    shipped_dir = tmp_path / "front_tables"
+    shipped_dir.mkdir()
+    monkeypatch.setattr(ft, "SHIPPED", shipped_dir)
+    ft.reset_front_table()
+    try:
+        table, source = stages.step_front_table(out, cpu)
+        assert table is None and source == "none (fused front everywhere)"
+
+        (shipped_dir / "cpu.json").write_text(json.dumps({
+            "format": ft.FORMAT, "device": "cpu", "source": "test",
+            "entries": [{"C": 8, "H": 8, "W": 8, "dtype": "bf16", "impl": "epilogue"}]}))
+        ft.reset_front_table()
+        table, source = stages.step_front_table(out, cpu)
+        assert source == "shipped cpu.json"
+        assert table.choose(8, 8, 8, "bf16", "cpu") == "epilogue"
+
+        stages.append(out, "env", {"key": "mode", "value": "rehearsal"})
+        base = {"kind": "front", "call": "front C4 2x2", "sites": "a", "per_step": 1, "batch": 1,
+                "shape": "4x2x2", "dtypes": "x=bf16 dw_weight=fp32", "fwd_ms": 1.0}
+        stages.append(out, "calls", base | {"impl": stages.FUSED_IMPL, "fwdbwd_ms": 1.0})
+        stages.append(out, "calls", base | {"impl": stages.EPILOGUE_IMPL, "fwdbwd_ms": 3.0})
+        table, source = stages.step_front_table(out, cpu)
+        assert source == "this run's calls"
+        assert [(e["C"], e["impl"]) for e in table["entries"]] == [(4, "fused")]
+    finally:
+        ft.reset_front_table()
