@@ -542,7 +542,9 @@ def _convnext_front_nhwc_bwd(
         _dw_kernel[(KS * ncb, ng, B)](
             _nhwc(dh0), _nhwc(x), dw_p, C // cdiv_, H, W, ng, TILES=tiles, BLOCK_P=cbp,
             BLOCK_C=cbc, C_DIV=cdiv_, num_warps=cnw)
-        dw = dw_p.sum(0).t().reshape(C, 1, KS, KS).to(dw_weight.dtype)
+        # In dw_weight's own layout, as the fake kernel says: the (KS*KS, C) sum's transpose is
+        # a strided view, which inductor's stride check of the compiled backward refuses.
+        dw = torch.empty_like(dw_weight).copy_(dw_p.sum(0).t().reshape(C, 1, KS, KS))
     else:
         dw = empty()
     return [dx, dw, *vector_grads(B, npb, dsum_p, ds_p, dg_p, dlnb_p, dw_bias, time_bias,

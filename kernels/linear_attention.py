@@ -293,7 +293,9 @@ def _la_bwd(
 
 @_la_bwd.register_fake
 def _(dout, q, k, v, ctx, lse, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous like the real ones, whatever the inputs' strides (views of a channels_last qkv
+    # are not): inductor asserts the real strides against these.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _la_setup(ctx, inputs, output) -> None:

@@ -252,7 +252,13 @@ def _dist() -> tuple[int, int, object]:
         from depthdif_hpc.launch_env import resolve_dist_env
 
         resolve_dist_env()
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            # Bound to this rank's GPU: NCCL's barrier otherwise guesses the device (and warns).
+            local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl", device_id=local)
+        else:
+            dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), dist.barrier
 
 

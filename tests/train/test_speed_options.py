@@ -3,8 +3,9 @@ numbers of the default step (fp32 tolerance) and is really in effect.
 
 torch.compile runs with backend aot_eager here: it traces the same graph (custom kernel ops kept
 whole, autograd through AOTAutograd) but generates no code. Inductor's C++ code generation took
-171 s for this tiny U-Net on the 2-core test machine (forward + backward), far beyond a unit
-test; the GPU benchmark command measures the inductor step (docs/gpu_run.md).
+171 s for this tiny U-Net on the 2-core test machine (forward + backward), too long for every
+option; tests/kernels/test_inductor.py compiles one U-Net with inductor around the kernels, and
+the GPU benchmark command measures the inductor step (docs/gpu_run.md).
 """
 
 from __future__ import annotations
