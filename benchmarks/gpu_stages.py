@@ -111,7 +111,8 @@ class Plan:
     step_modes: tuple[str, ...] = STEP_MODES
     compile_step_modes: tuple[str, ...] = COMPILE_STEP_MODES
     # The two modes of the latent stage (and the trainer's batch): eager and the Triton
-    # kernels, as the trainer runs them on CUDA (channels_last).
+    # kernels, as the trainer runs them on CUDA (channels_last); the eager one is also
+    # step_compile's baseline when the run has no step stage.
     kernel_modes: tuple[str, str] = ("eager+cl", "triton+cl")
     parity_mixes: tuple[str, ...] = ("fp32", "bf16", "training")
     # calls, calls_compile: each call on channels_last inputs, the trainer's layout on CUDA.
@@ -1006,22 +1007,27 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
     B = plan.batch
     failed = 0
     jobs: list[tuple[Call, str, Any]] = []
+    # calls_compile in a command without the calls stage times the eager reference too (a fraction
+    # of a second per call against ~10 s per compilation): its rows then compare within one run.
+    timed = {(r["call"], r["impl"]) for r in read(ctx.out, "calls")}
     for call in calls:
         kern, ref = impls(call.kind)
         # "+cl": the same call on a channels_last input, as the trainer's channels_last switch
         # makes it (the front then runs its NHWC v2 kernels, cuDNN its NHWC convolutions).
         chosen = {f"{impl}{lay}": fn for lay in plan.call_layouts
-                  for impl, fn in ((("compile", ref),) if compiled else
-                                   (("eager", ref), ("triton", kern)))}
+                  for impl, fn in ((("eager", ref), ("compile", ref)) if compiled else
+                                   (("eager", ref), ("triton", kern)))
+                  if not (compiled and impl == "eager" and (call.label, impl + lay) in timed)}
         if call.kind == "front" and not compiled:
             # The front's other channels_last kernel (cuDNN's conv + the fused epilogue): the
             # front table (report, front_table) picks it or v2 per call from these rows.
             chosen[EPILOGUE_IMPL] = epilogue_impl()
         jobs += [(call, impl, fn) for impl, fn in chosen.items()]
     if compiled:
-        # Each compiled row costs a compilation (~10 s on the H100): channels_last first, the
-        # layout training would use, so a stage stopped at its limit leaves whole layouts.
-        jobs.sort(key=lambda j: not j[1].endswith("+cl"))
+        # Each compiled row costs a compilation (~10 s on the H100): the eager rows first, then
+        # channels_last, the layout training would use, so a stage stopped at its limit leaves
+        # whole layouts and every compiled row its baseline.
+        jobs.sort(key=lambda j: (j[1].startswith("compile"), not j[1].endswith("+cl")))
     for call, impl, fn in jobs:
         if impl.startswith("compile"):  # fn: the eager reference, compiled per call and layout
             torch._dynamo.reset()
@@ -1259,8 +1265,11 @@ def _step_row(ctx: Ctx, stage: str, preset: str, mode: str, r: StepResult, objec
     return row
 
 
-def stage_step(ctx: Ctx, modes: tuple[str, ...]) -> int:
-    """Whole training steps of the ambient preset per mode, at the largest batch <= 48."""
+def stage_step(ctx: Ctx, modes: tuple[str, ...], baseline: str | None = None) -> int:
+    """Whole training steps of the ambient preset per mode, at the largest batch <= 48; first
+    the `baseline` mode if this run has no row of it yet (step_compile in a command of its own)."""
+    if baseline and not any(r["mode"] == baseline for r in read(ctx.out, "steps")):
+        modes = (baseline, *modes)
     failed = 0
     for mode in modes:
         try:
@@ -1956,7 +1965,8 @@ STAGES: dict[str, Callable[[Ctx], int]] = {
     "calls": stage_calls,
     "calls_compile": lambda ctx: stage_calls(ctx, compiled=True),
     "step": lambda ctx: stage_step(ctx, ctx.plan.step_modes),
-    "step_compile": lambda ctx: stage_step(ctx, ctx.plan.compile_step_modes),
+    "step_compile": lambda ctx: stage_step(ctx, ctx.plan.compile_step_modes,
+                                           baseline=ctx.plan.kernel_modes[0]),
     "profile": stage_profile,
     "latent": stage_latent,
     "trainer": stage_trainer,

@@ -122,6 +122,8 @@ def test_rehearsal_runs_every_stage(tmp_path):
     # Fronts also time the epilogue variant on channels_last inputs (the front table's input).
     assert all(v == impls | ({"epilogue+cl"} if kinds[c] == "front" else set())
                for c, v in by_call.items()), by_call
+    # calls_compile times no eager baseline the calls stage has timed (a headline would count it twice)
+    assert len({(r["call"], r["impl"]) for r in calls}) == len(calls)
     assert {r["kind"] for r in calls} == {"front", "attention", "norm"}
 
     # The front table: one entry per front call (shape, x dtype), the faster of the two
@@ -142,6 +144,7 @@ def test_rehearsal_runs_every_stage(tmp_path):
 
     _, steps = table(out, "steps")
     modes = {(r["stage"], r["mode"]) for r in steps}
+    assert len([r for r in steps if r["stage"] == "step"]) == len({m for s, m in modes if s == "step"})
     assert {("step", m) for m in (*plan.step_modes, *plan.compile_step_modes)} <= modes
     assert {("latent", m) for m in plan.kernel_modes} | {("trainer", "zero2"), ("trainer", "ddp")} <= modes
     for r in steps:
@@ -224,6 +227,27 @@ def test_stages_run_in_the_order_named_and_an_unknown_one_is_refused(tmp_path):
     assert proc.returncode == 2
     assert "unknown stage 'step_compiel'" in proc.stderr
     assert not (out / "summary.txt").exists()  # refused before any stage ran
+
+
+def test_compile_stages_alone_time_their_own_baselines(tmp_path):
+    """The compile stages as a command of their own (the next lent session's first): each
+    compiled row has an uncompiled baseline from the same run and machine."""
+    proc, out = run_script(tmp_path, STAGES="env step_compile calls_compile", BUDGET_S="600")
+    assert all(v == ("ok", "0") for v in summary(out).values()), _why(proc, out)
+    plan = stages.Plan.make(True)
+    _, calls = table(out, "calls")
+    impls: dict[str, list[str]] = {}
+    for r in calls:
+        impls.setdefault(r["call"], []).append(r["impl"])
+    assert impls and all(sorted(v) == ["compile+cl", "eager+cl"] for v in impls.values()), impls
+    # the baselines first: a stage stopped at its limit still compares what it compiled
+    assert [r["impl"] for r in calls[:len(impls)]] == ["eager+cl"] * len(impls)
+    _, steps = table(out, "steps")
+    assert [r["mode"] for r in steps] == [plan.kernel_modes[0], *plan.compile_step_modes]
+    # no calls stage ran: the table mode says which table it used
+    assert "front table: none (fused front everywhere)" in steps[-1]["note"]
+    text = (out / "summary.txt").read_text()
+    assert "eager+cl" in next(line for line in text.splitlines() if line.startswith("CALLS"))
 
 
 def _fake_wheel(directory: Path, name: str, version: str, requires: list[str] = (),
