@@ -115,6 +115,9 @@ class Plan:
     # step_compile's baseline when the run has no step stage.
     kernel_modes: tuple[str, str] = ("eager+cl", "triton+cl")
     parity_mixes: tuple[str, ...] = ("fp32", "bf16", "training")
+    # gpu_tests: pytest-xdist workers where it is installed (the GPU image has it; 16 cores);
+    # 0: one process (the rehearsal, inside the CI suite's own workers)
+    gpu_test_workers: int = 4
     # calls, calls_compile: each call on channels_last inputs, the trainer's layout on CUDA.
     # NCHW ("") was timed by the first H100 run (committed results; its v1 front was 1.09x
     # over eager there) and would cost 2 of the stage's 5 rows per call.
@@ -158,7 +161,7 @@ class Plan:
                    step_modes=("eager+ckpt", "triton+cl+table+fused+bench"),
                    compile_step_modes=("triton+compile+cl+table",),
                    kernel_modes=("eager+ckpt", "triton+cl+table+fused+bench"),
-                   parity_mixes=("training",),
+                   parity_mixes=("training",), gpu_test_workers=0,
                    profile_modes=("triton+cl+table+fused+bench",), unet_parity_epilogue=True,
                    ceiling_copy_mib=16, ceiling_matmul_n=256)
 
@@ -1023,16 +1026,13 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
             # front table (report, front_table) picks it or v2 per call from these rows.
             chosen[EPILOGUE_IMPL] = epilogue_impl()
         jobs += [(call, impl, fn) for impl, fn in chosen.items()]
-    if compiled:
-        # Each compiled row costs a compilation (~10 s on the H100): the eager rows first, then
-        # channels_last, the layout training would use, so a stage stopped at its limit leaves
-        # whole layouts and every compiled row its baseline.
-        jobs.sort(key=lambda j: (j[1].startswith("compile"), not j[1].endswith("+cl")))
-    for call, impl, fn in jobs:
+
+    def run(call: Call, impl: str, fn: Any) -> int:
+        """Time one implementation of one call into calls.csv; 1 if it failed."""
         if impl.startswith("compile"):  # fn: the eager reference, compiled per call and layout
             torch._dynamo.reset()
             fn = torch.compile(fn, dynamic=False, backend=plan.compile_backend)
-        note = ""
+        note, bad = "", 0
         try:
             f_ms, fb_ms = _time_call(call, fn, B, ctx.device, bench, impl.endswith("+cl"))
             if bench.spread is not None:
@@ -1044,7 +1044,7 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
             traceback.print_exc()
             f_ms = fb_ms = math.nan
             note = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
-            failed += 1
+            bad = 1
         free_memory()
         append(ctx.out, "calls", {
             "kind": call.kind, "call": call.label, "sites": " ".join(call.sites),
@@ -1053,6 +1053,26 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
             "bwd_ms": fb_ms - f_ms, "note": note})
         log(f"{call.label:44s} {impl:8s} fwd {f_ms:9.3f} ms  fwd+bwd {fb_ms:9.3f} ms  "
             f"x{len(call.sites)} {note}")
+        return bad
+
+    if compiled:
+        # Each compiled row costs a compilation (~10 s on the H100). The uncompiled rows first,
+        # then the compilations: channels_last (the layout training uses) first and, within a
+        # layout, the calls that weigh most in a U-Net step (eager forward + backward x calls
+        # per step) first, so a stage stopped at its limit has compiled what matters most and
+        # every compiled row has its baseline.
+        for job in [j for j in jobs if not j[1].startswith("compile")]:
+            failed += run(*job)
+        weight = {(r["call"], r["impl"]): (fnum(r["fwdbwd_ms"]) or 0.0) * int(r["per_step"])
+                  for r in read(ctx.out, "calls")}
+
+        def order(job: tuple[Call, str, Any]) -> tuple[bool, float]:
+            w = weight.get((job[0].label, "eager" + job[1].removeprefix("compile")), 0.0)
+            return not job[1].endswith("+cl"), -(w if math.isfinite(w) else 0.0)
+
+        jobs = sorted((j for j in jobs if j[1].startswith("compile")), key=order)
+    for job in jobs:
+        failed += run(*job)
     _add_speedups(ctx.out)
     return 1 if failed else 0
 
@@ -1529,7 +1549,11 @@ def split_gpu_tests(rows: list[dict[str, str]]) -> tuple[list[dict[str, str]], l
 def pytest_outcomes(text: str) -> tuple[dict[str, str], dict[str, str]]:
     """From `pytest -v -rfE` output: {test id: PASSED | FAILED | ...} as the tests ran, and
     {test id: message} from the closing summary of failures and errors."""
-    outcome = dict(re.findall(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", text, re.M))
+    states = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
+    outcome = dict(re.findall(rf"^(\S+::\S+) ({states})\b", text, re.M))
+    # pytest-xdist prints the outcome first: "[gw0] [ 50%] PASSED path::test"
+    outcome |= {t: o for o, t in re.findall(rf"^\[gw\d+\] \[\s*\d+%\] ({states}) (\S+::\S+)",
+                                            text, re.M)}
     why = dict(re.findall(r"^(?:FAILED|ERROR) (\S+::\S+) - (.*)$", text, re.M))
     return outcome, why
 
@@ -1543,6 +1567,10 @@ def stage_gpu_tests(ctx: Ctx) -> int:
     text_path = ctx.work / "gpu_tests.txt"
     cmd = [sys.executable, "-m", "pytest", "-v", "-rfE", "-m", "gpu", "-p", "no:cacheprovider",
            *GPU_TEST_PATHS]
+    if ctx.plan.gpu_test_workers and importlib.util.find_spec("xdist") is not None:
+        # The tests are mostly Triton compilations (a cold cache: this stage may run first):
+        # worker processes compile side by side on the machine's cores.
+        cmd += ["-n", str(ctx.plan.gpu_test_workers)]
     log("gpu_tests: " + " ".join(cmd))
     t0 = time.perf_counter()
     stopped = False

@@ -242,6 +242,11 @@ def test_compile_stages_alone_time_their_own_baselines(tmp_path):
     assert impls and all(sorted(v) == ["compile+cl", "eager+cl"] for v in impls.values()), impls
     # the baselines first: a stage stopped at its limit still compares what it compiled
     assert [r["impl"] for r in calls[:len(impls)]] == ["eager+cl"] * len(impls)
+    # then the compilations, the calls that weigh most in a step (eager time x calls per step)
+    # first: a stage stopped at its limit has compiled what matters most
+    weight = {r["call"]: float(r["fwdbwd_ms"]) * int(r["per_step"]) for r in calls[:len(impls)]}
+    compiled = [weight[r["call"]] for r in calls[len(impls):]]
+    assert compiled == sorted(compiled, reverse=True), compiled
     _, steps = table(out, "steps")
     assert [r["mode"] for r in steps] == [plan.kernel_modes[0], *plan.compile_step_modes]
     # no calls stage ran: the table mode says which table it used
@@ -433,6 +438,14 @@ FAILED benchmarks/bench_a.py::test_x[fp32-2] - AssertionError: parity failed (to
                        "benchmarks/bench_a.py::test_x[fp32-2]": "FAILED",
                        "tests/kernels/test_b.py::test_y": "SKIPPED"}
     assert why == {"benchmarks/bench_a.py::test_x[fp32-2]": "AssertionError: parity failed (tol 5e-05)"}
+    # the same under pytest-xdist (the GPU plan's workers), which prints the outcome first
+    xdist = """[gw1] [ 33%] PASSED benchmarks/bench_a.py::test_x[bf16-1] 
+[gw0] [ 66%] FAILED benchmarks/bench_a.py::test_x[fp32-2] 
+[gw1] [100%] SKIPPED tests/kernels/test_b.py::test_y 
+=========================== short test summary info ============================
+FAILED benchmarks/bench_a.py::test_x[fp32-2] - AssertionError: parity failed (tol 5e-05)
+"""
+    assert stages.pytest_outcomes(xdist) == (outcome, why)
 
 
 def test_table_steps_use_this_runs_table_else_the_devices_shipped_one(tmp_path, monkeypatch):
