@@ -3,8 +3,11 @@
 Each op is a `torch.library.custom_op` (namespace ``depthdif_hpc``) with a fake (meta) kernel and a
 registered autograd formula whose backward is itself a custom op, so eager autograd and
 `torch.compile` (which treats the ops as opaque nodes) both work, on GPUs and, under
-TRITON_INTERPRET=1, on CPU. Inputs: fp32, bf16 or fp16, contiguous NCHW (made contiguous if not;
-`layer_norm` also keeps channels_last).
+TRITON_INTERPRET=1, on CPU. A fake kernel returns the shapes, dtypes and strides its real kernel
+returns: inductor plans buffers from the fakes and asserts the real strides
+(tests/kernels/test_inductor.py). Inputs: fp32, bf16 or fp16; the fronts and `layer_norm` run
+NHWC kernels on channels_last inputs and return channels_last, other layouts are made
+contiguous NCHW; `linear_attention` takes any strides (views of the qkv projection).
 Beside each kernel, `<op>_reference` is the small eager PyTorch version it is checked against.
 
 * `convnext_front`: LN_c((dwconv7x7(x) + b + time_bias) * (1 + s) + beta), see convnext_front.py;
