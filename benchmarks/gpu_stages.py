@@ -1129,15 +1129,16 @@ def step_front_table(out: Path | None, device: Any) -> tuple[dict | Any | None, 
     stage timed the fronts both ways), else the one shipped for the device (a command of the
     compile stages alone still runs the table the trainer would use), else none (the fused
     front everywhere)."""
-    from depthdif_hpc.kernels.front_table import device_name, shipped_table
+    from depthdif_hpc.kernels.front_table import device_name, shipped_path, shipped_table
 
     if out is not None:
         table = front_table(out)
         if table["entries"]:
             return table, "this run's calls"
-    shipped = shipped_table(device_name(device))
+    name = device_name(device)
+    shipped = shipped_table(name)
     if shipped is not None:
-        return shipped, f"shipped {device_name(device).replace(' ', '_')}.json"
+        return shipped, f"shipped {shipped_path(name).name}"
     return None, "none (fused front everywhere)"
 
 

@@ -102,11 +102,16 @@ _SHIPPED: dict[str, FrontTable | None] = {}
 _WARNED: set[str] = set()
 
 
+def shipped_path(name: str) -> Path:
+    """Where the table for the device called `name` is shipped (whether or not there is one)."""
+    return SHIPPED / (name.replace(" ", "_") + ".json")
+
+
 def shipped_table(name: str) -> FrontTable | None:
     """The table shipped for the device called `name`, if there is one (loaded once)."""
     with _LOCK:
         if name not in _SHIPPED:
-            path = SHIPPED / (name.replace(" ", "_") + ".json")
+            path = shipped_path(name)
             _SHIPPED[name] = FrontTable.load(path) if path.is_file() else None
         return _SHIPPED[name]
 
