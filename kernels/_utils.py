@@ -21,6 +21,20 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
 SUPPORTED_DTYPES = tuple(DTYPES.values())
 
 
+def tf32_dots_allowed() -> bool:
+    """Whether torch lets fp32 matmuls round their inputs to TF32, read without raising.
+
+    torch >= 2.9 keeps two APIs for this (`set_float32_matmul_precision` / `allow_tf32`, and the
+    `fp32_precision` strings); once both have written the setting, `get_float32_matmul_precision()`
+    raises instead of answering. The backend's own string answers in every state; "none" inherits
+    the global one, whose "none" is torch's default, IEEE fp32.
+    """
+    p = torch.backends.cuda.matmul.fp32_precision
+    if p == "none":
+        p = torch.backends.fp32_precision
+    return p not in ("none", "ieee")
+
+
 @contextlib.contextmanager
 def no_tf32() -> Iterator[None]:
     """Inside, fp32 convolutions and matmuls round nothing to TF32 (10-bit mantissa): for checks
@@ -30,13 +44,30 @@ def no_tf32() -> Iterator[None]:
     run measured the epilogue front's fp32 depthwise-weight gradient, which is cuDNN's, 2.4-3.6e-4
     from the fp64 reference (the eager reference as far off), against the 5e-5 an fp32 kernel
     must meet: the parity measured cuDNN's rounding policy, not the kernel.
+
+    The switch goes through the API family that set the current state (see `tf32_dots_allowed`):
+    writing `matmul.allow_tf32` after the trainer's `set_float32_matmul_precision("high")` left
+    torch 2.11 raising on every later precision query, inductor's and the kernels' own, which
+    failed every fp32 self-check on the second H100 run.
     """
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # the state was written through the fp32_precision strings
+        saved = None
+    if saved is not None:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+    else:
+        strings = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        if saved is not None:
+            torch.set_float32_matmul_precision(saved[0])
+            torch.backends.cudnn.allow_tf32 = saved[1]
+        else:
+            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = strings
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -102,7 +133,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     Half-precision inputs are upcast to fp32 in registers and multiplied with TF32 tensor cores
     (10-bit mantissa, finer than bf16's 7), accumulating in fp32.
     """
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if dtype == torch.float32 and not tf32_dots_allowed():
         return "ieee"
     return "tf32"
 

@@ -56,7 +56,7 @@ from ._testing import (
     layer_norm_inputs,
     linear_attention_inputs,
 )
-from ._utils import SUPPORTED_DTYPES, dtype_name, interpreting, is_channels_last
+from ._utils import SUPPORTED_DTYPES, dtype_name, interpreting, is_channels_last, tf32_dots_allowed
 from .convnext_epilogue import convnext_front_epilogue
 from .convnext_front import convnext_front, convnext_front_reference
 from .front_table import choose_front
@@ -168,7 +168,7 @@ def _dtype_names(dtypes: Sequence[torch.dtype | None]) -> str:
 def _tolerance(op: KernelOp, dtypes: Sequence[torch.dtype | None]) -> float:
     tols = []
     for d in {d for d in dtypes if d is not None}:
-        if d == torch.float32 and op.tf32_dots and torch.get_float32_matmul_precision() != "highest":
+        if d == torch.float32 and op.tf32_dots and tf32_dots_allowed():
             tols.append(TOL[torch.float16])  # TF32 tensor-core dots: a 10-bit mantissa, as fp16
         else:
             tols.append(TOL[d])
