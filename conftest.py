@@ -70,3 +70,17 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
             return work_unit(nodeid)
 
     return WorkUnits(config, log)
+
+
+# Where every failure's traceback goes as it happens (the GPU command's gpu_tests stage sets
+# it): pytest prints tracebacks only at the end of a run, so a run stopped at its time limit
+# keeps none; the first H100 run of the CUDA-only tests lost its 4 failures' that way.
+FAILURE_LOG_VAR = "DD_PYTEST_FAILURE_LOG"
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    path = os.environ.get(FAILURE_LOG_VAR)
+    # Under xdist the controller sees every worker's reports: it alone writes.
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a") as f:
+            f.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

@@ -1538,6 +1538,7 @@ def stage_sample(ctx: Ctx) -> int:
 
 GPU_TESTS = "pytest -m gpu"  # parity.csv's `kernel` of the gpu_tests stage's rows
 GPU_TEST_PATHS = ("benchmarks", "tests/kernels", "tests/data/test_stream.py")
+FAILURE_LOG_VAR = "DD_PYTEST_FAILURE_LOG"  # where the repository conftest logs each failure
 
 
 def split_gpu_tests(rows: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -1559,6 +1560,16 @@ def pytest_outcomes(text: str) -> tuple[dict[str, str], dict[str, str]]:
     return outcome, why
 
 
+def failure_lines(text: str) -> dict[str, str]:
+    """{test id: its first "E " line} from the failure log the repository conftest writes."""
+    why = {}
+    for block in text.split("===== ")[1:]:
+        head, _, body = block.partition("\n")
+        first = next((ln[1:].strip() for ln in body.splitlines() if ln.startswith("E ")), "")
+        why.setdefault(head.rsplit(" (", 1)[0], first)
+    return why
+
+
 def stage_gpu_tests(ctx: Ctx) -> int:
     """The suite's CUDA-only tests (`pytest -m gpu`: every kernel's parity at odd shapes and
     tails, in each dtype, against the fp32 reference; 183 of them, skipped on CPUs) on the
@@ -1573,16 +1584,24 @@ def stage_gpu_tests(ctx: Ctx) -> int:
         # worker processes compile side by side on the machine's cores.
         cmd += ["-n", str(ctx.plan.gpu_test_workers)]
     log("gpu_tests: " + " ".join(cmd))
+    # Tracebacks as the failures happen (the repository conftest writes them), for log.txt:
+    # pytest's own report comes at the end, which a run stopped at the limit never reaches.
+    failures = ctx.work / "gpu_test_failures.txt"
+    failures.unlink(missing_ok=True)
+    env = {**os.environ, FAILURE_LOG_VAR: str(failures)}
     t0 = time.perf_counter()
     stopped = False
     with text_path.open("w") as f:
         try:
-            subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=max(limit - 15, 5))
+            subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env,
+                           timeout=max(limit - 15, 5))
         except subprocess.TimeoutExpired:
             stopped = True
     wall = time.perf_counter() - t0
     text = text_path.read_text(errors="replace")
     outcome, why = pytest_outcomes(text)
+    if failures.exists():
+        why = failure_lines(failures.read_text(errors="replace")) | why
     counts = {k: sum(v == k for v in outcome.values()) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
     bad = [n for n, v in outcome.items() if v in ("FAILED", "ERROR")]
     collect_error = "errors during collection" in text or "ERROR collecting" in text
@@ -1596,7 +1615,9 @@ def stage_gpu_tests(ctx: Ctx) -> int:
     append(ctx.out, "parity", {**row, "case": "(summary)", "ok": "yes" if ok else "no", "note": note})
     for n in bad:
         append(ctx.out, "parity", {**row, "case": n, "ok": "no", "note": why.get(n, outcome[n])[:300]})
-    print(text[-6000:])  # log.txt: the failures' tracebacks and pytest's summary
+    print(text[-6000:])  # log.txt: pytest's last lines (its summary, when it got there)
+    if failures.exists():
+        print("===== tracebacks, as the failures happened\n" + failures.read_text(errors="replace")[:40000])
     log(f"GPU TESTS: {note}")
     return 0 if ok else 1
 

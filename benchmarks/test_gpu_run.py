@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -225,6 +226,28 @@ def test_stages_run_in_the_order_named_and_an_unknown_one_is_refused(tmp_path):
     assert proc.returncode == 2
     assert "unknown stage 'step_compiel'" in proc.stderr
     assert not (out / "summary.txt").exists()  # refused before any stage ran
+
+
+def test_a_stages_leftover_processes_finish_before_the_next_stage(tmp_path):
+    """A stage's child that outlives it (the trainer writing the checkpoint its SIGTERM asked
+    for) runs to its end before the next stage starts; one that hangs is killed after
+    STRAGGLER_S. A stand-in python: deps leaves a 2 s child, env leaves a hanging one."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        "[ \"$1\" = -c ] && exit 1  # no CUDA: the rehearsal\n"
+        "out=$4\n"
+        "case $2 in\n"
+        "  deps) (sleep 2; echo deps-child >> \"$out/order.txt\") & ;;\n"
+        "  env) echo env >> \"$out/order.txt\"; (sleep 600; echo hung >> \"$out/order.txt\") & ;;\n"
+        "  *) echo \"$2\" >> \"$out/order.txt\" ;;\n"
+        "esac\n")
+    fake.chmod(0o755)
+    t0 = time.monotonic()
+    proc, out = run_script(tmp_path, STAGES="deps env", PY=str(fake), STRAGGLER_S="5", timeout=120)
+    order = (out / "order.txt").read_text().split()
+    assert order[:2] == ["deps-child", "env"], _why(proc, out)
+    assert "hung" not in order and time.monotonic() - t0 < 60, order
 
 
 def test_compile_stages_alone_time_their_own_baselines(tmp_path):
@@ -444,6 +467,26 @@ FAILED benchmarks/bench_a.py::test_x[fp32-2] - AssertionError: parity failed (to
 FAILED benchmarks/bench_a.py::test_x[fp32-2] - AssertionError: parity failed (tol 5e-05)
 """
     assert stages.pytest_outcomes(xdist) == (outcome, why)
+
+
+def test_failure_lines_of_the_conftest_failure_log():
+    """A run stopped at its limit prints no summary: the failures' reasons come from the log
+    the repository conftest writes as they happen."""
+    text = """===== tests/data/test_stream.py::test_pinned_batches[0] (call)
+tiny_store = PosixPath('/tmp/store.zarr'), workers = 0
+
+>           assert b[k].is_pinned() and torch.equal(a[k], b[k]), k
+E           AssertionError: eo
+E           assert False
+
+===== tests/kernels/test_x.py::test_setup (setup)
+E   fixture 'nope' not found
+
+"""
+    assert stages.failure_lines(text) == {
+        "tests/data/test_stream.py::test_pinned_batches[0]": "AssertionError: eo",
+        "tests/kernels/test_x.py::test_setup": "fixture 'nope' not found"}
+    assert stages.FAILURE_LOG_VAR in (ROOT / "conftest.py").read_text()
 
 
 def test_table_steps_use_this_runs_table_else_the_devices_shipped_one(tmp_path, monkeypatch):

@@ -132,11 +132,61 @@ def test_inductor_compiled_unet_matches_its_uncompiled_kernels(tmp_path, monkeyp
             n: p.grad for n, p in model.named_parameters()}
 
     ref = run(model)
+    monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", True)  # undone after
     try:
-        got = run(torch.compile(model, backend="inductor", dynamic=False))
+        model.compile(backend="inductor", dynamic=False)  # the trainer's call
+        got = run(model)
     finally:
         torch._dynamo.reset()
+    assert not inductor_config.triton.mix_order_reduction  # see UNet.compile
     assert set(got) == set(ref) and len(ref) > 40
     errs = {n: rel_err(got[n], ref[n]) for n in ref}
     bad = {n: e for n, e in errs.items() if not e <= 1e-4}
     assert not bad, f"inductor vs uncompiled U-Net (tol 1e-4): {bad}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's CUDA code generation")
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["eager", "triton"])
+def test_inductor_compiled_unet_on_the_gpu(tmp_path, monkeypatch, kernels):
+    """`trainer.compile` on CUDA, channels_last, each kernel path: the compiled U-Net's output
+    and gradients are the uncompiled one's. The eager path's norms are plain torch ops that
+    inductor fuses; the H100 run of 5e24335 stopped at their first compiled backward (see
+    UNet.compile). fp32 at 64 x 64, batch 8: reductions of 32768 per channel, as large as
+    the failing pattern's in pytorch/pytorch#178080."""
+    from depthdif_hpc.kernels import no_tf32
+    from depthdif_hpc.kernels._testing import rel_err
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(dispatch, "DISPATCHER", dispatch.KernelDispatcher())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
+    monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = UNet(dim=32, out_dim=5, dim_mults=(1, 2), channels=102, with_time_emb=True,
+                 coord_emb_dim=6).cuda()
+    model.set_kernels(kernels)
+    model.set_channels_last(True)
+    x = torch.randn(8, 102, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    t, c = torch.randint(0, 1000, (8,), device="cuda"), torch.randn(8, 6, device="cuda")
+
+    def run() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, c)
+        out.square().mean().backward()
+        return {"out": out.detach()} | {n: p.grad for n, p in model.named_parameters()}
+
+    with no_tf32():  # cuDNN's TF32 would differ between the two graphs' convolutions
+        ref = run()
+        try:
+            model.compile(backend="inductor", dynamic=False)
+            got = run()
+        finally:
+            torch._dynamo.reset()
+    shapes = {n: (tuple(got[n].shape), tuple(ref[n].shape)) for n in ref
+              if got[n].shape != ref[n].shape}
+    assert not shapes, shapes
+    errs = {n: rel_err(got[n], ref[n]) for n in ref}
+    bad = {n: e for n, e in errs.items() if not e <= 1e-3}
+    assert not bad, f"inductor vs uncompiled U-Net on CUDA (tol 1e-3): {bad}"

@@ -65,6 +65,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.gpu  # on CPUs too: the probe checks the kernel where it runs
 @pytest.mark.parametrize("start", STARTS)
 def test_no_tf32_from_every_precision_state(start):
     run = subprocess.run([sys.executable, "-c", PROBE, STARTS[start]], capture_output=True,
