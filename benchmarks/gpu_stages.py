@@ -135,6 +135,14 @@ class Plan:
 
     @classmethod
     def make(cls, rehearsal: bool) -> Plan:
+        """The plan of a GPU run or of the rehearsal, with the step modes `STEP_MODES` and
+        `COMPILE_STEP_MODES` name, when set (a session measures what earlier runs left open)."""
+        plan = cls._sizes(rehearsal)
+        chosen = {f: modes_from_env(f.upper()) for f in ("step_modes", "compile_step_modes")}
+        return dataclasses.replace(plan, **{f: m for f, m in chosen.items() if m is not None})
+
+    @classmethod
+    def _sizes(cls, rehearsal: bool) -> Plan:
         if not rehearsal:
             return cls(False, batch=48, px=128, parity_batch=2, unet_parity_px=64)
         # A one-level U-Net of width 8 (every kind of block and kernel call is still there) on
@@ -167,6 +175,20 @@ class Plan:
 
 
 # ============================================================================ small helpers
+
+
+def modes_from_env(var: str) -> tuple[str, ...] | None:
+    """Step modes from environment variable `var` (space- or comma-separated), each checked
+    against MODE_TOKENS; None when it is unset."""
+    text = os.environ.get(var, "").replace(",", " ").split()
+    if not text:
+        return None
+    for mode in text:
+        unknown = set(mode.split("+")) - MODE_TOKENS
+        if unknown:
+            raise ValueError(f"{var}: mode {mode!r} has unknown options {sorted(unknown)} "
+                             f"(options: {sorted(MODE_TOKENS)})")
+    return tuple(text)
 
 
 def log(msg: str) -> None:

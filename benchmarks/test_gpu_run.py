@@ -469,6 +469,21 @@ FAILED benchmarks/bench_a.py::test_x[fp32-2] - AssertionError: parity failed (to
     assert stages.pytest_outcomes(xdist) == (outcome, why)
 
 
+def test_step_modes_from_the_environment(monkeypatch):
+    """A session that needs one compiled step, not three, names it."""
+    monkeypatch.delenv("STEP_MODES", raising=False)
+    monkeypatch.setenv("COMPILE_STEP_MODES", "compile+cl, triton+compile+cl")
+    plan = stages.Plan.make(False)
+    assert plan.compile_step_modes == ("compile+cl", "triton+compile+cl")
+    assert plan.step_modes == stages.STEP_MODES and plan.batch == 48
+    monkeypatch.setenv("STEP_MODES", "triton+cl+tabel")
+    with pytest.raises(ValueError, match=r"STEP_MODES: mode 'triton\+cl\+tabel' has unknown options \['tabel'\]"):
+        stages.Plan.make(True)
+    monkeypatch.delenv("STEP_MODES")
+    monkeypatch.delenv("COMPILE_STEP_MODES")
+    assert stages.Plan.make(True).compile_step_modes == ("triton+compile+cl+table",)
+
+
 def test_failure_lines_of_the_conftest_failure_log():
     """A run stopped at its limit prints no summary: the failures' reasons come from the log
     the repository conftest writes as they happen."""

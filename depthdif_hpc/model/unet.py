@@ -169,6 +169,15 @@ class UNet(nn.Module):
             if hasattr(m, "kernel_mode"):
                 m.kernel_mode = mode
 
+    def _time_embedding(self, time: torch.Tensor) -> torch.Tensor:
+        # The sinusoid in fp32 (steps up to 1000: bf16 arguments would lose the phase), then the
+        # MLP in its own dtype: a U-Net cast to bf16 stopped at the first Linear (fp32 input).
+        sinusoid, *mlp = self.time_mlp
+        t = sinusoid(time).to(mlp[0].weight.dtype)
+        for layer in mlp:
+            t = layer(t)
+        return t
+
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """`nn.Module.compile`, with inductor's mix-order reduction off (process-wide).
 
@@ -202,7 +211,7 @@ class UNet(nn.Module):
             )
         orig = x
         x = self._format(x)
-        t = self.time_mlp(time) if self.time_mlp is not None else None
+        t = self._time_embedding(time) if self.time_mlp is not None else None
         skips = []
         for level, stage in enumerate(self.downs):
             skip, x = self._stage(level, self._down, stage, x, t, c_emb)

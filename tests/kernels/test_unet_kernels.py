@@ -125,7 +125,14 @@ def test_unet_kernels_match_eager_gpu_fp32():
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.gpu
 def test_unet_kernels_bf16_no_less_accurate_than_eager_bf16():
-    """bf16 model: kernel path vs an fp32 copy must be within 2x the eager-bf16 error (or 2e-2)."""
+    """bf16 model: the kernel path is as far from an fp32 copy as the eager bf16 path is.
+
+    Per tensor the two errors scatter around each other: on CPU under the interpreter (dim 16,
+    4 seeds) both medians were 0.9-1.4 %, and single tensors reached 2.1-3.3 % on the kernel
+    path where eager had 0.8-1.1 %, and the other way round, so a per-tensor "within 2x of
+    eager" failed one seed in two by chance. The test holds the medians to 1.5x, the worst
+    tensor to 2x eager's worst (or 2e-2), and each tensor to 4x its eager error (or 5e-2):
+    a broken gradient is off by ~100 %."""
     torch.manual_seed(0)
     B, size = 3, (48, 40)
     model = UNet(dim=32, out_dim=5, dim_mults=(1, 2), channels=102, coord_emb_dim=6).cuda()
@@ -143,5 +150,8 @@ def test_unet_kernels_bf16_no_less_accurate_than_eager_bf16():
     k_out, kern = _grads(model, x, t, c, gy)
     errs = {"out": (rel_err(k_out, ref_out), rel_err(e_out, ref_out))}
     errs |= {n: (rel_err(kern[n], ref[n]), rel_err(eager[n], ref[n])) for n in ref}
-    bad = {n: e for n, e in errs.items() if not e[0] <= max(2 * e[1], 2e-2)}
+    bad = {n: e for n, e in errs.items() if not e[0] <= max(4 * e[1], 5e-2)}
     assert not bad, f"(kernel err, eager err) vs fp32: {bad}"
+    k, e = (sorted(v[i] for v in errs.values()) for i in (0, 1))
+    assert k[len(k) // 2] <= 1.5 * e[len(e) // 2], f"median kernel {k[len(k) // 2]}, eager {e[len(e) // 2]}"
+    assert k[-1] <= max(2 * e[-1], 2e-2), f"worst kernel {k[-1]}, eager {e[-1]}: {errs}"

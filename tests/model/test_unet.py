@@ -83,3 +83,16 @@ def test_film_and_time_reach_the_output():
     out = u(x, t, c)
     assert not torch.allclose(out, u(x, t, c * 2))
     assert not torch.allclose(out, u(x, torch.tensor([500, 500]), c))
+
+
+def test_unet_cast_to_bf16_runs_in_bf16():
+    """A U-Net cast to bf16 (parameters and input): the sinusoid is computed in fp32, for its
+    phase, and handed to the time MLP in the MLP's dtype; it stopped at the MLP's first Linear
+    before ("mat1 and mat2 must have the same dtype")."""
+    torch.manual_seed(0)
+    model = UNet(dim=8, out_dim=5, dim_mults=(1, 2), channels=102, coord_emb_dim=6)
+    x, t, c = torch.randn(2, 102, 8, 8), torch.tensor([3, 999]), torch.randn(2, 6)
+    ref = model(x, t, c)
+    out = model.to(torch.bfloat16)(x.bfloat16(), t, c.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max()
