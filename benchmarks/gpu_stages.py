@@ -1018,6 +1018,8 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
     torch.compile of the eager reference (calls_compile). Forward and forward + backward."""
     import torch
 
+    from depthdif_hpc.model.unet import inductor_settings
+
     plan = ctx.plan
     unet = ambient_unet(plan, ctx.device)
     calls = record_calls(unet, 1, plan.px, ctx.device)
@@ -1053,6 +1055,8 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
         """Time one implementation of one call into calls.csv; 1 if it failed."""
         if impl.startswith("compile"):  # fn: the eager reference, compiled per call and layout
             torch._dynamo.reset()
+            if plan.compile_backend == "inductor":
+                inductor_settings()  # as UNet.compile: the trainer's inductor
             fn = torch.compile(fn, dynamic=False, backend=plan.compile_backend)
         note, bad = "", 0
         try:

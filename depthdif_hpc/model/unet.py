@@ -31,6 +31,22 @@ def _attn(dim: int) -> Residual:
     return Residual(PreNorm(dim, LinearAttention(dim)))
 
 
+def inductor_settings() -> None:
+    """Inductor's settings for the U-Net (process-wide): mix-order reduction off.
+
+    On CUDA, inductor >= 2.10 fuses a norm's weight-gradient reduction (over B, H, W) with its
+    input-gradient reduction (over C). For the ChannelLayerNorm gains, (1, C, 1, 1), it hands
+    back a (C,) gradient: the H100 run of the eager U-Net compiled channels_last stopped at its
+    first backward ("CompiledFunctionBackward returned an invalid gradient ... got [96] but
+    expected shape compatible with [1, 96, 1, 1]", torch 2.11; pytorch/pytorch#178080), and the
+    same pass computes wrong gradients silently for chained norms that share a parameter
+    (#193061). The Triton kernels' own norms are custom ops it cannot fuse.
+    """
+    from torch._inductor import config as inductor_config
+
+    inductor_config.triton.mix_order_reduction = False
+
+
 class UNet(nn.Module):
     def __init__(
         self,
@@ -179,20 +195,9 @@ class UNet(nn.Module):
         return t
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
-        """`nn.Module.compile`, with inductor's mix-order reduction off (process-wide).
-
-        On CUDA, inductor >= 2.10 fuses a norm's weight-gradient reduction (over B, H, W) with its
-        input-gradient reduction (over C). For the ChannelLayerNorm gains, (1, C, 1, 1), it hands
-        back a (C,) gradient: the H100 run of the eager U-Net compiled channels_last stopped at
-        its first backward ("CompiledFunctionBackward returned an invalid gradient ... got [96]
-        but expected shape compatible with [1, 96, 1, 1]", torch 2.11; pytorch/pytorch#178080),
-        and the same pass computes wrong gradients silently for chained norms that share a
-        parameter (#193061). The Triton kernels' own norms are custom ops it cannot fuse.
-        """
+        """`nn.Module.compile`, under `inductor_settings` when the backend is inductor."""
         if kwargs.get("backend", "inductor") == "inductor":
-            from torch._inductor import config as inductor_config
-
-            inductor_config.triton.mix_order_reduction = False
+            inductor_settings()
         super().compile(*args, **kwargs)
 
     def forward(

@@ -138,7 +138,7 @@ def test_inductor_compiled_unet_matches_its_uncompiled_kernels(tmp_path, monkeyp
         got = run(model)
     finally:
         torch._dynamo.reset()
-    assert not inductor_config.triton.mix_order_reduction  # see UNet.compile
+    assert not inductor_config.triton.mix_order_reduction  # see inductor_settings
     assert set(got) == set(ref) and len(ref) > 40
     errs = {n: rel_err(got[n], ref[n]) for n in ref}
     bad = {n: e for n, e in errs.items() if not e <= 1e-4}
