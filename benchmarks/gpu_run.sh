@@ -65,7 +65,7 @@ fi
 # Time limits (s). GPU: sized for an H100/H200 with a cold Triton and inductor cache. Rehearsal:
 # for the 2-core CI machine.
 declare -A GPU_LIMIT=([deps]=60 [env]=60 [parity]=180 [calls]=180 [step]=150 [profile]=90
-                      [latent]=120 [trainer]=240 [sample]=60 [step_compile]=300 [calls_compile]=240
+                      [latent]=120 [trainer]=240 [sample]=120 [step_compile]=300 [calls_compile]=240
                       [gpu_tests]=300)
 declare -A CPU_LIMIT=([deps]=60 [env]=60 [parity]=240 [calls]=180 [step]=180 [profile]=120
                       [latent]=180 [trainer]=240 [sample]=120 [step_compile]=240 [calls_compile]=180

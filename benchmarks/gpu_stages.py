@@ -116,8 +116,9 @@ class Plan:
     kernel_modes: tuple[str, str] = ("eager+cl", "triton+cl")
     parity_mixes: tuple[str, ...] = ("fp32", "bf16", "training")
     # gpu_tests: pytest-xdist workers where it is installed (the GPU image has it; 16 cores);
-    # 0: one process (the rehearsal, inside the CI suite's own workers)
-    gpu_test_workers: int = 4
+    # 0: one process (the rehearsal, inside the CI suite's own workers). 4 workers ran 138 of
+    # the ~190 tests in 135 s on an H100, mostly Triton compilations, which are CPU-bound.
+    gpu_test_workers: int = 8
     # calls, calls_compile: each call on channels_last inputs, the trainer's layout on CUDA.
     # NCHW ("") was timed by the first H100 run (committed results; its v1 front was 1.09x
     # over eager there) and would cost 2 of the stage's 5 rows per call.
