@@ -672,6 +672,17 @@ def call_fn(call: Call, impl: Callable[..., Any]) -> Callable[[list[Any]], Any]:
 
 EPILOGUE_IMPL = "epilogue+cl"  # the calls row of convnext_front_epilogue (channels_last)
 FUSED_IMPL = "triton+cl"  # the calls row of the fused v2 front (channels_last)
+# The attention kernel on q, k, v copied to contiguous (B, heads, d, N) first. On channels_last
+# qkv they are views whose N stride is 3 x heads x d: the first H100 run's attention at 128 x 128
+# took 4.50 ms forward + backward so, against 1.63 ms on NCHW qkv. This row says whether the
+# copies (~0.8 ms estimated) buy the difference back, for LinearAttention to make them.
+CONTIG_IMPL = "contig+cl"
+
+
+def contiguous_attention(q: Any, k: Any, v: Any, scale: float) -> Any:
+    from depthdif_hpc import kernels as K
+
+    return K.linear_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale)
 
 
 def epilogue_impl() -> Callable:
@@ -1050,6 +1061,8 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
             # The front's other channels_last kernel (cuDNN's conv + the fused epilogue): the
             # front table (report, front_table) picks it or v2 per call from these rows.
             chosen[EPILOGUE_IMPL] = epilogue_impl()
+        if call.kind == "attention" and not compiled and "+cl" in plan.call_layouts:
+            chosen[CONTIG_IMPL] = contiguous_attention
         jobs += [(call, impl, fn) for impl, fn in chosen.items()]
 
     def run(call: Call, impl: str, fn: Any) -> int:
