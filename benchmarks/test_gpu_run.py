@@ -11,6 +11,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -187,8 +188,11 @@ def test_rehearsal_runs_every_stage(tmp_path):
     text = (out / "summary.txt").read_text()
     for head in ("PARITY OK", "CEILINGS copy", "CALLS", "FRONT TABLE (cpu)", "STEP ambient", "LATENT",
                  "TRAINER ambient zero2", "TRAINER ambient ddp", "PREDICT python -m depthdif_hpc.inference.predict",
-                 "SAMPLE ambient", f"PROFILE {triton}", "GPU TESTS pytest -m gpu: OK: 0 passed, 0 failed, 0 errors, 18"):
+                 "SAMPLE ambient", f"PROFILE {triton}", "GPU TESTS pytest -m gpu: OK: "):
         assert head in text
+    # On a CPU most of them skip; those marked gpu that run anywhere (the TF32 states, the
+    # training-mix self-checks) pass.
+    assert re.search(r"GPU TESTS pytest -m gpu: OK: \d+ passed, 0 failed, 0 errors, 1\d\d skipped", text), text
 
 
 def test_a_stage_past_its_limit_is_stopped_and_the_next_one_runs(tmp_path):
