@@ -99,7 +99,7 @@ class Plan:
     trainer_steps: int = 50
     trainer_batch: int = 32
     # sample: DepthDif.predict with a DDIM chain of this many steps at this batch, per mode
-    # (a "+bf16" token runs it under bf16 autocast; predict itself runs fp32).
+    # (a "+bf16" token is `predict --precision bf16`: the denoiser under bf16 autocast).
     sample_steps: int = 50
     sample_batch: int = 16
     sample_modes: tuple[str, ...] = ("eager", "triton", "triton+cl", "triton+cl+bf16")
@@ -1506,8 +1506,8 @@ def stage_sample(ctx: Ctx) -> int:
     a DDIM chain at the plan's batch and tile, per mode: ms per chain and per denoising step,
     tiles/s, peak memory, and how far each mode's reconstruction is from the fp32 eager one on
     the same noise (eta 0: the chain is deterministic, so the difference is arithmetic), in degC
-    over the valid pixels. It tells whether predict could run its kernels channels_last or in
-    bf16 (it runs fp32, with model.kernels, today)."""
+    over the valid pixels. The "+bf16" modes are `predict --precision bf16`; whether predict
+    should also run channels_last (it runs NCHW, with model.kernels, today) is the "cl" token's."""
     import torch
 
     plan = ctx.plan
@@ -1519,8 +1519,8 @@ def stage_sample(ctx: Ctx) -> int:
 
     def chain(bf16: bool) -> Any:
         gen = torch.Generator(device=ctx.device).manual_seed(3)
-        with autocast(ctx.device) if bf16 else contextlib.nullcontext():
-            return w.model.predict(batch, sampler=sampler, generator=gen).y_hat_denorm
+        return w.model.predict(batch, sampler=sampler, generator=gen,
+                               precision="bf16" if bf16 else "fp32").y_hat_denorm
 
     ref = None
     failed = 0

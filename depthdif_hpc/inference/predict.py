@@ -36,6 +36,7 @@ from depthdif_hpc.data.profiles import PLATFORM_MORE
 from depthdif_hpc.data.store import META, StoreError, read_manifest
 from depthdif_hpc.data.stream import ShardStream
 from depthdif_hpc.inference.writer import PredictionWriter, create_prediction_store
+from depthdif_hpc.model.depthdif import SamplingPrecision
 from depthdif_hpc.normalization import GLOBAL
 
 Withhold = Literal["columns", "floats"]
@@ -123,6 +124,7 @@ def predict_split(
     withhold: Withhold = "columns",
     seed: int = 0,
     device: str | torch.device = "cpu",
+    precision: SamplingPrecision = "fp32",
     limit: int | None = None,
     progress: bool = True,
     barrier: Callable[[], object] | None = None,
@@ -162,7 +164,8 @@ def predict_split(
                                 attrs={"source_store": str(Path(store).resolve()), "split": split,
                                        "sampler": smp.name, "ensemble": ensemble,
                                        "withhold_fraction": withhold_fraction, "seed": seed,
-                                       "withhold_mode": withhold, **extra})
+                                       "withhold_mode": withhold, "precision": precision,
+                                       **extra})
     if barrier is not None:
         barrier()
     writer = PredictionWriter(out)
@@ -194,7 +197,8 @@ def predict_split(
             hidden = withhold_columns(batch, withhold_fraction, seed)
         rep = {k: v.repeat_interleave(ensemble, dim=0).to(device) for k, v in batch.items()}
         g = torch.Generator(device=device).manual_seed(seed * 7919 + int(batch["sample_id"][0]))
-        res = model.predict(rep, sampler=smp, clamp_known_pixels=clamp_known_pixels, generator=g)
+        res = model.predict(rep, sampler=smp, clamp_known_pixels=clamp_known_pixels, generator=g,
+                            precision=precision)
         fields = res.y_hat_denorm.float().cpu()
         fields = fields.view(len(todo), ensemble, *fields.shape[1:])
         mean = fields.mean(dim=1)
@@ -289,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="only the first N samples of the split")
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA exists")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", choices=get_args(SamplingPrecision), default="fp32",
+                    help="the denoiser's arithmetic (bf16: autocast; docs/metrics.md#evaluation-report)")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = ap.parse_args(argv)
     from depthdif_hpc.checkpoint.loading import load_model
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, ensemble=args.ensemble, keep_members=args.members,
         sampler=args.sampler, sampler_overrides=smp_over, clamp_known_pixels=clamp,
         withhold_fraction=args.withhold_fraction, withhold=args.withhold, seed=args.seed,
-        device=device, limit=args.limit,
+        device=device, precision=args.precision, limit=args.limit,
         progress=rank == 0, barrier=barrier,
     )
     print(f"rank {rank}: wrote {counts['written']}, skipped {counts['skipped']} already done "

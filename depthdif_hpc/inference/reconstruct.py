@@ -51,6 +51,7 @@ from depthdif_hpc.inference.tiling import (
     plan_tiles,
     region_domain,
 )
+from depthdif_hpc.model.depthdif import SamplingPrecision
 from depthdif_hpc.normalization import GLOBAL, Normalizer
 
 FILL = np.float32(1.0e20)
@@ -145,9 +146,10 @@ class EnsembleRunner:
 
     def __init__(self, model: Any, *, ensemble: int = 1, sampler: str | None = None,
                  sampler_overrides: dict | None = None, seed: int = 0,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", precision: SamplingPrecision = "fp32") -> None:
         if ensemble < 1:
             raise ValueError(f"ensemble must be >= 1, got {ensemble}")
+        self.precision = precision
         self.model = model.to(device).eval() if isinstance(model, torch.nn.Module) else model
         self.sampler = model.make_sampler(sampler, **(sampler_overrides or {}))
         self.ensemble, self.seed, self.device = ensemble, seed, torch.device(device)
@@ -157,7 +159,7 @@ class EnsembleRunner:
         rep = {k: v.repeat_interleave(self.ensemble, dim=0).to(self.device) for k, v in batch.items()}
         gens = [torch.Generator(device=self.device).manual_seed(member_seed(self.seed, tile, k))
                 for k in range(self.ensemble)]
-        res = self.model.predict(rep, sampler=self.sampler, generator=gens)
+        res = self.model.predict(rep, sampler=self.sampler, generator=gens, precision=self.precision)
         return res.y_hat_denorm.float().cpu().numpy()
 
 
@@ -458,7 +460,8 @@ def _check_plan(work: Path, params: dict[str, Any]) -> None:
     f = work / PLAN_FILE
     if f.is_file():
         old = json.loads(f.read_text())
-        diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+        # A parameter the file lacks was added after it was written (precision): its default.
+        diff = sorted(k for k in set(old) | set(params) if old.get(k, params.get(k)) != params.get(k))
         if diff:
             raise ValueError(f"{work} holds tiles of another run (differs in {', '.join(diff)}): "
                              "remove it or choose another --out")
@@ -486,6 +489,7 @@ def reconstruct(
     sampler_overrides: dict | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    precision: SamplingPrecision = "fp32",
     rank: int = 0,
     world_size: int = 1,
     figure: str | Path | None = None,
@@ -511,13 +515,15 @@ def reconstruct(
         inputs = SourceInputs(cfg, day, ostia, en4, glorys=glorys, mask=mask,
                               normalizer=model.normalizer)
     runner = EnsembleRunner(model, ensemble=ensemble, sampler=sampler,
-                            sampler_overrides=sampler_overrides, seed=seed, device=device)
+                            sampler_overrides=sampler_overrides, seed=seed, device=device,
+                            precision=precision)
     work = out.with_name(out.name + ".work")
     params = {"date": day_to_yyyymmdd(day), "region": list(region) if region else "global",
               "tile": size, "stride": stride, "ensemble": ensemble, "members": keep_members,
               "seed": seed, "sampler": runner.sampler.name,
               "sampler_steps": getattr(runner.sampler, "num_steps", None),
-              "source": source_label, "truth": bool(glorys), "mask": bool(mask)}
+              "source": source_label, "truth": bool(glorys), "mask": bool(mask),
+              "precision": precision}
     if out.exists():
         raise FileExistsError(f"{out} exists: remove it or choose another --out")
     _check_plan(work, params)
@@ -552,6 +558,7 @@ def reconstruct(
         "blend_window": "w(i) = sin^2(pi (i + 0.5) / tile) per axis, product, normalised by the "
                         "sum of weights",
         "ensemble_size": ensemble, "seed": seed, "sampler": runner.sampler.name,
+        "precision": precision,
         "land_and_sea_floor": getattr(inputs, "validity", "given by the inputs"),
         "tiles_total": len(plan), "tiles_with_ocean": n_ocean,
         "geospatial_lon_periodic": int(dom.periodic),
@@ -613,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA exists")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", choices=get_args(SamplingPrecision), default="fp32",
+                    help="the denoiser's arithmetic (bf16: autocast; docs/reconstruct.md)")
     ap.add_argument("--keep-work", action="store_true", help="keep OUT.work (the tile results)")
     ap.add_argument("--stall-timeout", type=float, default=1800.0,
                     help="rank 0 gives up when no tile finishes for this many seconds")
@@ -639,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
                       glorys=a.glorys, mask=a.mask, region=region, tile=a.tile,
                       stride=a.stride, ensemble=a.ensemble, keep_members=a.members,
                       sampler=a.sampler, sampler_overrides=over, seed=a.seed, device=device,
-                      rank=rank, world_size=world, figure=figure, keep_work=a.keep_work,
+                      precision=a.precision, rank=rank, world_size=world, figure=figure, keep_work=a.keep_work,
                       stall_timeout_s=a.stall_timeout, band_rows=a.band_rows,
                       progress=not a.no_progress,
                       source_label=str(Path(a.checkpoint).resolve()))

@@ -17,6 +17,7 @@ never leaves a store that opens.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -42,7 +43,11 @@ def create_prediction_store(
     members: int = 0,
     attrs: dict | None = None,
 ) -> Path:
-    """Create the empty store (or keep an existing compatible one) and return its path."""
+    """Create the empty store (or keep an existing compatible one) and return its path.
+
+    An existing store is kept only if it has the shape and the `attrs` (but the source store's
+    path, which may move) of this run: a resumed run with another sampler, seed, ensemble,
+    withholding or precision would fill it with samples of two methods."""
     out = Path(out)
     if (out / "zarr.json").is_file():
         g = zarr.open_group(str(out), mode="r")
@@ -51,6 +56,12 @@ def create_prediction_store(
             raise ValueError(f"{out} exists with shape {have} (format {g.attrs.get('format')}); "
                              f"expected ({n}, {len(depth_m)}, {height}, {width}): remove it or "
                              "choose another --out")
+        for key, value in (attrs or {}).items():
+            # A key the store lacks was added to the format after it was written (precision).
+            old = g.attrs.get(key, value)
+            if key != "source_store" and old != json.loads(json.dumps(value)):
+                raise ValueError(f"{out} was written with {key} = {old!r}, this run has {value!r}: "
+                                 "resume it with the same settings, or choose another --out")
         return out
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

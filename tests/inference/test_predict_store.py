@@ -216,3 +216,32 @@ def test_per_level_normalization_is_recorded_and_used_by_predict(tiny_store, tmp
     for i in range(3):
         want = q.decode_c(src["fields"][i][1:])
         np.testing.assert_allclose(g["mean"][i], want, atol=1e-4)
+
+
+def test_bf16_precision_is_recorded_and_close_to_fp32(tiny_store, tiny_model, tmp_path):
+    """--precision bf16: the denoiser under autocast, the rest fp32; the store says which."""
+    fp32 = predict_split(tiny_model, tiny_store, tmp_path / "fp32.zarr", limit=2, progress=False)
+    bf16 = predict_split(tiny_model, tiny_store, tmp_path / "bf16.zarr", limit=2, progress=False,
+                         precision="bf16")
+    assert fp32 == bf16 == {"written": 2, "skipped": 0, "n": 2}
+    a = zarr.open_group(str(tmp_path / "fp32.zarr"), mode="r")
+    b = zarr.open_group(str(tmp_path / "bf16.zarr"), mode="r")
+    assert a.attrs["precision"] == "fp32" and b.attrs["precision"] == "bf16"
+    ma, mb = a["mean"][:], b["mean"][:]
+    assert b["mean"].dtype == np.float32
+    assert np.array_equal(np.isnan(ma), np.isnan(mb))
+    diff = np.nanmax(np.abs(ma - mb))
+    assert 0 < diff < 0.05 * np.nanmax(np.abs(ma)), diff  # bf16 arithmetic, not another method
+    with pytest.raises(ValueError, match="precision"):
+        tiny_model.predict({}, precision="fp16")
+
+
+def test_resume_with_other_settings_is_refused(tiny_store, tiny_model, tmp_path):
+    out = tmp_path / "pred.zarr"
+    predict_split(tiny_model, tiny_store, out, limit=2, progress=False)
+    for kw, key in (({"precision": "bf16"}, "precision"), ({"seed": 3}, "seed"),
+                    ({"ensemble": 2}, "ensemble")):
+        with pytest.raises(ValueError, match=f"written with {key} = "):
+            predict_split(tiny_model, tiny_store, out, limit=2, progress=False, **kw)
+    # the same settings resume (nothing left to do)
+    assert predict_split(tiny_model, tiny_store, out, limit=2, progress=False)["skipped"] == 2

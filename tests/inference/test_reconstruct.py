@@ -71,6 +71,7 @@ class EchoModel:
         return SimpleNamespace(name="echo", num_steps=1)
 
     def predict(self, batch, *, sampler=None, generator=None, **kw):
+        self.kw = kw
         eo = denormalize_temperature(batch["eo"])
         b, _, h, w = eo.shape
         r = (torch.arange(h) - (h - 1) / 2) / (h / 2)
@@ -340,3 +341,19 @@ def test_inputs_are_the_stores_samples(tiny_store, tiny_model, tmp_path):
         assert ds["thetao_mean"].shape == (1, 50, 32, 48)
         assert ds.sizes["profile"] > 0
         assert np.isfinite(ds["thetao_reference"].values).any()
+
+
+def test_precision_reaches_the_model_and_the_file(coarse_cfg, tmp_path):
+    """--precision bf16 goes to DepthDif.predict, the file records it, and a resumed run with
+    another precision is refused (its tiles would mix the two)."""
+    import xarray as xr
+
+    model = EchoModel()
+    out = tmp_path / "bf16.nc"
+    run(coarse_cfg, out, model=model, precision="bf16", keep_work=True)
+    assert model.kw["precision"] == "bf16"
+    with xr.open_dataset(out) as ds:
+        assert ds.attrs["precision"] == "bf16"
+    out.unlink()  # the work folder stays: a resume of the same plan
+    with pytest.raises(ValueError, match="differs in precision"):
+        run(coarse_cfg, out, model=model, precision="fp32")
