@@ -35,7 +35,11 @@ from depthdif_hpc.data.grid import Tile
 from depthdif_hpc.data.profiles import PLATFORM_MORE
 from depthdif_hpc.data.store import META, StoreError, read_manifest
 from depthdif_hpc.data.stream import ShardStream
-from depthdif_hpc.inference.writer import PredictionWriter, create_prediction_store
+from depthdif_hpc.inference.writer import (
+    PredictionWriter,
+    check_prediction_store,
+    create_prediction_store,
+)
 from depthdif_hpc.model.depthdif import SamplingPrecision
 from depthdif_hpc.normalization import GLOBAL
 
@@ -158,14 +162,14 @@ def predict_split(
                              "existed): rebuild it to withhold whole floats, or use --withhold columns")
         chosen = withheld_platforms(man["platforms"], withhold_fraction, seed)
         extra["withheld_platforms"] = [p for p, c in zip(man["platforms"], chosen, strict=True) if c]
+    attrs = {"source_store": str(Path(store).resolve()), "split": split, "sampler": smp.name,
+             "ensemble": ensemble, "withhold_fraction": withhold_fraction, "seed": seed,
+             "withhold_mode": withhold, "precision": precision, **extra}
+    shape = dict(n=n, depth_m=depth_m, height=tile, width=tile)
     if rank == 0:
-        create_prediction_store(out, n=n, depth_m=depth_m, height=tile, width=tile,
-                                members=ensemble if keep_members else 0,
-                                attrs={"source_store": str(Path(store).resolve()), "split": split,
-                                       "sampler": smp.name, "ensemble": ensemble,
-                                       "withhold_fraction": withhold_fraction, "seed": seed,
-                                       "withhold_mode": withhold, "precision": precision,
-                                       **extra})
+        create_prediction_store(out, **shape, members=ensemble if keep_members else 0, attrs=attrs)
+    else:
+        check_prediction_store(out, **shape, attrs=attrs)
     if barrier is not None:
         barrier()
     writer = PredictionWriter(out)

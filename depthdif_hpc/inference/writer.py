@@ -33,6 +33,34 @@ TEMP_ATTRS = {
 FORMAT = "depthdif-predictions/1"
 
 
+def check_prediction_store(
+    out: str | Path, *, n: int, depth_m: list[float], height: int, width: int,
+    attrs: dict | None = None,
+) -> bool:
+    """False if `out` does not exist yet; True if it exists and this run may resume it: its
+    shape and `attrs` (but the source store's path, which may move) are this run's. A resumed
+    run with another sampler, seed, ensemble, withholding or precision would fill it with
+    samples of two methods: ValueError naming the first setting that differs. Read-only, so
+    every rank checks before the first barrier (one rank raising alone would leave the others
+    waiting there until the collective timeout)."""
+    out = Path(out)
+    if not (out / "zarr.json").is_file():
+        return False
+    g = zarr.open_group(str(out), mode="r")
+    have = g["mean"].shape
+    if g.attrs.get("format") != FORMAT or have != (n, len(depth_m), height, width):
+        raise ValueError(f"{out} exists with shape {have} (format {g.attrs.get('format')}); "
+                         f"expected ({n}, {len(depth_m)}, {height}, {width}): remove it or "
+                         "choose another --out")
+    for key, value in (attrs or {}).items():
+        # A key the store lacks was added to the format after it was written (precision).
+        old = g.attrs.get(key, value)
+        if key != "source_store" and old != json.loads(json.dumps(value)):
+            raise ValueError(f"{out} was written with {key} = {old!r}, this run has {value!r}: "
+                             "resume it with the same settings, or choose another --out")
+    return True
+
+
 def create_prediction_store(
     out: str | Path,
     *,
@@ -43,25 +71,10 @@ def create_prediction_store(
     members: int = 0,
     attrs: dict | None = None,
 ) -> Path:
-    """Create the empty store (or keep an existing compatible one) and return its path.
-
-    An existing store is kept only if it has the shape and the `attrs` (but the source store's
-    path, which may move) of this run: a resumed run with another sampler, seed, ensemble,
-    withholding or precision would fill it with samples of two methods."""
+    """Create the empty store (or keep an existing compatible one, `check_prediction_store`)
+    and return its path."""
     out = Path(out)
-    if (out / "zarr.json").is_file():
-        g = zarr.open_group(str(out), mode="r")
-        have = g["mean"].shape
-        if g.attrs.get("format") != FORMAT or have != (n, len(depth_m), height, width):
-            raise ValueError(f"{out} exists with shape {have} (format {g.attrs.get('format')}); "
-                             f"expected ({n}, {len(depth_m)}, {height}, {width}): remove it or "
-                             "choose another --out")
-        for key, value in (attrs or {}).items():
-            # A key the store lacks was added to the format after it was written (precision).
-            old = g.attrs.get(key, value)
-            if key != "source_store" and old != json.loads(json.dumps(value)):
-                raise ValueError(f"{out} was written with {key} = {old!r}, this run has {value!r}: "
-                                 "resume it with the same settings, or choose another --out")
+    if check_prediction_store(out, n=n, depth_m=depth_m, height=height, width=width, attrs=attrs):
         return out
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -243,5 +243,10 @@ def test_resume_with_other_settings_is_refused(tiny_store, tiny_model, tmp_path)
                     ({"ensemble": 2}, "ensemble")):
         with pytest.raises(ValueError, match=f"written with {key} = "):
             predict_split(tiny_model, tiny_store, out, limit=2, progress=False, **kw)
+    # Every rank checks, before the barrier the others would otherwise wait at (rank 1 of 2
+    # here, with no barrier: it raises by itself).
+    with pytest.raises(ValueError, match="written with precision = "):
+        predict_split(tiny_model, tiny_store, out, limit=2, progress=False, precision="bf16",
+                      rank=1, world_size=2)
     # the same settings resume (nothing left to do)
     assert predict_split(tiny_model, tiny_store, out, limit=2, progress=False)["skipped"] == 2
