@@ -32,6 +32,15 @@ for name in $STAGES; do
     *) echo "gpu_run.sh: unknown stage '$name' in STAGES (stages: $ALL_STAGES)" >&2; exit 2 ;;
   esac
 done
+# The step modes STEP_MODES / COMPILE_STEP_MODES name, checked before any stage (the plan is
+# plain Python: no torch import); a typo would otherwise fail every stage of a lent GPU's run.
+if ! why=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); import gpu_stages as g
+try:
+    g.Plan.make(False)
+except ValueError as exc:
+    sys.exit(str(exc))' 2>&1); then
+  echo "gpu_run.sh: ${why}" >&2; exit 2
+fi
 export WHEELHOUSE=${WHEELHOUSE:-$ROOT/.wheelhouse}
 T0=$(date +%s)
 

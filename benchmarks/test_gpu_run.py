@@ -44,7 +44,7 @@ def run_script(tmp_path: Path, timeout: int = 1200, **env: str) -> tuple[subproc
     out = tmp_path / "out"
     full = {**os.environ, "OUT": str(out), "PY": sys.executable, "TMPDIR": str(tmp_path),
             "REHEARSAL": "1", **env}
-    for var in ("DD_STALL_STAGE", "STAGES", "DEPS_MODULES", "WORK"):
+    for var in ("DD_STALL_STAGE", "STAGES", "DEPS_MODULES", "WORK", "STEP_MODES", "COMPILE_STEP_MODES"):
         if var not in env:
             full.pop(var, None)
     proc = subprocess.run(["bash", str(SCRIPT)], env=full, capture_output=True, text=True,
@@ -231,6 +231,12 @@ def test_stages_run_in_the_order_named_and_an_unknown_one_is_refused(tmp_path):
     assert proc.returncode == 2
     assert "unknown stage 'step_compiel'" in proc.stderr
     assert not (out / "summary.txt").exists()  # refused before any stage ran
+    # the same for a step mode
+    proc, out = run_script(typo, STAGES="deps step_compile", COMPILE_STEP_MODES="compile+cl+tabel",
+                           timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "COMPILE_STEP_MODES: mode 'compile+cl+tabel' has unknown options ['tabel']" in proc.stderr
+    assert not (out / "summary.txt").exists()
 
 
 def test_a_stages_leftover_processes_finish_before_the_next_stage(tmp_path):
@@ -240,7 +246,7 @@ def test_a_stages_leftover_processes_finish_before_the_next_stage(tmp_path):
     fake = tmp_path / "python"
     fake.write_text(
         "#!/usr/bin/env bash\n"
-        "[ \"$1\" = -c ] && exit 1  # no CUDA: the rehearsal\n"
+        "case $1$2 in -c*gpu_stages*) exit 0 ;; -c*) exit 1 ;; esac  # modes fine; no CUDA\n"
         "out=$4\n"
         "case $2 in\n"
         "  deps) (sleep 2; echo deps-child >> \"$out/order.txt\") & ;;\n"
