@@ -1639,9 +1639,9 @@ def stage_gpu_tests(ctx: Ctx) -> int:
             stopped = True
     wall = time.perf_counter() - t0
     text = text_path.read_text(errors="replace")
+    tracebacks = failures.read_text(errors="replace") if failures.exists() else ""
     outcome, why = pytest_outcomes(text)
-    if failures.exists():
-        why = failure_lines(failures.read_text(errors="replace")) | why
+    why = failure_lines(tracebacks) | why
     counts = {k: sum(v == k for v in outcome.values()) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
     bad = [n for n, v in outcome.items() if v in ("FAILED", "ERROR")]
     collect_error = "errors during collection" in text or "ERROR collecting" in text
@@ -1656,8 +1656,8 @@ def stage_gpu_tests(ctx: Ctx) -> int:
     for n in bad:
         append(ctx.out, "parity", {**row, "case": n, "ok": "no", "note": why.get(n, outcome[n])[:300]})
     print(text[-6000:])  # log.txt: pytest's last lines (its summary, when it got there)
-    if failures.exists():
-        print("===== tracebacks, as the failures happened\n" + failures.read_text(errors="replace")[:40000])
+    if tracebacks:
+        print("===== tracebacks, as the failures happened\n" + tracebacks[:40000])
     log(f"GPU TESTS: {note}")
     return 0 if ok else 1
 

@@ -51,6 +51,7 @@ from depthdif_hpc.inference.tiling import (
     plan_tiles,
     region_domain,
 )
+from depthdif_hpc.inference.writer import IMPLIED_SETTINGS
 from depthdif_hpc.model.depthdif import SamplingPrecision
 from depthdif_hpc.normalization import GLOBAL, Normalizer
 
@@ -460,7 +461,7 @@ def _check_plan(work: Path, params: dict[str, Any]) -> None:
     f = work / PLAN_FILE
     if f.is_file():
         old = json.loads(f.read_text())
-        # A parameter the file lacks was added after it was written (precision): its default.
+        old = IMPLIED_SETTINGS | old
         diff = sorted(k for k in set(old) | set(params) if old.get(k, params.get(k)) != params.get(k))
         if diff:
             raise ValueError(f"{work} holds tiles of another run (differs in {', '.join(diff)}): "

@@ -31,6 +31,9 @@ TEMP_ATTRS = {
     "long_name": "DepthDif reconstruction of potential temperature",
 }
 FORMAT = "depthdif-predictions/1"
+# What outputs written before a setting was recorded had for it: every earlier run sampled in
+# fp32. A resume checks a missing setting against this value, and accepts any other missing one.
+IMPLIED_SETTINGS = {"precision": "fp32"}
 
 
 def check_prediction_store(
@@ -53,8 +56,7 @@ def check_prediction_store(
                          f"expected ({n}, {len(depth_m)}, {height}, {width}): remove it or "
                          "choose another --out")
     for key, value in (attrs or {}).items():
-        # A key the store lacks was added to the format after it was written (precision).
-        old = g.attrs.get(key, value)
+        old = g.attrs.get(key, IMPLIED_SETTINGS.get(key, value))
         if key != "source_store" and old != json.loads(json.dumps(value)):
             raise ValueError(f"{out} was written with {key} = {old!r}, this run has {value!r}: "
                              "resume it with the same settings, or choose another --out")

@@ -250,3 +250,9 @@ def test_resume_with_other_settings_is_refused(tiny_store, tiny_model, tmp_path)
                       rank=1, world_size=2)
     # the same settings resume (nothing left to do)
     assert predict_split(tiny_model, tiny_store, out, limit=2, progress=False)["skipped"] == 2
+    # A store written before the precision was recorded was sampled in fp32: bf16 is refused.
+    g = zarr.open_group(str(out), mode="r+")
+    del g.attrs["precision"]
+    with pytest.raises(ValueError, match="written with precision = 'fp32', this run has 'bf16'"):
+        predict_split(tiny_model, tiny_store, out, limit=2, progress=False, precision="bf16")
+    assert predict_split(tiny_model, tiny_store, out, limit=2, progress=False)["skipped"] == 2

@@ -8,6 +8,7 @@ the tile edges and, on request, noise from the tile's generator.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -357,3 +358,9 @@ def test_precision_reaches_the_model_and_the_file(coarse_cfg, tmp_path):
     out.unlink()  # the work folder stays: a resume of the same plan
     with pytest.raises(ValueError, match="differs in precision"):
         run(coarse_cfg, out, model=model, precision="fp32")
+    # A plan written before the precision was recorded was sampled in fp32: bf16 is refused.
+    plan = tmp_path / "bf16.nc.work" / rc.PLAN_FILE
+    plan.write_text(json.dumps({k: v for k, v in json.loads(plan.read_text()).items()
+                                if k != "precision"}))
+    with pytest.raises(ValueError, match="differs in precision"):
+        run(coarse_cfg, out, model=model, precision="bf16")
