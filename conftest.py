@@ -16,6 +16,10 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# No dispatch table (kernels/dispatch_table.py) unless a test sets one: on a GPU with a shipped
+# table some calls would run their eager reference, and a kernel test would test it instead.
+os.environ["DEPTHDIF_DISPATCH_TABLE"] = "none"
+
 
 import pytest  # noqa: E402
 

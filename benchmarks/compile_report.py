@@ -38,7 +38,7 @@ Memory formats: the step is recorded with the model and its input in contiguous 
 in channels_last (the trainer's `channels_last` switch; mode names get `+cl`), where the fronts
 launch the NHWC kernels of kernels/convnext_front_nhwc.py; then once more in bf16 channels_last
 with every front routed to the epilogue variant (kernels/convnext_epilogue.py; mode
-`bf16+cl+epilogue`), which a front table may choose for any call. Meta convolutions do not
+`bf16+cl+epilogue`), which a dispatch table may choose for any call. Meta convolutions do not
 propagate channels_last, so that too is emulated (`_MetaChannelsLast`) and checked against CPU
 tensors.
 
@@ -324,8 +324,8 @@ def _training_step(model: torch.nn.Module, batch: int, size: int, device: str,
 
 
 # The trainer's memory formats: contiguous NCHW, and channels_last (mode names get "+cl").
-# "cl+epilogue": channels_last with every front routed to the epilogue variant, as a front table
-# (kernels/front_table.py) that chose it everywhere would run them.
+# "cl+epilogue": channels_last with every front routed to the epilogue variant, as a dispatch
+# table (kernels/dispatch_table.py) that chose it everywhere would run them.
 FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last,
            "cl+epilogue": torch.channels_last}
 
@@ -333,16 +333,16 @@ FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last,
 @contextlib.contextmanager
 def _fronts_run(fmt: str) -> Any:
     """The front the dispatcher picks for channels_last calls: the epilogue variant for
-    "cl+epilogue", else what the (absent) front table says, the fused v2 front."""
+    "cl+epilogue", else what the (absent) dispatch table says, the fused v2 front."""
     from depthdif_hpc.kernels import dispatch
 
-    saved = dispatch.choose_front
+    saved = dispatch.choose_impl
     if fmt == "cl+epilogue":
-        dispatch.choose_front = lambda *args, **kwargs: "epilogue"
+        dispatch.choose_impl = lambda op, *args: "epilogue" if op == "convnext_front" else saved(op, *args)
     try:
         yield
     finally:
-        dispatch.choose_front = saved
+        dispatch.choose_impl = saved
 
 
 def record_variants(preset: str = "ambient", batch: int = 48, size: int = 128,

@@ -4,8 +4,9 @@
 
 STAGE is one of deps, env, parity, calls, calls_compile, step, step_compile, profile, latent, sample,
 trainer (measure; exit status 0 = the stage did what it says), report (render report.md and
-the headline lines of summary.txt from the CSVs) or front_table (after the run, on any machine:
-write the front dispatch table of the results in --out to --table; docs/gpu_run.md). gpu_run.sh runs them in order of value, each
+the headline lines of summary.txt from the CSVs) or dispatch_table (after the run, on any machine:
+write the dispatch table of the results in one or more --out to --table; docs/gpu_run.md).
+gpu_run.sh runs them in order of value, each
 under its own time limit, and docs/gpu_run.md says what each one measures and writes.
 
 On a CUDA machine every stage runs the real shapes (ambient preset, 128 x 128, batch 48).
@@ -69,8 +70,8 @@ PACKAGES = {"numpy": "numpy", "accelerate": "accelerate", "omegaconf": "omegacon
             "xdist": "pytest-xdist"}
 # A step mode is "+"-joined tokens: eager|triton, then the trainer's speed options
 # (docs/cluster.md, "Speed options"): compile, cl (channels_last), fused (fused AdamW),
-# ckpt (activation checkpointing of every level), bench (cudnn.benchmark), table (channels_last
-# fronts chosen by the front table of this run's calls stage: fused v2 or the epilogue variant).
+# ckpt (activation checkpointing of every level), bench (cudnn.benchmark), table (each call's
+# implementation chosen by the dispatch table of this run's calls stages, else the shipped one).
 # channels_last is the trainer's default on CUDA (its first H100 run: 130.8 ms against 207.1 ms
 # NCHW for the Triton step), so the baselines that matter are channels_last ones: eager+cl
 # (cuDNN's NHWC convolutions, no kernel of ours) and, for torch.compile, compile+cl first. The
@@ -155,8 +156,8 @@ class Plan:
         # no separate warm-up), the parity's training mix only (fp32 parameters, bf16
         # activations: both dtypes), per-call timings on channels_last inputs only (v1 runs in
         # the op parity), and the Triton steps (step, profile, latent, compile) and the U-Net
-        # parity in channels_last with a front table that picks the epilogue variant (the
-        # calls stage's own table does: a rehearsal's calls.csv had 0.09-0.25 s forward +
+        # parity in channels_last with a table that picks the epilogue front (the calls
+        # stage's own kernels-only table does: a rehearsal's calls.csv had 0.09-0.25 s forward +
         # backward per front call against 1.3-2.6 s for v1 or v2, whose 49-tap programs the
         # interpreter runs in Python). The speed options once (ckpt on the eager step, the
         # others on the Triton one), the profile of the Triton step only, torch.compile once.
@@ -1001,17 +1002,18 @@ def _unet_autocast_parity(ctx: Ctx, unet: Any, calls: list[Call]) -> int:
     eager = run("eager", amp) if amp else ref  # without autocast the same run
     case = f"unet {sum(p.numel() for p in unet.parameters())} params B{B} {px}x{px}"
     if ctx.plan.unet_parity_epilogue:
-        # channels_last, and a front table that sends every front of this U-Net to the
+        # channels_last, and a dispatch table that sends every front of this U-Net to the
         # epilogue variant (both dtypes): the table's path through the model, and the front
         # the interpreter runs fastest.
-        from depthdif_hpc.kernels import set_front_table
-        from depthdif_hpc.kernels.front_table import FORMAT
+        from depthdif_hpc.kernels import set_dispatch_table
+        from depthdif_hpc.kernels.dispatch_table import FORMAT
 
         unet.set_channels_last(True)
-        set_front_table({"format": FORMAT, "device": "cpu", "entries": [
-            {"C": c.shape[0], "H": c.shape[1], "W": c.shape[2], "dtype": d, "impl": "epilogue"}
+        set_dispatch_table({"format": FORMAT, "device": "cpu", "entries": [
+            {"op": "convnext_front", "shape": list(c.shape), "dtype": d, "layout": "channels_last",
+             "compiled": False, "impl": "epilogue"}
             for c in calls if c.kind == "front" for d in ("fp32", "bf16")]})
-        case += " channels_last, front table: epilogue"
+        case += " channels_last, dispatch table: epilogue"
     with poisoned_empty():
         kern = run("triton", amp)
     mix = "autocast bf16" if amp else "fp32"
@@ -1036,7 +1038,7 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
     unet = ambient_unet(plan, ctx.device)
     calls = record_calls(unet, 1, plan.px, ctx.device)
     if plan.rehearsal:
-        # Timings only differ by shape and x's dtype (the front table's key): one call each.
+        # Timings only differ by shape and x's dtype (the dispatch table's key): one call each.
         calls = representative(calls, by_shape=True)
     del unet
     free_memory()
@@ -1048,6 +1050,7 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
     jobs: list[tuple[Call, str, Any]] = []
     # calls_compile in a command without the calls stage times the eager reference too (a fraction
     # of a second per call against ~10 s per compilation): its rows then compare within one run.
+    # Whichever of the two stages runs second leaves out the eager rows the first one timed.
     timed = {(r["call"], r["impl"]) for r in read(ctx.out, "calls")}
     for call in calls:
         kern, ref = impls(call.kind)
@@ -1056,10 +1059,10 @@ def stage_calls(ctx: Ctx, compiled: bool = False) -> int:
         chosen = {f"{impl}{lay}": fn for lay in plan.call_layouts
                   for impl, fn in ((("eager", ref), ("compile", ref)) if compiled else
                                    (("eager", ref), ("triton", kern)))
-                  if not (compiled and impl == "eager" and (call.label, impl + lay) in timed)}
+                  if not (impl == "eager" and (call.label, impl + lay) in timed)}
         if call.kind == "front" and not compiled:
             # The front's other channels_last kernel (cuDNN's conv + the fused epilogue): the
-            # front table (report, front_table) picks it or v2 per call from these rows.
+            # dispatch table (report, dispatch_table) picks it, v2 or the reference per call.
             chosen[EPILOGUE_IMPL] = epilogue_impl()
         if call.kind == "attention" and not compiled and "+cl" in plan.call_layouts:
             chosen[CONTIG_IMPL] = contiguous_attention
@@ -1164,38 +1167,42 @@ def _add_speedups(out: Path) -> None:
         append(out, "calls", r)
 
 
-def step_front_table(out: Path | None, device: Any) -> tuple[dict | Any | None, str]:
-    """The front table of the "table" step modes and where it came from: this run's (its calls
-    stage timed the fronts both ways), else the one shipped for the device (a command of the
-    compile stages alone still runs the table the trainer would use), else none (the fused
-    front everywhere)."""
-    from depthdif_hpc.kernels.front_table import device_name, shipped_path, shipped_table
+def step_dispatch_table(out: Path | None, device: Any,
+                        kernels_only: bool = False) -> tuple[dict | Any | None, str]:
+    """The dispatch table of the "table" step modes and where it came from: this run's (its
+    calls stages timed two implementations of a call or more), else the one shipped for the
+    device (a command of the compile stages alone still runs the table the trainer would use),
+    else none (every kernel runs). The rehearsal's is `kernels_only`: the interpreter's kernels
+    lose to every eager op, and a table of references would leave its Triton steps without a
+    kernel."""
+    from depthdif_hpc.kernels.dispatch_table import device_name, shipped_path, shipped_table
 
     if out is not None:
-        table = front_table(out)
+        table = dispatch_table([out], kernels_only)
         if table["entries"]:
             return table, "this run's calls"
     name = device_name(device)
     shipped = shipped_table(name)
     if shipped is not None:
         return shipped, f"shipped {shipped_path(name).name}"
-    return None, "none (fused front everywhere)"
+    return None, "none (every kernel runs)"
 
 
 def _train_step(w: Workload, mode: str, plan: Plan, device: Any,
                 out: Path | None = None) -> tuple[Callable[[dict], Any], str]:
     """One optimizer step as the trainer takes it: bf16 autocast, backward, clip at 1.0, AdamW
-    (foreach, the trainer's optimizer), with kernels and torch.compile per `mode` (the front
-    table, for the "table" token, see step_front_table), and a note for the step's row."""
+    (foreach, the trainer's optimizer), with kernels and torch.compile per `mode` (the dispatch
+    table, for the "table" token, see step_dispatch_table), and a note for the step's row."""
     import torch
-    from depthdif_hpc.kernels import set_front_table
+    from depthdif_hpc.kernels import set_dispatch_table
 
     tokens = set(mode.split("+"))
     unknown = tokens - MODE_TOKENS
     if unknown:
         raise ValueError(f"step mode {mode!r}: unknown options {sorted(unknown)}")
-    table, source = step_front_table(out, device) if "table" in tokens else (None, "")
-    set_front_table(table)
+    table, source = (step_dispatch_table(out, device, plan.rehearsal) if "table" in tokens
+                     else (None, ""))
+    set_dispatch_table(table)
     w.unet.set_kernels("triton" if "triton" in tokens else "eager")
     torch.backends.cudnn.benchmark = "bench" in tokens
     w.unet.set_channels_last("cl" in tokens)
@@ -1217,7 +1224,7 @@ def _train_step(w: Workload, mode: str, plan: Plan, device: Any,
         opt.step()
         return loss.detach()
 
-    return step, f"front table: {source}" if source else ""
+    return step, f"dispatch table: {source}" if source else ""
 
 
 @dataclass
@@ -1866,10 +1873,10 @@ def stage_report(out: Path, summary: Path) -> int:
     md += _md_section("Per-call timings (ms, median, L2 flushed)", read(out, "calls"),
                       ["call", "per_step", "batch", "dtypes", "impl", "fwd_ms", "fwdbwd_ms",
                        "speedup_fwdbwd", "note"])
-    table = front_table(out)
-    md += ["## Front table (channels_last: fused v2 or epilogue, per call)", "",
-           "Written to a file by `python benchmarks/gpu_stages.py front_table --out <this folder>`"
-           " (docs/gpu_run.md); used through DEPTHDIF_FRONT_TABLE.", "", "```json",
+    table = dispatch_table([out])
+    md += ["## Dispatch table (per call: kernel, epilogue front or reference; eager and compiled)",
+           "", "Written to a file by `python benchmarks/gpu_stages.py dispatch_table --out <this "
+           "folder>` (docs/gpu_run.md); used through DEPTHDIF_DISPATCH_TABLE.", "", "```json",
            json.dumps(table, indent=1), "```", ""]
     md += _md_section("Training steps", read(out, "steps"),
                       ["stage", "preset", "mode", "batch", "step_ms", "samples_per_s",
@@ -1916,11 +1923,9 @@ def headlines(out: Path) -> list[str]:
                      f"{mm_key.removeprefix('bf16_matmul_').removesuffix('_tflop_s')}^3 bf16 "
                      f"matmul {matmul:g} TFLOP/s, datasheet dense bf16 "
                      f"{env.get('bf16_datasheet_tflop_s')} TFLOP/s (MFU's denominator)")
-    table = front_table(out)
+    table = dispatch_table([out])
     if table["entries"]:
-        n_epi = sum(e["impl"] == "epilogue" for e in table["entries"])
-        lines.append(f"FRONT TABLE ({table['device']}): epilogue for {n_epi} of "
-                     f"{len(table['entries'])} front calls, fused v2 for the rest")
+        lines.append(f"DISPATCH TABLE ({table['device']}): {table_summary(table)}")
     for r in read(out, "steps"):
         m = fnum(r["mfu"])
         tag = {"step": "STEP", "latent": "LATENT", "trainer": "TRAINER", "sample": "SAMPLE",
@@ -1955,8 +1960,9 @@ def calls_headline(calls: list[dict[str, str]]) -> str:
     """Per-U-Net totals (fwd + bwd x calls per forward) that compare like with like.
 
     An implementation measured on every call gets its total and its speed-up over eager; the
-    fronts' channels_last choice of the front table (`table+cl`: per front the faster of
-    triton+cl and epilogue+cl, triton+cl elsewhere) is what training with the table runs. An
+    dispatch table's channels_last choices (`table+cl`: per call the fastest of the kernels and
+    the eager reference; `table+compile+cl`: of the kernels and the compiled reference) are
+    what training with the table runs, less what inductor fuses across calls. An
     implementation measured on part of the calls (the epilogue exists for fronts only; a stage
     stopped at its limit leaves the rest unmeasured) is compared with eager on that part only:
     the first H100 run summed two compiled calls against all 25 eager ones and printed 14.6x.
@@ -1971,11 +1977,11 @@ def calls_headline(calls: list[dict[str, str]]) -> str:
     every = list(dict.fromkeys(r["call"] for r in calls))
     base = calls_baseline(calls)
     eager = per.get(base, {})
-    if "triton+cl" in per:
-        fronts = {r["call"] for r in calls if r["kind"] == "front"}
-        epi = per.get(EPILOGUE_IMPL, {})
-        per["table+cl"] = {c: min(v, epi.get(c, math.inf)) if c in fronts else v
-                           for c, v in per["triton+cl"].items()}
+    timings = table_timings(calls)
+    for name, compiled, needs in (("table+cl", False, FUSED_IMPL), ("table+compile+cl", True, "compile+cl")):
+        if needs in per:
+            per[name] = {r["call"]: min(timings[key].values()) for r in calls
+                         if r["impl"] == needs and (key := table_key(r, compiled)) is not None}
 
     def total(impl: str, subset: list[str]) -> float:
         return sum(per[impl][c] * weight[c] for c in subset)
@@ -1997,52 +2003,107 @@ def calls_headline(calls: list[dict[str, str]]) -> str:
     return head + ", ".join(full) + ("; " + "; ".join(partial) if partial else "")
 
 
-def front_table(out: Path) -> dict:
-    """The front table (kernels/front_table.py) from this run's calls.csv: per front call, the
-    faster channels_last implementation by forward + backward time, the fused v2 front
-    (triton+cl) or the epilogue variant (epilogue+cl); a call missing either timing is left out
-    (the fused front runs there). Validated by the kernels' own parser before it is returned."""
-    from depthdif_hpc.kernels import FrontTable
-    from depthdif_hpc.kernels.front_table import FORMAT
+# calls.csv implementation -> (layout, the contexts it stands for, the table's implementation;
+# None: the op's kernel, "fused" for a front). A kernel is opaque to inductor, so its time
+# stands for both contexts; the eager reference's time is its time outside torch.compile, the
+# compiled reference's inside (inductor's code for it).
+TABLE_ROWS: dict[str, tuple[str, tuple[bool, ...], str | None]] = {
+    "triton": ("nchw", (False, True), None),
+    FUSED_IMPL: ("channels_last", (False, True), None),
+    EPILOGUE_IMPL: ("channels_last", (False, True), "epilogue"),
+    "eager": ("nchw", (False,), "reference"),
+    "eager+cl": ("channels_last", (False,), "reference"),
+    "compile": ("nchw", (True,), "reference"),
+    "compile+cl": ("channels_last", (True,), "reference"),
+}
+TABLE_OPS = {"front": "convnext_front", "norm": "layer_norm", "attention": "linear_attention"}
 
-    env = {r["key"]: r["value"] for r in read(out, "env")}
-    # The name the kernels compare with (front_table.device_name): the CUDA device's, or "cpu".
-    device = "cpu" if env.get("mode", "").startswith("rehearsal") else env.get("device", "?")
+
+def table_key(r: dict[str, str], compiled: bool) -> tuple | None:
+    """The dispatch table's key (kernels/dispatch_table.py) of a calls row in one context, or
+    None for a row the table does not choose between (contig+cl)."""
+    if r["impl"] not in TABLE_ROWS or compiled not in TABLE_ROWS[r["impl"]][1]:
+        return None
+    sizes = [int(n) for n in r["shape"].split("x")]
+    shape = (sizes[0], sizes[1], sizes[2] * sizes[3]) if r["kind"] == "attention" else tuple(sizes)
+    dtype = r["dtypes"].split()[0].split("=")[1]
+    return (TABLE_OPS[r["kind"]], shape, dtype, TABLE_ROWS[r["impl"]][0], compiled)
+
+
+def table_timings(calls: list[dict[str, str]]) -> dict[tuple, dict[str, float]]:
+    """Per table key, forward + backward ms of each implementation the rows timed (a later row
+    of the same key and implementation replaces an earlier one)."""
+    from depthdif_hpc.kernels.dispatch_table import default_impl
+
     ms: dict[tuple, dict[str, float]] = {}
-    for r in read(out, "calls"):
+    for r in calls:
         v = fnum(r["fwdbwd_ms"])
-        if r["kind"] != "front" or r["impl"] not in (FUSED_IMPL, EPILOGUE_IMPL) or v is None \
-                or not math.isfinite(v):
+        if v is None or not math.isfinite(v):
             continue
-        C, H, W = (int(n) for n in r["shape"].split("x"))
-        dtype = next(p.split("=")[1] for p in r["dtypes"].split() if p.startswith("x="))
-        ms.setdefault((C, H, W, dtype), {})[r["impl"]] = v
+        for compiled in (False, True):
+            key = table_key(r, compiled)
+            if key is not None:
+                ms.setdefault(key, {})[TABLE_ROWS[r["impl"]][2] or default_impl(key[0])] = v
+    return ms
+
+
+def dispatch_table(outs: list[Path], kernels_only: bool = False) -> dict:
+    """The dispatch table (kernels/dispatch_table.py) from the calls.csv of one or more results
+    folders of one kind of GPU (a later folder's timing of a call replaces an earlier one's):
+    per call and context, the implementation with the least forward + backward time among
+    those timed (`kernels_only`: among the kernels); a call with fewer than two timed is left
+    out (its kernel runs). Validated by the kernels' own parser before it is returned."""
+    from depthdif_hpc.kernels import DispatchTable
+    from depthdif_hpc.kernels.dispatch_table import FORMAT
+
+    devices, sources, calls = [], [], []
+    for out in outs:
+        env = {r["key"]: r["value"] for r in read(out, "env")}
+        # The name the kernels compare with (dispatch_table.device_name): the CUDA device's, or "cpu".
+        devices.append("cpu" if env.get("mode", "").startswith("rehearsal") else env.get("device", "?"))
+        rows = read(out, "calls")
+        calls += rows
+        sources.append(f"{out / 'calls.csv'} (commit {env.get('commit', '?')}, "
+                       f"{env.get('date_utc', '?')}, batch {rows[0]['batch'] if rows else '?'})")
+    if len(set(devices)) > 1:
+        raise ValueError("dispatch_table: the results were measured on different devices: "
+                         + ", ".join(f"{o}: {d}" for o, d in zip(outs, devices, strict=True)))
     entries = []
-    for (C, H, W, dtype), t in sorted(ms.items()):
-        if len(t) == 2:
-            fused, epi = t[FUSED_IMPL], t[EPILOGUE_IMPL]
-            entries.append({"C": C, "H": H, "W": W, "dtype": dtype,
-                            "impl": "epilogue" if epi < fused else "fused",
-                            "fused_ms": round(fused, 4), "epilogue_ms": round(epi, 4)})
-    table = {"format": FORMAT, "device": device,
-             "source": f"calls.csv of commit {env.get('commit', '?')}, {env.get('date_utc', '?')}"
-                       f", batch {next((r['batch'] for r in read(out, 'calls')), '?')}, forward + "
-                       "backward, bf16 autocast", "entries": entries}
-    FrontTable.from_dict(table)  # what the kernels will load
+    for (op, shape, dtype, layout, compiled), t in sorted(table_timings(calls).items()):
+        if kernels_only:
+            t = {k: v for k, v in t.items() if k != "reference"}
+        if len(t) >= 2:
+            entries.append({"op": op, "shape": list(shape), "dtype": dtype, "layout": layout,
+                            "compiled": compiled, "impl": min(t, key=t.__getitem__),
+                            "ms": {k: round(v, 4) for k, v in sorted(t.items())}})
+    table = {"format": FORMAT, "device": devices[0] if devices else "?",
+             "source": "; ".join(sources) + "; forward + backward, bf16 autocast",
+             "entries": entries}
+    DispatchTable.from_dict(table)  # what the kernels will load
     return table
 
 
-def write_front_table(out: Path, path: Path) -> int:
-    """`front_table`: write the table of the results in `out` to `path` (a temporary, then a rename)."""
-    table = front_table(out)
+def table_summary(table: dict) -> str:
+    """How often the table picks each implementation, per context."""
+    parts = []
+    for compiled in (False, True):
+        got = [e["impl"] for e in table["entries"] if e["compiled"] == compiled]
+        if got:
+            counts = ", ".join(f"{impl} {got.count(impl)}" for impl in sorted(set(got)))
+            parts.append(f"{'under torch.compile' if compiled else 'eager'} {counts} of {len(got)}")
+    return "; ".join(parts)
+
+
+def write_dispatch_table(outs: list[Path], path: Path) -> int:
+    """`dispatch_table`: write the table of the results in `outs` to `path` (a temporary, then a rename)."""
+    table = dispatch_table(outs)
     if not table["entries"]:
-        log(f"front_table: {out / 'calls.csv'} has no front call timed both ways")
+        log(f"dispatch_table: no call of {[str(o) for o in outs]} has two implementations timed")
         return 1
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(table, indent=1) + "\n")
     os.replace(tmp, path)
-    log(f"front_table: {path}: epilogue for "
-        f"{sum(e['impl'] == 'epilogue' for e in table['entries'])} of {len(table['entries'])} calls")
+    log(f"dispatch_table: {path}: {table_summary(table)}")
     return 0
 
 
@@ -2067,16 +2128,21 @@ STAGES: dict[str, Callable[[Ctx], int]] = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=[*STAGES, "report", "front_table"])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("stage", choices=[*STAGES, "report", "dispatch_table"])
+    ap.add_argument("--out", type=Path, required=True, action="append",
+                    help="the results folder (dispatch_table: one or more, later ones win)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/ddhpc_gpu_work"))
     ap.add_argument("--summary", type=Path, help="report: the summary file to append to")
     ap.add_argument("--rehearsal", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     ap.add_argument("--table", type=Path,
-                    help="front_table: the JSON to write (default OUT/front_table.json)")
+                    help="dispatch_table: the JSON to write (default: dispatch_table.json in the "
+                         "last --out)")
     a = ap.parse_args(argv)
-    if a.stage == "front_table":
-        return write_front_table(a.out, a.table or a.out / "front_table.json")
+    if a.stage == "dispatch_table":
+        return write_dispatch_table(a.out, a.table or a.out[-1] / "dispatch_table.json")
+    if len(a.out) > 1:
+        ap.error(f"{a.stage} takes one --out")
+    a.out = a.out[0]
     a.out.mkdir(parents=True, exist_ok=True)
     if a.stage == "report":
         return stage_report(a.out, a.summary or a.out / "summary.txt")

@@ -121,7 +121,7 @@ def test_rehearsal_runs_every_stage(tmp_path):
         assert float(r["fwd_ms"]) > 0 and float(r["fwdbwd_ms"]) > 0 and int(r["per_step"]) >= 1
     impls = {f"{i}{lay}" for i in ("eager", "triton", "compile") for lay in plan.call_layouts}
     kinds = {r["call"]: r["kind"] for r in calls}
-    # Fronts also time the epilogue variant on channels_last inputs (the front table's input),
+    # Fronts also time the epilogue variant on channels_last inputs (the dispatch table's input),
     # the attention its kernel on contiguous copies of q, k, v.
     extra = {"front": {"epilogue+cl"}, "attention": {"contig+cl"}, "norm": set()}
     assert all(v == impls | extra[kinds[c]] for c, v in by_call.items()), by_call
@@ -129,21 +129,23 @@ def test_rehearsal_runs_every_stage(tmp_path):
     assert len({(r["call"], r["impl"]) for r in calls}) == len(calls)
     assert {r["kind"] for r in calls} == {"front", "attention", "norm"}
 
-    # The front table: one entry per front call (shape, x dtype), the faster of the two
-    # channels_last fronts, in report.md and written by the front_table command.
-    table_file = tmp_path / "front_table.json"
-    made = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_stages.py"), "front_table",
-                           "--out", str(out), "--table", str(table_file)],
+    # The dispatch table: per call key and context, the fastest implementation timed, in
+    # report.md and written by the dispatch_table command.
+    table_file = tmp_path / "dispatch_table.json"
+    made = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_stages.py"),
+                           "dispatch_table", "--out", str(out), "--table", str(table_file)],
                           capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stdout + made.stderr
-    from depthdif_hpc.kernels import FrontTable
+    from depthdif_hpc.kernels import DispatchTable
 
-    ftable = FrontTable.load(table_file)
-    fronts = {(*map(int, r["shape"].split("x")), r["dtypes"].split()[0].removeprefix("x="))
-              for r in calls if r["kind"] == "front"}
-    assert ftable.device == "cpu" and set(ftable.entries) == fronts, (ftable, fronts)
+    dtable = DispatchTable.load(table_file)
+    keys = {stages.table_key(r, compiled) for r in calls for compiled in (False, True)} - {None}
+    assert dtable.device == "cpu" and set(dtable.entries) == keys, (dtable, keys)
+    assert {k[0] for k in keys} == {"convnext_front", "layer_norm", "linear_attention"}
     for e in json.loads(table_file.read_text())["entries"]:
-        assert e["impl"] == ("epilogue" if e["epilogue_ms"] < e["fused_ms"] else "fused"), e
+        assert e["impl"] == min(e["ms"], key=e["ms"].get) and len(e["ms"]) >= 2, e
+        if e["compiled"]:  # the kernels' times stand for both contexts, the reference's do not
+            assert "reference" in e["ms"], e
 
     _, steps = table(out, "steps")
     modes = {(r["stage"], r["mode"]) for r in steps}
@@ -182,11 +184,11 @@ def test_rehearsal_runs_every_stage(tmp_path):
         assert sum(v for (m, _), v in share.items() if m == mode) == pytest.approx(1.0, abs=1e-3)
 
     report = (out / "report.md").read_text()
-    for heading in ("## Stages", "## Headlines", "## Per-call timings", "## Front table",
+    for heading in ("## Stages", "## Headlines", "## Per-call timings", "## Dispatch table",
                     "## Training steps", "## Device time of one step by kernel class"):
         assert heading in report
     text = (out / "summary.txt").read_text()
-    for head in ("PARITY OK", "CEILINGS copy", "CALLS", "FRONT TABLE (cpu)", "STEP ambient", "LATENT",
+    for head in ("PARITY OK", "CEILINGS copy", "CALLS", "DISPATCH TABLE (cpu): eager ", "STEP ambient", "LATENT",
                  "TRAINER ambient zero2", "TRAINER ambient ddp", "PREDICT python -m depthdif_hpc.inference.predict",
                  "SAMPLE ambient", f"PROFILE {triton}", "GPU TESTS pytest -m gpu: OK: "):
         assert head in text
@@ -262,27 +264,32 @@ def test_a_stages_leftover_processes_finish_before_the_next_stage(tmp_path):
 
 
 def test_compile_stages_alone_time_their_own_baselines(tmp_path):
-    """The compile stages as a command of their own (the next lent session's first): each
-    compiled row has an uncompiled baseline from the same run and machine."""
-    proc, out = run_script(tmp_path, STAGES="env step_compile calls_compile", BUDGET_S="600")
+    """The compile stages first, then the kernels per call (the next lent session's first
+    command): each compiled row has an uncompiled baseline from the same run and machine, and
+    the calls stage after them does not time those baselines again."""
+    proc, out = run_script(tmp_path, STAGES="env step_compile calls_compile calls", BUDGET_S="900")
     assert all(v == ("ok", "0") for v in summary(out).values()), _why(proc, out)
     plan = stages.Plan.make(True)
     _, calls = table(out, "calls")
     impls: dict[str, list[str]] = {}
     for r in calls:
         impls.setdefault(r["call"], []).append(r["impl"])
-    assert impls and all(sorted(v) == ["compile+cl", "eager+cl"] for v in impls.values()), impls
+    kernels = {"front": ["epilogue+cl", "triton+cl"], "attention": ["contig+cl", "triton+cl"],
+               "norm": ["triton+cl"]}
+    kinds = {r["call"]: r["kind"] for r in calls}
+    assert impls and all(sorted(v) == sorted(["compile+cl", "eager+cl", *kernels[kinds[c]]])
+                         for c, v in impls.items()), impls
     # the baselines first: a stage stopped at its limit still compares what it compiled
     assert [r["impl"] for r in calls[:len(impls)]] == ["eager+cl"] * len(impls)
     # then the compilations, the calls that weigh most in a step (eager time x calls per step)
     # first: a stage stopped at its limit has compiled what matters most
     weight = {r["call"]: float(r["fwdbwd_ms"]) * int(r["per_step"]) for r in calls[:len(impls)]}
-    compiled = [weight[r["call"]] for r in calls[len(impls):]]
+    compiled = [weight[r["call"]] for r in calls if r["impl"] == "compile+cl"]
     assert compiled == sorted(compiled, reverse=True), compiled
     _, steps = table(out, "steps")
     assert [r["mode"] for r in steps] == [plan.kernel_modes[0], *plan.compile_step_modes]
-    # no calls stage ran: the table mode says which table it used
-    assert "front table: none (fused front everywhere)" in steps[-1]["note"]
+    # no calls stage with kernels ran: the table mode says which table it used
+    assert "dispatch table: none (every kernel runs)" in steps[-1]["note"]
     text = (out / "summary.txt").read_text()
     assert "eager+cl" in next(line for line in text.splitlines() if line.startswith("CALLS"))
 
@@ -422,9 +429,11 @@ def test_presets_read_without_omegaconf_equal_the_loader(monkeypatch, preset):
 
 
 def test_calls_headline_compares_partial_implementations_on_their_own_calls():
+    shapes = {"f1": "4x2x2", "f2": "8x2x2", "n1": "4x2x2"}
+
     def row(kind: str, call: str, per_step: int, impl: str, ms: float) -> dict[str, str]:
         return {"kind": kind, "call": call, "per_step": str(per_step), "batch": "48", "impl": impl,
-                "fwdbwd_ms": str(ms)}
+                "fwdbwd_ms": str(ms), "shape": shapes[call], "dtypes": "x=bf16 w=fp32"}
 
     rows = [row("front", "f1", 2, "eager", 10.0), row("front", "f1", 2, "triton", 5.0),
             row("front", "f1", 2, "triton+cl", 4.0), row("front", "f1", 2, "epilogue+cl", 2.0),
@@ -444,6 +453,13 @@ def test_calls_headline_compares_partial_implementations_on_their_own_calls():
     cl_only = [r | {"impl": "eager+cl"} for r in rows if r["impl"] == "eager"] + \
         [r for r in rows if r["impl"] == "triton+cl"]
     assert "(3 calls): eager+cl 30.00 ms, triton+cl 12.00 ms (2.50x)" in stages.calls_headline(cl_only)
+    # Compiled: the table picks per call among the kernels and the compiled reference:
+    # min(4, 2, 1.5) x 2 + min(1, 0.5) + min(3, 4, 5) = 6.5; eager's reference is not a candidate.
+    compiled = rows + [row("front", "f1", 2, "compile+cl", 1.5), row("norm", "n1", 1, "compile+cl", 0.5),
+                       row("front", "f2", 1, "compile+cl", 5.0), row("front", "f2", 1, "eager+cl", 0.1)]
+    head = stages.calls_headline(compiled)
+    assert "table+compile+cl 6.50 ms (4.62x)" in head, head
+    assert "table+cl 5.10 ms" in head, head  # 2 x 2 + 1 + 0.1: f2's eager+cl reference wins uncompiled
 
 
 @pytest.mark.parametrize("rehearsal", [False, True], ids=["gpu", "rehearsal"])
@@ -517,36 +533,79 @@ E   fixture 'nope' not found
 
 def test_table_steps_use_this_runs_table_else_the_devices_shipped_one(tmp_path, monkeypatch):
     """A command of the compile stages alone has no calls rows: its `table` modes must run the
-    table the trainer would use on that GPU, not silently the fused front everywhere."""
+    table the trainer would use on that GPU, not silently every kernel."""
     import torch
-    from depthdif_hpc.kernels import front_table as ft
+    from depthdif_hpc.kernels import dispatch_table as dt
 
     out = tmp_path / "out"
     out.mkdir()
     cpu = torch.device("cpu")
-    shipped_dir = tmp_path / "front_tables"
+    shipped_dir = tmp_path / "dispatch_tables"
     shipped_dir.mkdir()
-    monkeypatch.setattr(ft, "SHIPPED", shipped_dir)
-    ft.reset_front_table()
+    monkeypatch.setattr(dt, "SHIPPED", shipped_dir)
+    dt.reset_dispatch_table()
     try:
-        table, source = stages.step_front_table(out, cpu)
-        assert table is None and source == "none (fused front everywhere)"
+        table, source = stages.step_dispatch_table(out, cpu)
+        assert table is None and source == "none (every kernel runs)"
 
         (shipped_dir / "cpu.json").write_text(json.dumps({
-            "format": ft.FORMAT, "device": "cpu", "source": "test",
-            "entries": [{"C": 8, "H": 8, "W": 8, "dtype": "bf16", "impl": "epilogue"}]}))
-        ft.reset_front_table()
-        table, source = stages.step_front_table(out, cpu)
+            "format": dt.FORMAT, "device": "cpu", "source": "test",
+            "entries": [{"op": "convnext_front", "shape": [8, 8, 8], "dtype": "bf16",
+                         "layout": "channels_last", "compiled": False, "impl": "epilogue"}]}))
+        dt.reset_dispatch_table()
+        table, source = stages.step_dispatch_table(out, cpu)
         assert source == "shipped cpu.json"
-        assert table.choose(8, 8, 8, "bf16", "cpu") == "epilogue"
+        assert table.choose("convnext_front", (8, 8, 8), "bf16", "channels_last", False, "cpu") == "epilogue"
 
         stages.append(out, "env", {"key": "mode", "value": "rehearsal"})
         base = {"kind": "front", "call": "front C4 2x2", "sites": "a", "per_step": 1, "batch": 1,
                 "shape": "4x2x2", "dtypes": "x=bf16 dw_weight=fp32", "fwd_ms": 1.0}
-        stages.append(out, "calls", base | {"impl": stages.FUSED_IMPL, "fwdbwd_ms": 1.0})
+        stages.append(out, "calls", base | {"impl": stages.FUSED_IMPL, "fwdbwd_ms": 2.0})
         stages.append(out, "calls", base | {"impl": stages.EPILOGUE_IMPL, "fwdbwd_ms": 3.0})
-        table, source = stages.step_front_table(out, cpu)
+        stages.append(out, "calls", base | {"impl": "eager+cl", "fwdbwd_ms": 1.0})
+        table, source = stages.step_dispatch_table(out, cpu)
         assert source == "this run's calls"
-        assert [(e["C"], e["impl"]) for e in table["entries"]] == [(4, "fused")]
+        picks = [(e["shape"], e["compiled"], e["impl"]) for e in table["entries"]]
+        assert picks == [([4, 2, 2], False, "reference"), ([4, 2, 2], True, "fused")], picks
+        # The rehearsal's: among the kernels only (its interpreted kernels lose to any eager op).
+        table, _ = stages.step_dispatch_table(out, cpu, kernels_only=True)
+        assert [e["impl"] for e in table["entries"]] == ["fused", "fused"]
     finally:
-        ft.reset_front_table()
+        dt.reset_dispatch_table()
+
+
+def test_dispatch_table_of_several_runs_and_their_devices(tmp_path):
+    """A later results folder's timing of a call replaces an earlier one's; folders of two
+    devices are refused, naming both."""
+    folders = []
+    for i, (device, fused_ms) in enumerate((("NVIDIA X", 1.0), ("NVIDIA X", 5.0), ("NVIDIA Y", 1.0))):
+        out = tmp_path / f"run{i}"
+        out.mkdir()
+        stages.append(out, "env", {"key": "device", "value": device})
+        base = {"kind": "norm", "call": "norm C4 2x2", "sites": "a", "per_step": 1, "batch": 1,
+                "shape": "4x2x2", "dtypes": "x=bf16 weight=fp32", "fwd_ms": 1.0}
+        stages.append(out, "calls", base | {"impl": "triton+cl", "fwdbwd_ms": fused_ms})
+        stages.append(out, "calls", base | {"impl": "compile+cl", "fwdbwd_ms": 2.0})
+        folders.append(out)
+    assert [e["impl"] for e in stages.dispatch_table(folders[:1])["entries"]] == ["triton"]
+    table = stages.dispatch_table(folders[:2])
+    assert [(e["impl"], e["ms"]) for e in table["entries"]] == [
+        ("reference", {"reference": 2.0, "triton": 5.0})]
+    assert table["device"] == "NVIDIA X" and "run0" in table["source"] and "run1" in table["source"]
+    with pytest.raises(ValueError, match="different devices.*NVIDIA X.*NVIDIA Y"):
+        stages.dispatch_table(folders)
+
+
+def test_shipped_tables_are_what_their_committed_results_give():
+    """Each shipped table is the dispatch_table command's output for the results its source
+    names, so that a table cannot drift from the measurements committed with it."""
+    from depthdif_hpc.kernels import DispatchTable
+    from depthdif_hpc.kernels import dispatch_table as dt
+
+    for path in sorted(dt.SHIPPED.glob("*.json")):
+        shipped = json.loads(path.read_text())
+        folders = [ROOT / Path(part.split(" (")[0]).parent
+                   for part in shipped["source"].split("; ") if part.endswith(")")]
+        assert folders and all((f / "calls.csv").is_file() for f in folders), shipped["source"]
+        remade = stages.dispatch_table([f.relative_to(ROOT) for f in folders])
+        assert DispatchTable.from_dict(remade).entries == DispatchTable.load(path).entries, path

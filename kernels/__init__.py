@@ -12,12 +12,13 @@ Beside each kernel, `<op>_reference` is the small eager PyTorch version it is ch
 
 * `convnext_front`: LN_c((dwconv7x7(x) + b + time_bias) * (1 + s) + beta), see convnext_front.py;
   `convnext_front_epilogue` is the same op as torch's depthwise conv + one fused epilogue kernel
-  (convnext_epilogue.py), chosen per call shape by a measured table (front_table.py)
+  (convnext_epilogue.py)
 * `layer_norm`: LayerNorm over the channels of (B, C, H, W), as PreNorm, see layer_norm.py
 * `linear_attention`: softmax_n(k) context, out = scale * ctx^T q, see linear_attention.py
 
 The model calls them through `run_op(op, mode, *args)` (dispatch.py), which picks the kernel or
-the reference per `model.kernels` and self-checks each kernel before its first use.
+the reference per `model.kernels` and, on a GPU, per call shape from a measured table
+(dispatch_table.py), and self-checks each kernel before its first use.
 """
 
 from ._utils import DTYPES, dtype_name, no_tf32
@@ -31,13 +32,13 @@ from .dispatch import (
     KernelOp,
     run_op,
 )
-from .front_table import FrontTable, set_front_table
+from .dispatch_table import DispatchTable, set_dispatch_table
 from .layer_norm import layer_norm, layer_norm_reference
 from .linear_attention import linear_attention, linear_attention_reference
 
 __all__ = [
     "DTYPES",
-    "FrontTable",
+    "DispatchTable",
     "KERNEL_MODES",
     "KernelCheckError",
     "KernelDispatcher",
@@ -54,5 +55,5 @@ __all__ = [
     "linear_attention_reference",
     "no_tf32",
     "run_op",
-    "set_front_table",
+    "set_dispatch_table",
 ]

@@ -11,15 +11,15 @@ The fused v2 front (convnext_front_nhwc.py) evaluates the 49 taps itself; this v
 them to the library's depthwise convolution and fuses only what follows, so where cuDNN's conv
 beats the Triton taps (a shape-by-shape question, measured by benchmarks/gpu_stages.py `calls`)
 the front still costs one pass of bias + FiLM + LayerNorm instead of eager's chain of ~10
-elementwise and reduction kernels. `kernels/dispatch.py` picks v2 or this variant per call shape
-from a measured table (`front_table.py`).
+elementwise and reduction kernels. `kernels/dispatch.py` picks v2, this variant or the reference
+per call shape from a measured table (`dispatch_table.py`).
 
 Channels_last only (a non-channels_last x is converted first, one copy): the LN reduces over
 channels, which NHWC makes one contiguous row per pixel, so the kernel reads its tile as
 aligned channel vectors and holds all C channels in two power-of-two register parts (as v2:
 `channel_parts`, one pass for every C up to 1536). In NCHW the channels of a pixel are H*W
 apart; that layout is v1's (convnext_front.py, which re-sweeps channel chunks for C > 256), and
-the model runs the fronts in NCHW only when channels_last is off, where the table is not used.
+the model runs the fronts in NCHW only when channels_last is off, where the table never picks this.
 
 Bytes per element (bf16 activations e = 2, C channels, the LN statistics recomputed, never
 stored): forward: the conv reads x, writes h (2e, cuDNN) and the epilogue reads h, writes y (2e).

@@ -26,11 +26,12 @@ and that variant is checked on a channels_last input. Under `torch.compile` the 
 the call is traced (`torch.compiler.assume_constant_result`); the graph holds the chosen
 implementation.
 
-ConvNeXt fronts on channels_last inputs have two kernels: the fused v2 front (the default) and
-the epilogue variant (torch's depthwise conv + one fused bias/FiLM/LayerNorm kernel,
-convnext_epilogue.py). A measured table (front_table.py: the one shipped for the GPU,
-DEPTHDIF_FRONT_TABLE or `set_front_table`) picks one per call shape; the epilogue variant is its own op here
-(``convnext_front_epilogue``), so it gets its own self-check, verdict and fallback.
+Under ``triton`` and ``auto`` (where kernels run) a measured table (dispatch_table.py: the one
+shipped for the GPU, DEPTHDIF_DISPATCH_TABLE or `set_dispatch_table`) may send a call shape to
+the reference instead, where that was faster (under torch.compile: where inductor's code for it
+was), and a channels_last front to its second kernel, the epilogue variant (torch's depthwise
+conv + one fused bias/FiLM/LayerNorm kernel, convnext_epilogue.py). The epilogue variant is its
+own op here (``convnext_front_epilogue``), so it gets its own self-check, verdict and fallback.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ from ._testing import (
 from ._utils import SUPPORTED_DTYPES, dtype_name, interpreting, is_channels_last, tf32_dots_allowed
 from .convnext_epilogue import convnext_front_epilogue
 from .convnext_front import convnext_front, convnext_front_reference
-from .front_table import choose_front
+from .dispatch_table import IMPLS as TABLE_IMPLS
+from .dispatch_table import REFERENCE, call_layout
+from .dispatch_table import choose as choose_impl
 from .layer_norm import layer_norm, layer_norm_reference
 from .linear_attention import linear_attention, linear_attention_reference
 
@@ -141,7 +144,7 @@ OPS: dict[str, KernelOp] = {
         # across channel chunks (two different compiled kernels).
         KernelOp("convnext_front", convnext_front, convnext_front_reference, CONVNEXT_NAMES,
                  _convnext_sample, lambda shapes: (shapes[0][1],)),
-        # The front's epilogue variant (same contract), chosen per shape by the front table.
+        # The front's epilogue variant (same contract), chosen per shape by the dispatch table.
         KernelOp(FRONT_EPILOGUE, convnext_front_epilogue, convnext_front_reference,
                  CONVNEXT_NAMES, _convnext_sample, lambda shapes: (shapes[0][1],)),
         # As for the front: the channel count decides one register tile or channel chunks.
@@ -212,10 +215,6 @@ class KernelDispatcher:
 
     def select(self, op: str, mode: str, *args: Any) -> Callable[..., torch.Tensor]:
         """The implementation of `op` to call on `args` under `mode` (eager, triton or auto)."""
-        if (op == "convnext_front" and mode != "eager" and FRONT_EPILOGUE in self.ops
-                and is_channels_last(args[0])):
-            op = _front_op(*(int(s) for s in args[0].shape[1:]), dtype_name(args[0].dtype),
-                           args[0].device)
         spec = self.ops.get(op)
         if spec is None:
             raise ValueError(f"unknown kernel op {op!r}; known: {sorted(self.ops)}")
@@ -229,6 +228,14 @@ class KernelDispatcher:
         if mode == "auto" and (not self.auto_device(device)
                                or any(d not in SUPPORTED_DTYPES for d in dtypes if d is not None)):
             return spec.reference
+        if op in TABLE_IMPLS:
+            x = args[0]
+            impl = _table_impl(op, tuple(int(s) for s in x.shape[1:]), dtype_name(x.dtype),
+                               call_layout(op, x), torch.compiler.is_compiling(), device)
+            if impl == REFERENCE:
+                return spec.reference
+            if impl == "epilogue" and FRONT_EPILOGUE in self.ops:
+                op, spec = FRONT_EPILOGUE, self.ops[FRONT_EPILOGUE]
         if device.type == "meta":  # no values to check; the ops' fake kernels give the shapes
             return spec.kernel
         shapes: Shapes = tuple(tuple(int(s) for s in a.shape) if a is not None else None
@@ -332,10 +339,11 @@ def _verdict_while_tracing(
 
 
 @_assume_constant_result
-def _front_op(C: int, H: int, W: int, dtype: str, device: torch.device) -> str:
-    """The op that runs a channels_last front call (the front table's choice); under
-    torch.compile decided eagerly while tracing, like the self-check."""
-    return FRONT_EPILOGUE if choose_front(C, H, W, dtype, device) == "epilogue" else "convnext_front"
+def _table_impl(op: str, shape: tuple[int, ...], dtype: str, layout: str, compiled: bool,
+                device: torch.device) -> str:
+    """The dispatch table's implementation for a call; under torch.compile decided eagerly
+    while tracing, like the self-check."""
+    return choose_impl(op, shape, dtype, layout, compiled, device)
 
 
 DISPATCHER = KernelDispatcher()

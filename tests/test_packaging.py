@@ -27,7 +27,7 @@ def test_wheel_carries_kernels_and_configs(tmp_path):
         z.extractall(site)
     for name in ("depthdif_hpc/kernels/convnext_front.py", "depthdif_hpc/configs/px_space/model_config.yaml",
                  "depthdif_hpc/configs/deepspeed/zero2.json", "depthdif_hpc/configs/lat_space/ae_config.yaml",
-                 "depthdif_hpc/kernels/front_tables/NVIDIA_H100_80GB_HBM3.json"):
+                 "depthdif_hpc/kernels/dispatch_tables/NVIDIA_H100_80GB_HBM3.json"):
         assert name in names, name
     # From a folder with no checkout in sight, the installed copy finds its own configs and kernels.
     probe = ("import depthdif_hpc.kernels as k, depthdif_hpc.config as c\n"

@@ -14,6 +14,7 @@ import pytest
 import torch
 from depthdif_hpc.kernels import dispatch
 from depthdif_hpc.kernels._testing import rel_err
+from depthdif_hpc.kernels.dispatch_table import default_impl
 
 from depthdif_hpc.model.unet import UNet
 
@@ -76,11 +77,12 @@ def test_unet_kernels_match_eager_cpu_fp32(monkeypatch, channels_last, B, size):
 
 
 def test_unet_with_epilogue_fronts_matches_eager_cpu_fp32(monkeypatch):
-    """channels_last with a front table that picks the epilogue variant for every front: each
+    """channels_last with a dispatch table that picks the epilogue variant for every front: each
     front variant is checked and run as `convnext_front_epilogue`, and the U-Net matches eager."""
     d = dispatch.KernelDispatcher()
     monkeypatch.setattr(dispatch, "DISPATCHER", d)
-    monkeypatch.setattr(dispatch, "choose_front", lambda *args: "epilogue")
+    monkeypatch.setattr(dispatch, "choose_impl", lambda op, *args: (
+        "epilogue" if op == "convnext_front" else default_impl(op)))
     _compare("cpu", torch.float32, tol=1e-4, size=(6, 10), B=1, channels_last=True)
     verdicts = d.verdicts()
     assert all(v is None for v in verdicts.values()), verdicts
@@ -88,6 +90,56 @@ def test_unet_with_epilogue_fronts_matches_eager_cpu_fp32(monkeypatch):
     assert {k[0] for k in verdicts if k[0].startswith("convnext_front")} == {
         "convnext_front_epilogue"}
     assert fronts == {(c, dispatch.CHANNELS_LAST) for c in (102, 8, 16, 32)}
+
+
+def test_compiled_unet_with_a_mixed_table_matches_its_kernels(monkeypatch):
+    """Under torch.compile a dispatch table sends some calls to the reference (for inductor)
+    and keeps the kernels elsewhere: the traced graph holds exactly the chosen kernels, and
+    the output and every gradient are the uncompiled kernels' (channels_last, fp32)."""
+    d = dispatch.KernelDispatcher()
+    monkeypatch.setattr(dispatch, "DISPATCHER", d)
+
+    def mixed(op, shape, dtype, layout, compiled, device):
+        if compiled and (op == "layer_norm" or (op == "convnext_front" and shape[0] == 16)):
+            return "reference"
+        return default_impl(op)
+
+    monkeypatch.setattr(dispatch, "choose_impl", mixed)
+    torch.manual_seed(0)
+    model = UNet(dim=8, out_dim=5, dim_mults=(1, 2), channels=102, coord_emb_dim=6)
+    model.set_kernels("triton")
+    model.set_channels_last(True)
+    x = torch.randn(1, 102, 6, 10).contiguous(memory_format=torch.channels_last)
+    t, c = torch.tensor([7]), torch.randn(1, 6)
+    gy = torch.randn(1, 5, 6, 10)
+    ref_out, ref = _grads(model, x, t, c, gy)
+    graphs: list[str] = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend=backend, dynamic=False)
+        model.zero_grad(set_to_none=True)
+        xx, cc = x.clone().requires_grad_(), c.clone().requires_grad_()
+        out = compiled(xx, t, cc)
+        out.backward(gy)
+    finally:
+        torch._dynamo.reset()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    got |= {"<input x>": xx.grad, "<coord emb>": cc.grad}
+    graph = "\n".join(graphs)
+    assert "convnext_front_nhwc_fwd" in graph and "linear_attention_fwd" in graph
+    assert "layer_norm_fwd" not in graph
+    # 9 fronts, of which the 3 of 16 channels (the second level's second block, the two mid
+    # blocks) ran their reference.
+    fronts = [line for line in graph.splitlines() if "convnext_front_nhwc_fwd" in line]
+    assert len(fronts) == 6, fronts
+    errs = {"out": rel_err(out.detach(), ref_out)} | {n: rel_err(got[n], ref[n]) for n in ref}
+    bad = {n: e for n, e in errs.items() if not e <= 1e-4}
+    assert not bad, f"compiled mixed vs uncompiled kernels (tol 1e-4): {bad}"
 
 
 def test_set_kernels_routes_through_the_triton_ops(monkeypatch):
