@@ -2090,7 +2090,7 @@ def table_summary(table: dict) -> str:
         got = [e["impl"] for e in table["entries"] if e["compiled"] == compiled]
         if got:
             counts = ", ".join(f"{impl} {got.count(impl)}" for impl in sorted(set(got)))
-            parts.append(f"{'under torch.compile' if compiled else 'eager'} {counts} of {len(got)}")
+            parts.append(f"{'inside' if compiled else 'outside'} torch.compile: {counts} of {len(got)}")
     return "; ".join(parts)
 
 
