@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -164,3 +165,14 @@ def linear_attention_inputs(B: int, heads: int, d: int, N: int, *, dtype: torch.
     g = torch.Generator(device="cpu").manual_seed(seed)
     q, k, v = (torch.randn(B, heads, d, N, generator=g) for _ in range(3))
     return [t.to(device, dtype) for t in (q, k * k_scale, v)]
+
+
+class Counted:
+    """A callable that counts its calls: the dispatcher's routing tests wrap stand-in kernels."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        return self.fn(*args)

@@ -27,10 +27,7 @@ from depthdif_hpc.kernels import (
 )
 from depthdif_hpc.kernels import dispatch as dispatch_module
 from depthdif_hpc.kernels import dispatch_table as dt
-from depthdif_hpc.kernels._testing import (
-    convnext_inputs,
-    layer_norm_inputs,
-)
+from depthdif_hpc.kernels._testing import Counted, convnext_inputs, layer_norm_inputs
 
 CPU = torch.device("cpu")
 
@@ -56,15 +53,6 @@ def table():
     dt.reset_dispatch_table()
 
 
-class _Counted:
-    def __init__(self, fn) -> None:
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.fn(*args)
-
-
 def _dispatcher(**kernels) -> KernelDispatcher:
     ops = [dataclasses.replace(spec, kernel=kernels[name]) if name in kernels else spec
            for name, spec in dispatch_module.OPS.items()]
@@ -75,8 +63,8 @@ def test_table_routes_channels_last_fronts_by_shape_and_dtype(table):
     """A listed (C, H, W, dtype) runs the epilogue variant, after its own self-check; another
     shape, NCHW input, eager mode and no table run what they ran before. (The fused front is a
     stand-in, its reference.)"""
-    fused = _Counted(convnext_front_reference)
-    epi = _Counted(convnext_front_epilogue)
+    fused = Counted(convnext_front_reference)
+    epi = Counted(convnext_front_epilogue)
     d = _dispatcher(convnext_front=fused, convnext_front_epilogue=epi)
     inputs = convnext_inputs(1, 12, 4, 5)
     cl = [_cl(inputs[0]), *inputs[1:]]
@@ -99,7 +87,7 @@ def test_table_sends_listed_calls_to_the_reference(table):
     """"reference" entries run the eager reference without compiling or checking the kernel, per
     op, shape and layout; the attention's layout is that of q (a view of a channels_last qkv
     projection has its head axis at unit stride)."""
-    fused, norm, attn = (_Counted(f) for f in (convnext_front_reference, layer_norm_reference,
+    fused, norm, attn = (Counted(f) for f in (convnext_front_reference, layer_norm_reference,
                                                linear_attention_reference))
     d = _dispatcher(convnext_front=fused, layer_norm=norm, linear_attention=attn)
     front_in = convnext_inputs(1, 12, 4, 5)
@@ -171,7 +159,7 @@ def test_a_failing_epilogue_falls_back_under_auto(table):
 def test_table_of_another_device_is_not_applied(table):
     table(_table([_entry(), _entry("layer_norm", (6, 4, 5), impl="reference")],
                  device="NVIDIA H100 80GB HBM3"))
-    epi, norm = _Counted(convnext_front_epilogue), _Counted(layer_norm_reference)
+    epi, norm = Counted(convnext_front_epilogue), Counted(layer_norm_reference)
     d = _dispatcher(convnext_front_epilogue=epi, layer_norm=norm)
     inputs = convnext_inputs(1, 12, 4, 5)
     with pytest.warns(RuntimeWarning, match="not on 'cpu'"):

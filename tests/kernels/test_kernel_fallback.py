@@ -28,7 +28,7 @@ from depthdif_hpc.kernels import (
     layer_norm_reference,
 )
 from depthdif_hpc.kernels import dispatch as dispatch_module
-from depthdif_hpc.kernels._testing import TOL, convnext_inputs, layer_norm_inputs
+from depthdif_hpc.kernels._testing import TOL, Counted, convnext_inputs, layer_norm_inputs
 
 from depthdif_hpc.model.unet import UNet
 
@@ -45,15 +45,6 @@ def dispatcher_with(op: str, kernel, **kw) -> KernelDispatcher:
     ops = [dataclasses.replace(spec, kernel=kernel) if name == op else spec
            for name, spec in dispatch_module.OPS.items()]
     return KernelDispatcher(ops, **kw)
-
-
-class Counted:
-    def __init__(self, fn) -> None:
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.fn(*args)
 
 
 @triton.jit
