@@ -39,6 +39,7 @@ eager`` the reference runs everywhere (dispatch.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -206,8 +207,12 @@ def dispatch_table(name: str | None = None) -> DispatchTable | None:
     return table
 
 
+@functools.cache
 def device_name(device: torch.device) -> str:
-    """The name a table's `device` is compared with: the CUDA device's name, else its type."""
+    """The name a table's `device` is compared with: the CUDA device's name, else its type.
+
+    Cached: the dispatcher asks for every kernel call it makes outside torch.compile, and a
+    device's name does not change (the calls pass tensors' devices, which carry an index)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return device.type
