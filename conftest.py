@@ -67,6 +67,12 @@ def work_unit(nodeid: str) -> str:
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     # xdist's own --dist loadgroup marks groups by rewriting Item._nodeid, which pytest >= 9.2
     # no longer reads (the node id comes from Item._id), so the groups are chosen here.
+    if config.getoption("dist") == "worksteal":
+        # Asked for by name (the GPU command's CUDA-only tests, none of which touch the local
+        # clusters): test by test, idle workers taking from busy ones. In file units the 90
+        # parity cases of the front ran on one of 8 workers, and the H100 stage stopped at its
+        # limit with that worker alone still busy.
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class WorkUnits(LoadScopeScheduling):
@@ -82,9 +88,26 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 FAILURE_LOG_VAR = "DD_PYTEST_FAILURE_LOG"
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    path = os.environ.get(FAILURE_LOG_VAR)
+# Where each test's start and each phase's seconds go as they happen ("start" or the phase,
+# seconds, node id; tab-separated): a run stopped at its limit then still says which tests it
+# was running and what took the time, which pytest's --durations prints only at the end.
+PROGRESS_LOG_VAR = "DD_PYTEST_PROGRESS_LOG"
+
+
+def _controller_log(var: str, text: str) -> None:
+    path = os.environ.get(var)
     # Under xdist the controller sees every worker's reports: it alone writes.
-    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+    if path and not os.environ.get("PYTEST_XDIST_WORKER"):
         with open(path, "a") as f:
-            f.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+            f.write(text)
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    _controller_log(PROGRESS_LOG_VAR, f"start\t0\t{nodeid}\n")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _controller_log(PROGRESS_LOG_VAR, f"{report.when}\t{report.duration:.3f}\t{report.nodeid}\n")
+    if report.failed:
+        _controller_log(FAILURE_LOG_VAR,
+                        f"===== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

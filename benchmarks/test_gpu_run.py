@@ -433,7 +433,8 @@ def test_calls_headline_compares_partial_implementations_on_their_own_calls():
 
     def row(kind: str, call: str, per_step: int, impl: str, ms: float) -> dict[str, str]:
         return {"kind": kind, "call": call, "per_step": str(per_step), "batch": "48", "impl": impl,
-                "fwdbwd_ms": str(ms), "shape": shapes[call], "dtypes": "x=bf16 w=fp32"}
+                "fwdbwd_ms": str(ms), "host_ms": "0.5", "shape": shapes[call],
+                "dtypes": "x=bf16 w=fp32"}
 
     rows = [row("front", "f1", 2, "eager", 10.0), row("front", "f1", 2, "triton", 5.0),
             row("front", "f1", 2, "triton+cl", 4.0), row("front", "f1", 2, "epilogue+cl", 2.0),
@@ -531,6 +532,54 @@ E   fixture 'nope' not found
     assert stages.FAILURE_LOG_VAR in (ROOT / "conftest.py").read_text()
 
 
+def test_progress_log_names_the_tests_a_stop_interrupted(tmp_path):
+    """The gpu_tests stage stopped at its limit must say which tests were still running and
+    how long the finished ones took: the repository conftest logs both as they happen."""
+    import shutil
+
+    shutil.copy(ROOT / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_a.py").write_text(
+        "import time\n\ndef test_fast():\n    time.sleep(0.2)\n\n"
+        "def test_slow():\n    time.sleep(600)\n\ndef test_never():\n    pass\n")
+    log = tmp_path / "progress.txt"
+    env = {**os.environ, stages.PROGRESS_LOG_VAR: str(log)}
+    env.pop("PYTEST_XDIST_WORKER", None)  # the child is a controller, even under `make test`
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "test_a.py"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while "test_a.py::test_slow" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, "test_slow never started"
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    running, seconds = stages.pytest_progress(log.read_text() + "call\t1.0")  # a cut line
+    assert running == ["test_a.py::test_slow"]
+    assert list(seconds) == ["test_a.py::test_fast"] and 0.2 <= seconds["test_a.py::test_fast"] < 60
+
+
+def test_worksteal_by_name_bypasses_the_file_units():
+    """`make test` hands xdist workers whole files; the GPU command's --dist worksteal must reach
+    xdist's own scheduler (in file units one worker ran the front's 90 parity cases alone)."""
+    spec = importlib.util.spec_from_file_location("_root_conftest", ROOT / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+
+    class Config:
+        def __init__(self, dist: str) -> None:
+            self.dist = dist
+
+        def getoption(self, name: str) -> str:
+            assert name == "dist"
+            return self.dist
+
+    assert conftest.pytest_xdist_make_scheduler(Config("worksteal"), None) is None
+    assert conftest.work_unit("tests/launch/test_x.py::t") == "tests/launch/"
+    assert conftest.work_unit("benchmarks/bench_a.py::t[1]") == "benchmarks/bench_a.py"
+
+
 def test_table_steps_use_this_runs_table_else_the_devices_shipped_one(tmp_path, monkeypatch):
     """A command of the compile stages alone has no calls rows: its `table` modes must run the
     table the trainer would use on that GPU, not silently every kernel."""
@@ -594,6 +643,98 @@ def test_dispatch_table_of_several_runs_and_their_devices(tmp_path):
     assert table["device"] == "NVIDIA X" and "run0" in table["source"] and "run1" in table["source"]
     with pytest.raises(ValueError, match="different devices.*NVIDIA X.*NVIDIA Y"):
         stages.dispatch_table(folders)
+
+
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_trainer_command_is_a_valid_config_and_compiles_on_request(flag, monkeypatch, tmp_path):
+    """The trainer stage's command line, parsed by the trainer's own config loader (a renamed
+    key fails here, not on a lent GPU); TRAINER_COMPILE=1 compiles with the plan's backend."""
+    from depthdif_hpc.config import load_config
+    from depthdif_hpc.train.cli import parse_args
+
+    monkeypatch.setenv("TRAINER_COMPILE", flag)
+    for rehearsal in (False, True):
+        plan = stages.Plan.make(rehearsal)
+        for launch in plan.trainer_launches:
+            cmd = stages.trainer_command(tmp_path / "store.zarr", tmp_path / "run", plan, 4, 5, launch)
+            assert cmd[1:3] == ["-m", "depthdif_hpc.train"]
+            args = parse_args(cmd[3:])
+            cfg = load_config(*args.config, overrides=args.overrides)
+            assert cfg.trainer.compile is (flag == "1")
+            compiled_on_cpu = rehearsal and flag == "1"
+            assert cfg.trainer.compile_backend == ("aot_eager" if compiled_on_cpu else "inductor")
+            assert cfg.trainer.distributed == ("deepspeed" if launch == "zero2" else "ddp")
+    monkeypatch.setenv("TRAINER_COMPILE", "yes")
+    with pytest.raises(ValueError, match="TRAINER_COMPILE='yes'"):
+        stages.Plan.make(False)
+
+
+def test_bench_times_the_device_not_the_launches(monkeypatch):
+    """Bench's repetition loop on a simulated device queue: a call that takes the host 1 ms to
+    issue and the device 0.2 ms must time 0.2 ms (and report the 1 ms as host_ms); without the
+    hold the same loop times the launches, as the first H100 runs did for small calls."""
+    import types
+
+    import torch
+
+    class Device:  # one stream: an op starts when the device is free and the host has issued it
+        host = free = 0.0  # ms
+
+        def issue(self, cost: float) -> float:
+            self.free = max(self.free, self.host) + cost
+            return self.free
+
+    dev = Device()
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.t = 0.0
+
+        def record(self) -> None:
+            self.t = dev.issue(0.0)
+
+        def synchronize(self) -> None:
+            dev.host = max(dev.host, self.t)
+
+        def elapsed_time(self, end: Event) -> float:
+            return end.t - self.t
+
+    def call() -> None:  # ten launches: 0.1 ms of host, 0.02 ms of device each
+        for _ in range(10):
+            dev.host += 0.1
+            dev.issue(0.02)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: dev.issue(cycles / 1000.0))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: setattr(dev, "host", max(dev.host, dev.free)))
+    monkeypatch.setattr(stages, "time", types.SimpleNamespace(perf_counter=lambda: dev.host / 1e3))
+    bench = stages.Bench(torch.device("cpu"))
+    bench.cuda, bench.cycles_per_ms = True, 1000.0
+    bench.flush = types.SimpleNamespace(zero_=lambda: dev.issue(0.01))
+    assert bench(call) == pytest.approx(0.2)
+    assert bench.host_ms == pytest.approx(1.0) and bench.late == 0 and bench.spread < 1e-6
+    bench.cycles_per_ms = 1e-9  # a hold of one cycle: the launches are timed
+    assert bench(call) == pytest.approx(1.0, abs=0.03)
+
+
+def test_launch_timed_references_are_not_chosen_outside_compile(tmp_path):
+    """Results from before the device was held (no host_ms column) timed small calls by their
+    launches: outside torch.compile their eager references are left out of the choice (the H100
+    step with them chosen ran 10 ms slower); the compiled references stay."""
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "env.csv").write_text("key,value\ndevice,NVIDIA X\n")
+    header = "kind,call,sites,per_step,batch,shape,dtypes,impl,fwd_ms,fwdbwd_ms,bwd_ms,speedup_fwdbwd,note\n"
+    rows = [f"norm,norm C4 2x2,a,1,48,4x2x2,x=bf16 weight=fp32,{impl},0.1,{ms},0.1,,\n"
+            for impl, ms in (("eager+cl", 0.8), ("triton+cl", 1.0), ("compile+cl", 0.9))]
+    (out / "calls.csv").write_text(header + "".join(rows))
+    picks = {e["compiled"]: (e["impl"], e["ms"]) for e in stages.dispatch_table([out])["entries"]}
+    assert picks == {True: ("reference", {"reference": 0.9, "triton": 1.0})}
+    # The same rows timed with the device held: the eager reference is a candidate again.
+    (out / "calls.csv").write_text(header.replace("speedup", "host_ms,speedup")
+                                   + "".join(r.replace(",0.1,,", ",0.1,0.3,,") for r in rows))
+    picks = {e["compiled"]: e["impl"] for e in stages.dispatch_table([out])["entries"]}
+    assert picks == {False: "reference", True: "reference"}
 
 
 def test_shipped_tables_are_what_their_committed_results_give():

@@ -9,8 +9,6 @@ from torch import nn
 
 # Non-leap cumulative month offsets; Feb 29 is mapped to Feb 28 upstream
 # (docs/model.md#batch-contract).
-_MONTH_OFFSET = (0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334)
-_MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 COORD_ENCODING_DIMS = {"unit_sphere": 3, "sincos": 4, "raw": 2}
 DATE_ENCODING_DIMS = {"day_of_year_sincos": 2}
@@ -61,8 +59,12 @@ def day_of_year(date: torch.Tensor) -> torch.Tensor:
     date = date.long()
     month = (date // 100) % 100
     day = date % 100
-    month_idx = (month - 1).clamp(0, 11)
-    month_days = torch.tensor(_MONTH_DAYS, device=date.device)[month_idx]
+    # The calendar by arithmetic, not by a table: a table made on the device at each call is a
+    # blocking host-to-device copy, and two of them per training step made the host wait for
+    # the device's queue to drain. Month lengths 30 + (m + m // 8) % 2, February 28; days
+    # before month m: 275 m // 9 - 2 (m + 9) // 12 - 30 (the common-year day-of-year formula).
+    m = month.clamp(1, 12)
+    month_days = 30 + (m + m // 8) % 2 - 2 * (m == 2).long()
     valid = (month >= 1) & (month <= 12) & (day >= 1) & (day <= month_days)
     if date.device.type == "cpu":
         if not bool(valid.all()):
@@ -70,8 +72,7 @@ def day_of_year(date: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"date {bad} is not a valid YYYYMMDD (non-leap calendar)")
     else:
         torch._assert_async(valid.all(), "date is not a valid YYYYMMDD (non-leap calendar)")
-    offsets = torch.tensor(_MONTH_OFFSET, device=date.device)[month_idx]
-    return offsets + day
+    return 275 * m // 9 - 2 * ((m + 9) // 12) - 30 + day
 
 
 def encode_date(date: torch.Tensor, encoding: str = "day_of_year_sincos") -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Time, coordinate and date embeddings: values by hand, encodings, the encoder's inputs."""
 
+import datetime
 import math
 
 import pytest
@@ -46,6 +47,16 @@ def test_day_of_year_and_date_encoding():
     for bad in (20181301, 20180230, 20180100, 2018):
         with pytest.raises(ValueError, match=str(bad)):
             day_of_year(torch.tensor([20180101, bad]))
+
+
+def test_day_of_year_is_the_calendar_on_every_day():
+    days = [datetime.date(2019, 1, 1) + datetime.timedelta(n) for n in range(365)]
+    dates = torch.tensor([d.year * 10000 + d.month * 100 + d.day for d in days])
+    assert day_of_year(dates).tolist() == [d.timetuple().tm_yday for d in days]
+    # Leap years keep the common-year count (Feb 29 is not a valid date of that calendar).
+    for bad in (20200229, 20190431, 20190631, 20190931, 20191131, 20190132, 20190000):
+        with pytest.raises(ValueError, match=str(bad)):
+            day_of_year(torch.tensor([bad]))
 
 
 def test_coord_encoder_requires_inputs():
