@@ -1974,9 +1974,10 @@ def stage_report(out: Path, summary: Path) -> int:
     md += _md_section("Parity: the 15 op tensors closest to their tolerance", worst, TABLES["parity"])
     if tests:
         md += _md_section("pytest -m gpu (the summary, then each failure)", tests, ["case", "ok", "note"])
-    md += _md_section("Per-call timings (ms, median, L2 flushed)", read(out, "calls"),
+    md += _md_section("Per-call timings (ms, median, L2 flushed; the device's time, host_ms the "
+                      "host's to issue the forward + backward)", read(out, "calls"),
                       ["call", "per_step", "batch", "dtypes", "impl", "fwd_ms", "fwdbwd_ms",
-                       "speedup_fwdbwd", "note"])
+                       "host_ms", "speedup_fwdbwd", "note"])
     table = dispatch_table([out])
     md += ["## Dispatch table (per call: kernel, epilogue front or reference; eager and compiled)",
            "", "Written to a file by `python benchmarks/gpu_stages.py dispatch_table --out <this "
