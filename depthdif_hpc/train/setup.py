@@ -189,6 +189,28 @@ def make_accelerator(cfg: Config, world_size: int) -> tuple[Any, str, dict | Non
     return accelerator, precision, ds_cfg
 
 
+COMPILE_CACHE = "compile_cache"  # in the run directory
+
+
+def use_run_compile_cache(cfg: Config) -> str:
+    """Inductor's cache (its FX graphs, the AOTAutograd results, the Triton kernels it
+    generated) in the run directory, unless TORCHINDUCTOR_CACHE_DIR names one; returns it.
+
+    Inductor's default is /tmp/torchinductor_<user>, on the node: a job requeued after a
+    preemption, likely on other nodes, compiled the U-Net again (74.5 s for the ambient step on
+    the H100, docs/gpu_run.md), every restart. In the run directory, which the restart shares,
+    the ranks and every later restart find it (inductor writes its entries atomically, so ranks
+    may share one cache). Inductor writes its default into the variable when it first looks
+    (dynamo's set-up does, even for aot_eager), so the default counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    where = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not where or os.path.abspath(where) == os.path.abspath(default_cache_dir()):
+        where = str((Path(cfg.trainer.run_dir) / COMPILE_CACHE).resolve())
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = where
+    return where
+
+
 def apply_speed_options(model: torch.nn.Module, cfg: Config, zero_stage: int) -> str:
     """The trainer's speed options (docs/cluster.md, "Speed options") on the freshly built model,
     before Accelerate wraps it in DDP or a DeepSpeed engine; returns what is in effect, for the log.
@@ -222,10 +244,12 @@ def apply_speed_options(model: torch.nn.Module, cfg: Config, zero_stage: int) ->
     unet.set_channels_last(cl, weights=weights)
     unet.set_activation_checkpointing(tr.activation_checkpointing)
     if tr.compile:
+        cache = use_run_compile_cache(cfg) if tr.compile_backend == "inductor" else None
         kwargs = {} if tr.compile_mode == "default" else {"mode": tr.compile_mode}
         unet.compile(backend=tr.compile_backend, **kwargs)
     auto = " (auto)" if tr.channels_last == "auto" else ""
     return (f"channels_last {'on' + ('' if weights else ', activations only') if cl else 'off'}{auto}, "
-            f"compile {tr.compile_backend + '/' + tr.compile_mode if tr.compile else 'off'}, "
+            f"compile {tr.compile_backend + '/' + tr.compile_mode if tr.compile else 'off'}"
+            f"{f' (cache {cache})' if tr.compile and cache else ''}, "
             f"fused AdamW {'on' if tr.fused_adamw else 'off'}, activation checkpointing "
             f"{tr.activation_checkpointing}, cudnn.benchmark {'on' if tr.cudnn_benchmark else 'off'}")

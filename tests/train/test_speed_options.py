@@ -150,6 +150,28 @@ def test_fused_adamw_matches_foreach(tmp_path):
     assert any(not torch.equal(results[1][k], _unet().state_dict()[k]) for k in results[1])
 
 
+def test_compiled_runs_keep_inductors_cache_in_the_run_directory(tmp_path, monkeypatch):
+    """A requeued job (other nodes, an empty /tmp) must find the compiled U-Net where the run
+    lives; a cache the user names wins; aot_eager generates nothing to cache."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "x")  # restored after the test
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    model = torch.nn.Module()
+    model.model = _unet()
+    cfg = _cfg(tmp_path, "trainer.compile=true", "trainer.compile_backend=aot_eager")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    assert "cache" not in apply_speed_options(model, cfg, 0)
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir())
+    cfg = _cfg(tmp_path, "trainer.compile=true", "trainer.compile_backend=inductor")
+    said = apply_speed_options(model, cfg, 0)  # compiles lazily: nothing is built here
+    want = str((Path(cfg.trainer.run_dir) / "compile_cache").resolve())
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == want and f"(cache {want})" in said
+    assert cache_dir() == want  # what inductor itself will use
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert f"(cache {tmp_path / 'mine'})" in apply_speed_options(model, cfg, 0)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
 def test_refusals(tmp_path):
     cfg = _cfg(tmp_path, "trainer.compile=true")
     model = torch.nn.Module()
