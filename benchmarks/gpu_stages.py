@@ -79,7 +79,8 @@ PACKAGES = {"numpy": "numpy", "accelerate": "accelerate", "omegaconf": "omegacon
 # run's results; leaving them out keeps the stages before the compile ones within 480 s. For
 # the same reason torch.compile runs channels_last only: each mode is a compilation of the whole
 # U-Net, and an NCHW one would measure a layout the trainer does not use on CUDA.
-MODE_TOKENS = frozenset({"eager", "triton", "compile", "cl", "fused", "ckpt", "bench", "table"})
+MODE_TOKENS = frozenset({"eager", "triton", "compile", "cl", "fused", "ckpt", "bench", "table",
+                         "shipped"})
 STEP_MODES = ("eager", "eager+cl", "triton+cl", "triton+cl+table", "triton+cl+table+fused+bench")
 COMPILE_STEP_MODES = ("compile+cl", "triton+compile+cl", "triton+compile+cl+table+fused+bench")
 
@@ -194,11 +195,20 @@ def modes_from_env(var: str) -> tuple[str, ...] | None:
     if not text:
         return None
     for mode in text:
-        unknown = set(mode.split("+")) - MODE_TOKENS
-        if unknown:
-            raise ValueError(f"{var}: mode {mode!r} has unknown options {sorted(unknown)} "
-                             f"(options: {sorted(MODE_TOKENS)})")
+        check_mode(mode, var)
     return tuple(text)
+
+
+def check_mode(mode: str, where: str = "step mode") -> set[str]:
+    """A step mode's tokens; unknown ones, or two tables, are an error naming `where`."""
+    tokens = set(mode.split("+"))
+    unknown = tokens - MODE_TOKENS
+    if unknown:
+        raise ValueError(f"{where}: mode {mode!r} has unknown options {sorted(unknown)} "
+                         f"(options: {sorted(MODE_TOKENS)})")
+    if {"table", "shipped"} <= tokens:
+        raise ValueError(f"{where}: mode {mode!r}: 'table' (this run's) or 'shipped', not both")
+    return tokens
 
 
 def log(msg: str) -> None:
@@ -1223,17 +1233,18 @@ def _add_speedups(out: Path) -> None:
         append(out, "calls", r)
 
 
-def step_dispatch_table(out: Path | None, device: Any,
-                        kernels_only: bool = False) -> tuple[dict | Any | None, str]:
+def step_dispatch_table(out: Path | None, device: Any, kernels_only: bool = False,
+                        shipped_only: bool = False) -> tuple[dict | Any | None, str]:
     """The dispatch table of the "table" step modes and where it came from: this run's (its
     calls stages timed two implementations of a call or more), else the one shipped for the
     device (a command of the compile stages alone still runs the table the trainer would use),
-    else none (every kernel runs). The rehearsal's is `kernels_only`: the interpreter's kernels
-    lose to every eager op, and a table of references would leave its Triton steps without a
-    kernel."""
+    else none (every kernel runs). The "shipped" modes' (`shipped_only`): the shipped one, so a
+    run can set this run's table beside it. The rehearsal's is `kernels_only`: the
+    interpreter's kernels lose to every eager op, and a table of references would leave its
+    Triton steps without a kernel."""
     from depthdif_hpc.kernels.dispatch_table import device_name, shipped_path, shipped_table
 
-    if out is not None:
+    if out is not None and not shipped_only:
         table = dispatch_table([out], kernels_only)
         if table["entries"]:
             return table, "this run's calls"
@@ -1252,12 +1263,9 @@ def _train_step(w: Workload, mode: str, plan: Plan, device: Any,
     import torch
     from depthdif_hpc.kernels import set_dispatch_table
 
-    tokens = set(mode.split("+"))
-    unknown = tokens - MODE_TOKENS
-    if unknown:
-        raise ValueError(f"step mode {mode!r}: unknown options {sorted(unknown)}")
-    table, source = (step_dispatch_table(out, device, plan.rehearsal) if "table" in tokens
-                     else (None, ""))
+    tokens = check_mode(mode)
+    table, source = (step_dispatch_table(out, device, plan.rehearsal, "shipped" in tokens)
+                     if tokens & {"table", "shipped"} else (None, ""))
     set_dispatch_table(table)
     w.unet.set_kernels("triton" if "triton" in tokens else "eager")
     torch.backends.cudnn.benchmark = "bench" in tokens

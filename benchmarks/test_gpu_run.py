@@ -619,6 +619,12 @@ def test_table_steps_use_this_runs_table_else_the_devices_shipped_one(tmp_path, 
         # The rehearsal's: among the kernels only (its interpreted kernels lose to any eager op).
         table, _ = stages.step_dispatch_table(out, cpu, kernels_only=True)
         assert [e["impl"] for e in table["entries"]] == ["fused", "fused"]
+        # The "shipped" modes: the shipped table beside this run's, to compare the two in steps.
+        table, source = stages.step_dispatch_table(out, cpu, shipped_only=True)
+        assert source == "shipped cpu.json" and table.source == "test"
+        assert stages.check_mode("triton+cl+shipped+fused") == {"triton", "cl", "shipped", "fused"}
+        with pytest.raises(ValueError, match="'table' .this run's. or 'shipped', not both"):
+            stages.check_mode("triton+cl+table+shipped")
     finally:
         dt.reset_dispatch_table()
 
