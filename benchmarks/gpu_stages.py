@@ -1753,10 +1753,12 @@ def stage_gpu_tests(ctx: Ctx) -> int:
     unstarted = total - len(seconds) - len(running) if total else 0
     stop_text = ""
     if stopped:
-        stop_text = (" (stopped at the stage's limit" + (f"; running: {', '.join(running[:4])}"
-                                                         + (" ..." if len(running) > 4 else "")
-                                                         if running else "")
-                     + (f"; {unstarted} of {total} not started" if unstarted > 0 else "") + ")")
+        parts = ["stopped at the stage's limit"]
+        if running:
+            parts.append("running: " + ", ".join(running[:4]) + (" ..." if len(running) > 4 else ""))
+        if unstarted > 0:
+            parts.append(f"{unstarted} of {total} not started")
+        stop_text = f" ({'; '.join(parts)})"
     note = (f"{counts['PASSED']} passed, {counts['FAILED']} failed, {counts['ERROR']} errors, "
             f"{counts['SKIPPED']} skipped in {wall:.0f} s" + stop_text
             + ("; collection errors (log.txt)" if collect_error else ""))
@@ -1881,13 +1883,12 @@ def _predict_run(ctx: Ctx, store: Path, run_dir: Path) -> int:
 
 
 def _trainer_run(ctx: Ctx, store: Path, n_train: int, batch: int, steps: int, launch: str) -> int:
-    """One trainer process under `launch`; its row in steps.csv (mode = launch)."""
+    """One trainer process under `launch`; its row in steps.csv (mode: launch, +compile)."""
     plan = ctx.plan
     run_dir = ctx.work / f"trainer_run_{launch}"
     cmd = trainer_command(store, run_dir, plan, batch, steps, launch)
-    if plan.trainer_compile:
-        launch += "+compile"  # the row's mode
-    log(f"trainer ({launch}): " + " ".join(cmd))
+    mode = launch + ("+compile" if plan.trainer_compile else "")
+    log(f"trainer ({mode}): " + " ".join(cmd))
     t1 = time.perf_counter()
     rc = subprocess.run(cmd, cwd=ROOT).returncode
     wall = time.perf_counter() - t1
@@ -1937,18 +1938,18 @@ def _trainer_run(ctx: Ctx, store: Path, n_train: int, batch: int, steps: int, la
     # The store is small (96 samples on a GPU: its build is paid in device time), so an epoch is
     # a few steps and each starts with an empty loader pipeline: the data wait counts those.
     per_epoch = math.ceil(n_train / batch)
-    note = (f"{'deepspeed zero2' if launch.startswith('zero2') else 'ddp'}, {'fp32' if plan.rehearsal else 'bf16'}, "
+    note = (f"{'deepspeed zero2' if launch == 'zero2' else 'ddp'}, {'fp32' if plan.rehearsal else 'bf16'}, "
             f"{1 / step_s:.3f} steps/s, "
             f"data wait {100 * wait:.1f}% ({per_epoch} steps per epoch), process {wall:.0f} s, checkpoint "
             f"{ckpts[-1].name if ckpts else 'none'}" + (f"; {fnote}" if fnote else "")
             + ("; PROBLEMS: " + "; ".join(problems) if problems else ""))
     append(ctx.out, "steps", {
-        "stage": "trainer", "preset": "ambient", "mode": launch, "objective":
+        "stage": "trainer", "preset": "ambient", "mode": mode, "objective":
         "python -m depthdif_hpc.train", "batch": batch, "height": plan.trainer_tile,
         "width": plan.trainer_tile, "step_ms": step_s * 1e3, "samples_per_s": sps,
         "peak_mem_gib": peak, "gflop_per_sample": gflop, "mfu": m, "warmup_s": None,
         "loss_first": first, "loss_last": last, "note": note})
-    log(f"TRAINER {launch} B{batch}: {1 / step_s:.3f} steps/s, {sps:.2f} samples/s, loss {first:.4g} -> "
+    log(f"TRAINER {mode} B{batch}: {1 / step_s:.3f} steps/s, {sps:.2f} samples/s, loss {first:.4g} -> "
         f"{last:.4g}, {note}")
     return 1 if problems else 0
 

@@ -7,9 +7,6 @@ import math
 import torch
 from torch import nn
 
-# Non-leap cumulative month offsets; Feb 29 is mapped to Feb 28 upstream
-# (docs/model.md#batch-contract).
-
 COORD_ENCODING_DIMS = {"unit_sphere": 3, "sincos": 4, "raw": 2}
 DATE_ENCODING_DIMS = {"day_of_year_sincos": 2}
 
@@ -51,7 +48,8 @@ def encode_coords(coords: torch.Tensor, encoding: str) -> torch.Tensor:
 
 
 def day_of_year(date: torch.Tensor) -> torch.Tensor:
-    """YYYYMMDD integers (B,) -> non-leap day of year 1..365; invalid dates raise.
+    """YYYYMMDD integers (B,) -> non-leap day of year 1..365; invalid dates raise (Feb 29 is
+    mapped to Feb 28 upstream, docs/model.md#batch-contract).
 
     On an accelerator the check is a device-side assert, so the training step does not wait for
     the host; on CPU it raises with the offending date.

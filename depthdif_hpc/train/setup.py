@@ -243,13 +243,13 @@ def apply_speed_options(model: torch.nn.Module, cfg: Config, zero_stage: int) ->
     weights = tr.distributed != "deepspeed"
     unet.set_channels_last(cl, weights=weights)
     unet.set_activation_checkpointing(tr.activation_checkpointing)
+    cache = use_run_compile_cache(cfg) if tr.compile and tr.compile_backend == "inductor" else None
     if tr.compile:
-        cache = use_run_compile_cache(cfg) if tr.compile_backend == "inductor" else None
         kwargs = {} if tr.compile_mode == "default" else {"mode": tr.compile_mode}
         unet.compile(backend=tr.compile_backend, **kwargs)
     auto = " (auto)" if tr.channels_last == "auto" else ""
     return (f"channels_last {'on' + ('' if weights else ', activations only') if cl else 'off'}{auto}, "
             f"compile {tr.compile_backend + '/' + tr.compile_mode if tr.compile else 'off'}"
-            f"{f' (cache {cache})' if tr.compile and cache else ''}, "
+            f"{f' (cache {cache})' if cache else ''}, "
             f"fused AdamW {'on' if tr.fused_adamw else 'off'}, activation checkpointing "
             f"{tr.activation_checkpointing}, cudnn.benchmark {'on' if tr.cudnn_benchmark else 'off'}")
