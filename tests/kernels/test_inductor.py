@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from depthdif_hpc.kernels import dispatch
-from depthdif_hpc.kernels.dispatch_table import default_impl
+from depthdif_hpc.kernels._testing import epilogue_fronts
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from depthdif_hpc.model.unet import UNet
@@ -81,8 +81,7 @@ def test_fake_kernels_match_the_real_ones_on_the_unets_calls(monkeypatch, channe
                                                             epilogue):
     monkeypatch.setattr(dispatch, "DISPATCHER", dispatch.KernelDispatcher())
     if epilogue:  # every channels_last front on the epilogue variant, whatever the table says
-        monkeypatch.setattr(dispatch, "choose_impl", lambda op, *args: (
-            "epilogue" if op == "convnext_front" else default_impl(op)))
+        monkeypatch.setattr(dispatch, "choose_impl", epilogue_fronts)
     calls = _record(channels_last, autocast)
     ops = {str(func).split(".")[1] for func, _, _ in calls.values()}
     front = ("convnext_epilogue" if epilogue else

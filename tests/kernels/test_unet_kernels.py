@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 from depthdif_hpc.kernels import dispatch
-from depthdif_hpc.kernels._testing import rel_err
+from depthdif_hpc.kernels._testing import epilogue_fronts, rel_err
 from depthdif_hpc.kernels.dispatch_table import default_impl
 
 from depthdif_hpc.model.unet import UNet
@@ -81,8 +81,7 @@ def test_unet_with_epilogue_fronts_matches_eager_cpu_fp32(monkeypatch):
     front variant is checked and run as `convnext_front_epilogue`, and the U-Net matches eager."""
     d = dispatch.KernelDispatcher()
     monkeypatch.setattr(dispatch, "DISPATCHER", d)
-    monkeypatch.setattr(dispatch, "choose_impl", lambda op, *args: (
-        "epilogue" if op == "convnext_front" else default_impl(op)))
+    monkeypatch.setattr(dispatch, "choose_impl", epilogue_fronts)
     _compare("cpu", torch.float32, tol=1e-4, size=(6, 10), B=1, channels_last=True)
     verdicts = d.verdicts()
     assert all(v is None for v in verdicts.values()), verdicts
